@@ -1,0 +1,1 @@
+"""compare: reconciles the new schema against the old under the same compiled mapping."""

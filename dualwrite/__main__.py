@@ -1,0 +1,7 @@
+"""``python -m dualwrite`` runs the CLI."""
+
+import sys
+
+from dualwrite.cli import main
+
+sys.exit(main())

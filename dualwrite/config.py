@@ -1,0 +1,246 @@
+"""Every configuration model of dualwrite, and the loader that validates a YAML file into them.
+
+Unknown keys are rejected with their path; values are checked at load; secrets never live in
+the file: the service password comes from the environment (``PGPASSWORD`` or a password in
+``DUALWRITE_SERVICE_DSN``) and the admin token from the variable named by ``admin.token_env``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dualwrite.errors import ConfigError
+
+SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class Strict(BaseModel):
+    """Base for config models: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+class ListenConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 6432
+
+
+class UpstreamTLSConfig(Strict):
+    """TLS from the sidecar to PostgreSQL (clients talk to the sidecar in plain text)."""
+
+    mode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] = "disable"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    server_name: str | None = None
+
+    @model_validator(mode="after")
+    def _verify_needs_ca(self) -> UpstreamTLSConfig:
+        if self.mode in ("verify-ca", "verify-full") and self.ca_file is None:
+            raise ValueError(f"mode {self.mode} needs ca_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class UpstreamConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Port = 5432
+    connect_timeout_seconds: PositiveSeconds = 5.0
+    tls: UpstreamTLSConfig = UpstreamTLSConfig()
+
+
+class AdminConfig(Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 9187
+    #: environment variable holding the bearer token for POST actions
+    token_env: str = "DUALWRITE_ADMIN_TOKEN"
+
+
+class LimitsConfig(Strict):
+    max_client_connections: Annotated[int, Field(ge=1)] = 1000
+    #: largest client message accepted; PostgreSQL's own ceiling is 1 GiB
+    max_message_bytes: Annotated[int, Field(ge=1024, le=1 << 30)] = 64 << 20
+    startup_timeout_seconds: PositiveSeconds = 10.0
+    #: bytes queued towards a slow peer before the other side stops being read
+    write_buffer_high_bytes: Annotated[int, Field(ge=4096)] = 1 << 20
+
+
+class ShutdownConfig(Strict):
+    #: how long open transactions may run after SIGTERM before their connections are closed
+    grace_seconds: Annotated[float, Field(ge=0)] = 30.0
+
+
+class LoggingConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+    #: log statement text (first 200 chars); only honoured when level is debug
+    log_statements: bool = False
+
+
+class MappingConfig(Strict):
+    """One ``source table -> target table`` mirror (see DESIGN.md, "The mapping is the center")."""
+
+    name: str
+    source: str
+    target: str
+    key: Annotated[list[str], Field(min_length=1)]
+    columns: Annotated[dict[str, str], Field(min_length=1)]
+    filter: str | None = None
+    mode: Literal["sync", "outbox"] = "outbox"
+    unsupported: Literal["passthrough", "reject"] = "passthrough"
+    #: target column holding the tenant id, for per-tenant divergence breakdowns
+    tenant_column: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be lower-case letters, digits and _ (max 63), starting with a letter")
+        return value
+
+    @model_validator(mode="after")
+    def _key_and_tenant_are_columns(self) -> MappingConfig:
+        for column in self.key:
+            if column not in self.columns:
+                raise ValueError(f"key column {column!r} is not in columns")
+        if len(set(self.key)) != len(self.key):
+            raise ValueError("key lists a column twice")
+        if self.tenant_column is not None and self.tenant_column not in self.columns:
+            raise ValueError(f"tenant_column {self.tenant_column!r} is not in columns")
+        return self
+
+
+class ApplierConfig(Strict):
+    """The outbox applier that runs inside ``dualwrite run`` (and as ``dualwrite apply``)."""
+
+    enabled: bool = True
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
+    poll_interval_seconds: PositiveSeconds = 0.2
+    #: a failing key is retried after base * 2**attempts seconds, capped at max
+    retry_base_seconds: PositiveSeconds = 1.0
+    retry_max_seconds: PositiveSeconds = 300.0
+    lock_timeout_ms: Annotated[int, Field(ge=1)] = 200
+    statement_timeout_ms: Annotated[int, Field(ge=1)] = 30000
+
+
+class Config(Strict):
+    """The whole sidecar configuration (one YAML file)."""
+
+    listen: ListenConfig = ListenConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    #: the sidecar's own connection; DUALWRITE_SERVICE_DSN overrides, passwords from the env
+    service_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    admin: AdminConfig = AdminConfig()
+    limits: LimitsConfig = LimitsConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
+    logging: LoggingConfig = LoggingConfig()
+    #: how unqualified table names in application SQL are resolved
+    search_path: Annotated[list[str], Field(min_length=1)] = ["public"]
+    #: role the application connects as; `dualwrite setup` grants it what the mirror needs
+    app_role: str | None = None
+    applier: ApplierConfig = ApplierConfig()
+    mappings: list[MappingConfig] = []
+
+    @field_validator("service_dsn")
+    @classmethod
+    def _no_password_in_file(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL")
+        if parts.password:
+            raise ValueError(
+                "must not contain a password; set PGPASSWORD or DUALWRITE_SERVICE_DSN instead"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _mapping_names_unique(self) -> Config:
+        seen: set[str] = set()
+        for mapping in self.mappings:
+            if mapping.name in seen:
+                raise ValueError(f"mapping name {mapping.name!r} is used twice")
+            seen.add(mapping.name)
+        return self
+
+    def effective_service_dsn(self) -> str:
+        """The DSN to connect with: the environment override, else the file's value."""
+        return os.environ.get(SERVICE_DSN_ENV) or self.service_dsn
+
+    def mapping(self, name: str) -> MappingConfig:
+        for mapping in self.mappings:
+            if mapping.name == name:
+                return mapping
+        raise ConfigError("mappings", f"no mapping named {name!r}")
+
+
+def _loc_to_path(loc: tuple[int | str, ...], data: Any) -> str:
+    """Turn a pydantic error location into ``mappings[0].columns`` form."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.startswith(("function-", "model-")) or part in ("list", "dict"):
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def _reason(error: dict[str, Any]) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def parse_config(data: Any, *, source: str | None = None) -> Config:
+    """Validate already-loaded YAML data; raise ConfigError naming the first bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError("", "the config must be a mapping of keys to values", source=source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ConfigError(_loc_to_path(first["loc"], data), _reason(dict(first)), source=source) from None
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config: {exc.strerror}", source=source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "YAML"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(where, f"invalid YAML: {problem}", source=source) from None
+    return parse_config(data, source=source)

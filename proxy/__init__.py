@@ -1,0 +1,1 @@
+"""proxy: the PostgreSQL wire-protocol sidecar (relay, statement rewrite, admin HTTP server)."""

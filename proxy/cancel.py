@@ -1,0 +1,84 @@
+"""CancelRequest routing: which live session owns a backend key, and forwarding the cancel to it.
+
+Backend keys pass through to clients unchanged (so ``pg_backend_pid()`` and the key a client
+holds agree), which means a CancelRequest can be forwarded as-is. It is forwarded only when the
+key belongs to a session that is live in this proxy: a guessed or stale key is dropped, as
+PostgreSQL itself would silently ignore it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING
+
+from dualwrite import metrics
+from dualwrite.config import UpstreamConfig
+from dualwrite.errors import UpstreamUnavailable
+from dualwrite.logs import get_logger
+from dualwrite.wire.messages import CancelKey, build_cancel_request
+from proxy.upstream import connect_upstream
+
+if TYPE_CHECKING:
+    from proxy.session import Session
+
+_log = get_logger("proxy.cancel")
+
+
+class _Sink(asyncio.Protocol):
+    """The cancel connection gets no reply; we only wait for the server to close it."""
+
+    def __init__(self) -> None:
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+class CancelRegistry:
+    """Backend keys of live sessions, and the forwarding of cancels to the upstream server."""
+
+    def __init__(self, upstream: UpstreamConfig) -> None:
+        self._upstream = upstream
+        self._sessions: weakref.WeakValueDictionary[CancelKey, Session] = (
+            weakref.WeakValueDictionary()
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def register(self, key: CancelKey, session: Session) -> None:
+        self._sessions[key] = session
+
+    def forget(self, key: CancelKey) -> None:
+        self._sessions.pop(key, None)
+
+    def forward(self, key: CancelKey) -> None:
+        """Send the cancel upstream in the background if the key is one of ours."""
+        session = self._sessions.get(key)
+        if session is None:
+            metrics.CANCEL_REQUESTS.labels("unknown_key").inc()
+            _log.info("cancel_ignored", reason="unknown backend key")
+            return
+        task = asyncio.get_running_loop().create_task(self._send(key, session.conn_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, key: CancelKey, conn_id: int) -> None:
+        try:
+            transport, sink = await connect_upstream(self._upstream, _Sink())
+        except UpstreamUnavailable as exc:
+            metrics.CANCEL_REQUESTS.labels("failed").inc()
+            _log.warning("cancel_failed", conn_id=conn_id, reason=str(exc))
+            return
+        transport.write(build_cancel_request(key))
+        try:
+            async with asyncio.timeout(self._upstream.connect_timeout_seconds):
+                await sink.done
+        except TimeoutError:
+            transport.close()
+        metrics.CANCEL_REQUESTS.labels("forwarded").inc()
+        _log.info("cancel_forwarded", conn_id=conn_id)
+
+    async def wait_idle(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,300 @@
+"""Per-connection protocol state, learnt from the server's replies: what each sent message still
+expects back, and the transaction status from ReadyForQuery.
+
+This is what response repair stands on: a rewritten statement's reply is recognised because
+its entry is at the head of the queue when the reply arrives. No I/O here.
+
+Two modes, because most traffic needs no repair and the relay must stay close to pgbouncer:
+
+FAST      no reply needs the proxy's attention. The tracker counts *cycles* (Sync, Query and
+          FunctionCall messages sent whose ReadyForQuery has not come back) and keeps the few
+          bytes needed to become precise at any moment: the types of messages sent since the
+          last cycle end, and of replies received since the last ReadyForQuery. Each socket
+          read costs O(1) Python operations.
+PRECISE   some entry carries a repair plan, an injected reply, or a swallowed reply. Every
+          reply is matched against a queue of entries, one per message. Cycles that were in
+          flight when the tracker became precise are represented by a QUERY entry each, which
+          consumes everything up to its ReadyForQuery. When the queue empties the tracker
+          returns to FAST.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Final, Protocol
+
+from dualwrite.wire import messages as m
+
+# The client messages that get a reply, by their type byte.
+EXPECTS_REPLY: Final = frozenset(
+    {m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL}
+)
+#: messages whose reply ends with ReadyForQuery
+CYCLE_END: Final = frozenset({m.QUERY, m.SYNC, m.FUNCTION_CALL})
+#: replies that may arrive at any time and never answer a particular message
+ASYNCHRONOUS: Final = frozenset({m.NOTICE_RESPONSE, m.NOTIFICATION_RESPONSE, m.PARAMETER_STATUS})
+#: messages that end an extended-protocol Execute
+EXECUTE_END: Final = frozenset({m.COMMAND_COMPLETE, m.EMPTY_QUERY_RESPONSE, m.PORTAL_SUSPENDED})
+#: reply -> the message it completes, when it is the only reply that message gets
+SINGLE_REPLY: Final = {
+    m.PARSE_COMPLETE: m.PARSE,
+    m.BIND_COMPLETE: m.BIND,
+    m.CLOSE_COMPLETE: m.CLOSE,
+}
+
+
+class ResponsePlan(Protocol):
+    """How to change the reply to one client message (implemented by the rewrite layer).
+
+    ``on_reply`` gets each backend frame answering the message (type and body) and returns
+    the bytes to send the client instead: the original frame, a changed one, or b"" to drop it.
+    """
+
+    def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes: ...
+
+
+class Pending:
+    """One client message waiting for a reply the proxy must act on."""
+
+    __slots__ = ("inject", "kind", "plan", "swallow")
+
+    def __init__(
+        self,
+        kind: int,
+        plan: ResponsePlan | None = None,
+        *,
+        inject: bytes | None = None,
+        swallow: bool = False,
+    ) -> None:
+        self.kind = kind
+        #: repair to apply to the reply, if the statement was rewritten
+        self.plan = plan
+        #: bytes the proxy answers with itself when this entry reaches the head of the queue
+        self.inject = inject
+        #: the message was injected by the proxy; its reply goes nowhere
+        self.swallow = swallow
+
+    def __repr__(self) -> str:
+        return (
+            f"Pending({chr(self.kind)!r}, plan={self.plan is not None}, "
+            f"inject={self.inject is not None}, swallow={self.swallow})"
+        )
+
+
+def kind_of(entry: int | Pending) -> int:
+    """The client message type an entry answers."""
+    return entry if type(entry) is int else entry.kind  # type: ignore[union-attr]
+
+
+class ResponseTracker:
+    """What the server still owes this connection, and the transaction status."""
+
+    __slots__ = (
+        "copy_in",
+        "cycles",
+        "injections",
+        "open",
+        "queue",
+        "since_ready",
+        "status",
+        "unexpected",
+    )
+
+    def __init__(self) -> None:
+        #: b"I" idle, b"T" in a transaction block, b"E" in a failed one
+        self.status = b"I"
+        # FAST mode
+        self.cycles = 0
+        self.open = b""
+        self.since_ready = b""
+        # PRECISE mode: None while FAST
+        self.queue: deque[int | Pending] | None = None
+        #: the server is waiting for CopyData from the client (PRECISE mode only)
+        self.copy_in = False
+        #: entries in the queue that the proxy answers itself
+        self.injections = 0
+        #: replies that matched no pending message (a bug or a protocol we do not model)
+        self.unexpected = 0
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def precise(self) -> bool:
+        return self.queue is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and no open transaction: the connection can be closed cleanly."""
+        if self.status != b"I":
+            return False
+        if self.queue is None:
+            return self.cycles == 0 and not self.open
+        return not self.queue and not self.copy_in
+
+    @property
+    def head(self) -> int | Pending | None:
+        queue = self.queue
+        return queue[0] if queue else None
+
+    # --- client side -------------------------------------------------------------------
+
+    def sent(self, kinds: bytes, ends: int, after_last_end: int) -> None:
+        """Record a run of plain messages (type bytes) sent to the server.
+
+        ``ends`` is how many of them end a cycle and ``after_last_end`` the index just past
+        the last one (both as reported by the frame scanner).
+        """
+        if self.queue is not None:
+            self.queue.extend(kinds)
+        elif ends:
+            self.cycles += ends
+            self.open = kinds[after_last_end:]
+        else:
+            self.open += kinds
+
+    def expect(self, entry: int | Pending) -> None:
+        """Record one message sent; a Pending entry makes the tracker precise."""
+        if type(entry) is int:
+            if self.queue is not None:
+                self.queue.append(entry)
+            elif entry in CYCLE_END:
+                self.cycles += 1
+                self.open = b""
+            else:
+                self.open += bytes((entry,))
+            return
+        assert isinstance(entry, Pending)
+        if self.queue is None:
+            self._become_precise()
+        assert self.queue is not None
+        if entry.inject is not None:
+            self.injections += 1
+        self.queue.append(entry)
+
+    def _become_precise(self) -> None:
+        """Build the exact queue from FAST mode's counts."""
+        queue: deque[int | Pending] = deque()
+        self.queue = queue
+        self.copy_in = False
+        if self.cycles:
+            # Replies since the last ReadyForQuery belong to the oldest cycle in flight;
+            # a QUERY entry per cycle consumes everything up to its ReadyForQuery.
+            queue.extend([m.QUERY] * self.cycles)
+            queue.extend(self.open)
+        else:
+            queue.extend(self.open)
+            for typ in self.since_ready:
+                self.on_reply(typ, b"")
+        self.cycles = 0
+        self.open = b""
+        self.since_ready = b""
+
+    def settle(self) -> bool:
+        """Return to FAST mode if nothing is owed any more; True when the tracker is FAST."""
+        if self.queue is None:
+            return True
+        if self.queue or self.copy_in:
+            return False
+        self.queue = None
+        return True
+
+    # --- server side -------------------------------------------------------------------
+
+    def received(
+        self, buf: bytes, kinds: bytes, starts: list[int], readies: int, after_last_ready: int
+    ) -> None:
+        """FAST mode: account a run of replies; ``readies`` of them are ReadyForQuery."""
+        if not readies:
+            self.since_ready += kinds
+            return
+        self.cycles -= readies
+        if self.cycles < 0:
+            self.unexpected -= self.cycles
+            self.cycles = 0
+        last = starts[after_last_ready - 1]
+        self.status = buf[last + 5 : last + 6]
+        self.since_ready = kinds[after_last_ready:]
+
+    def take_injections(self) -> bytes:
+        """Pop leading entries the proxy answers itself; return what to send for them."""
+        out = b""
+        queue = self.queue
+        while queue:
+            head = queue[0]
+            if type(head) is not Pending or head.inject is None:
+                break
+            out += head.inject
+            queue.popleft()
+            self.injections -= 1
+        return out
+
+    def on_reply(self, typ: int, body: bytes) -> int | Pending | None:
+        """PRECISE mode: account one reply; return the entry it belongs to (None: asynchronous).
+
+        ``body`` is only looked at for ReadyForQuery. The returned entry may already have
+        been popped (a reply that completes it), which is why it is returned.
+        """
+        if typ in ASYNCHRONOUS:
+            return None
+        queue = self.queue
+        assert queue is not None
+        if not queue:
+            # An ErrorResponse with no request outstanding is a FATAL the server sends on
+            # shutdown or termination; anything else is out of step.
+            if typ != m.ERROR_RESPONSE:
+                self.unexpected += 1
+            return None
+        head = queue[0]
+        kind = kind_of(head)
+        if typ == m.READY_FOR_QUERY:
+            self.status = body[:1] or b"I"
+            self.copy_in = False
+            return self._pop_through_cycle_end()
+        if typ == m.ERROR_RESPONSE:
+            self.copy_in = False
+            if kind not in CYCLE_END:
+                # The server skips everything up to the next Sync after an error.
+                return self._pop_until_cycle_end()
+            return head
+        if typ == m.COPY_IN_RESPONSE or typ == m.COPY_BOTH_RESPONSE:
+            self.copy_in = True
+            return head
+        if kind in CYCLE_END:
+            return head
+        if kind == m.EXECUTE:
+            if typ in EXECUTE_END:
+                self.copy_in = False
+                return queue.popleft()
+            return head
+        if kind == m.DESCRIBE:
+            if typ == m.PARAMETER_DESCRIPTION:
+                return head
+            if typ == m.ROW_DESCRIPTION or typ == m.NO_DATA:
+                return queue.popleft()
+        elif SINGLE_REPLY.get(typ) == kind:
+            return queue.popleft()
+        self.unexpected += 1
+        return head
+
+    def _pop_until_cycle_end(self) -> int | Pending:
+        queue = self.queue
+        assert queue is not None
+        first = queue[0]
+        while queue and kind_of(queue[0]) not in CYCLE_END:
+            self._discard(queue.popleft())
+        return first
+
+    def _pop_through_cycle_end(self) -> int | Pending | None:
+        queue = self.queue
+        assert queue is not None
+        while queue:
+            entry = queue.popleft()
+            if kind_of(entry) in CYCLE_END:
+                return entry
+            self.unexpected += 1
+            self._discard(entry)
+        return None
+
+    def _discard(self, entry: int | Pending) -> None:
+        if type(entry) is Pending and entry.inject is not None:
+            self.injections -= 1
