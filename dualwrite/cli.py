@@ -15,6 +15,7 @@ from dualwrite import __version__
 from dualwrite.config import Config, load_config
 from dualwrite.errors import DualwriteError
 from dualwrite.logs import configure_logging
+from dualwrite.mapping import compile_all
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -40,28 +41,49 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dualwrite.service import run_until_signalled  # noqa: PLC0415
+    from dualwrite.service import Sidecar, run_until_signalled  # noqa: PLC0415
 
     config = _load(args)
-    return run_async(run_until_signalled(config))
+
+    async def main() -> int:
+        return await run_until_signalled(Sidecar(config))
+
+    return run_async(main())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging("warning", "console")
-    if not args.offline:
-        from dualwrite.service import upstream_reachable  # noqa: PLC0415
+    compile_all(config, source=args.config)
+    if args.offline:
+        print(f"{args.config}: configuration is valid offline ({len(config.mappings)} mappings)")
+        return EXIT_OK
+    from dualwrite.service import check_live  # noqa: PLC0415
 
-        ok, detail = run_async(_as_exit(upstream_reachable(config)))
-        if not ok:
-            print(f"dualwrite: upstream not reachable: {detail}", file=sys.stderr)
-            return EXIT_USAGE
-    print(f"{args.config}: configuration is valid ({len(config.mappings)} mappings)")
+    for line in run_async(_lines(check_live(config))):
+        print(line)
+    print(f"{args.config}: configuration is valid against the live database")
     return EXIT_OK
 
 
-async def _as_exit(coro: Coroutine[Any, Any, tuple[bool, str]]) -> Any:
+async def _lines(coro: Coroutine[Any, Any, list[str]]) -> Any:
     return await coro
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from dualwrite.service import setup  # noqa: PLC0415
+
+    config = _load(args)
+    for line in run_async(_lines(setup(config))):
+        print(line)
+    return EXIT_OK
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from dualwrite.service import run_applier_until_signalled  # noqa: PLC0415
+
+    config = _load(args)
+    return run_async(run_applier_until_signalled(config))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline",
         action="store_true",
         help="check the file alone, without connecting to the database",
+    )
+    command(
+        "setup",
+        cmd_setup,
+        "Create or upgrade the dualwrite control schema and grant app_role what mirroring "
+        "needs (idempotent).",
+    )
+    command(
+        "apply",
+        cmd_apply,
+        "Run only the outbox applier (copies captured keys to the targets) until SIGTERM.",
     )
     return parser
 

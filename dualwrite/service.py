@@ -1,17 +1,42 @@
-"""Service wiring for ``dualwrite run``: starts the parts in order, stops them in reverse."""
+"""Service wiring for ``dualwrite run`` and ``apply``: starts the parts in order, stops them in reverse.
+
+Order on start: compile mappings, connect the service pool, check the control schema,
+validate every mapping against the live database, then the applier, the admin server and
+last the proxy (no client is accepted before the mappings are known good). Stop is the
+reverse, with the proxy draining open transactions first.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
+import asyncpg
+
+from dualwrite.applier import Applier
+from dualwrite.catalog import resolve_unqualified, validate_all
 from dualwrite.config import Config
+from dualwrite.control import (
+    ActivityRecorder,
+    MappingStates,
+    StateWatcher,
+    ensure_current,
+    grant,
+    install,
+    load_paused,
+    set_paused,
+)
+from dualwrite.errors import ConfigError
 from dualwrite.logs import get_logger
+from dualwrite.mapping import CompiledMapping, compile_all
 from proxy.admin import AdminHooks, AdminServer
-from proxy.server import ProxyServer
+from proxy.rewrite import Rewriter
+from proxy.server import MirrorContext, ProxyServer
 
 _log = get_logger("service")
 
@@ -28,40 +53,217 @@ async def upstream_reachable(config: Config) -> tuple[bool, str]:
     return True, f"{upstream.host}:{upstream.port}"
 
 
+def sidecar_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+async def connect_service(config: Config, **kwargs: Any) -> asyncpg.Connection:
+    """One connection as the sidecar's own service role."""
+    return await asyncpg.connect(config.effective_service_dsn(), **kwargs)
+
+
+async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        config.effective_service_dsn(),
+        min_size=1,
+        max_size=size,
+        server_settings={"application_name": "dualwrite"},
+    )
+    assert pool is not None
+    return pool
+
+
+async def validated_mappings(
+    conn: asyncpg.Connection, config: Config
+) -> tuple[list[CompiledMapping], dict[str, Any]]:
+    """Compile, validate and bind every mapping; also resolve unqualified source names."""
+    compiled = compile_all(config)
+    bound = await validate_all(conn, compiled, config.search_path)
+    names = sorted({m.source.name for m in bound if m.source is not None})
+    unqualified = await resolve_unqualified(conn, names, config.search_path)
+    return bound, unqualified
+
+
+async def check_live(config: Config) -> list[str]:
+    """``check`` without --offline: upstream reachable, control schema, mappings valid."""
+    ok, detail = await upstream_reachable(config)
+    if not ok:
+        raise ConfigError("upstream", f"not reachable: {detail}")
+    lines = [f"upstream {detail}: reachable"]
+    if not config.mappings:
+        return lines
+    conn = await connect_service(config)
+    try:
+        await ensure_current(conn)
+        mappings, _ = await validated_mappings(conn, config)
+    finally:
+        await conn.close()
+    lines += [f"mapping {m.name}: {m.source} -> {m.target} ({m.mode}) ok" for m in mappings]
+    return lines
+
+
+async def setup(config: Config) -> list[str]:
+    """``dualwrite setup``: install the control schema, validate mappings, grant app_role."""
+    conn = await connect_service(config)
+    try:
+        applied = await install(conn)
+        lines = [
+            f"control schema: applied versions {applied}" if applied
+            else "control schema: already current"
+        ]
+        mappings, _ = await validated_mappings(conn, config)
+        lines += [f"mapping {m.name}: {m.source} -> {m.target} ({m.mode}) ok" for m in mappings]
+        if config.app_role:
+            for statement in await grant(conn, config.app_role, mappings):
+                lines.append(statement)
+    finally:
+        await conn.close()
+    return lines
+
+
 class Sidecar:
     """Everything ``dualwrite run`` runs, startable in-process (the tests do this)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.proxy = ProxyServer(config)
-        hooks = AdminHooks(
-            checks={"upstream": lambda: upstream_reachable(config)},
-            status=self.status,
-        )
-        self.admin = AdminServer(config.admin, hooks)
+        self.mappings: list[CompiledMapping] = []
+        self.states = MappingStates()
+        self.pool: asyncpg.Pool | None = None
+        self.applier: Applier | None = None
+        self.watcher: StateWatcher | None = None
+        self.recorder = ActivityRecorder(sidecar_id())
+        self.proxy: ProxyServer = ProxyServer(config)
+        self.admin = AdminServer(config.admin, self._hooks())
         self.stopping = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
+        self.validated = False
+
+    def _hooks(self) -> AdminHooks:
+        return AdminHooks(
+            checks={
+                "upstream": lambda: upstream_reachable(self.config),
+                "mappings": self._mappings_ready,
+                "applier": self._applier_ready,
+            },
+            status=self.status,
+            actions={
+                "/actions/mappings/{name}/pause": self._pause,
+                "/actions/mappings/{name}/resume": self._resume,
+            },
+        )
 
     async def start(self) -> None:
+        if self.config.mappings:
+            await self._start_mirroring()
         await self.admin.start()
         await self.proxy.start()
 
+    async def _start_mirroring(self) -> None:
+        config = self.config
+        self.pool = await create_service_pool(config, size=2 + config.applier.workers)
+        async with self.pool.acquire() as conn:
+            await ensure_current(conn)
+            self.mappings, unqualified = await validated_mappings(conn, config)
+            self.states.update(await load_paused(conn))
+        self.validated = True
+        _log.info("mappings_validated", mappings=[m.name for m in self.mappings])
+        self.watcher = StateWatcher(lambda: connect_service(config), self.states)
+        await self.watcher.start()
+        rewriter = Rewriter(self.mappings, unqualified=unqualified, states=self.states)
+        self.proxy = ProxyServer(config, MirrorContext(rewriter, self.recorder))
+        if config.applier.enabled:
+            self.applier = Applier(self.pool, self.mappings, config.applier, self.states)
+            await self.applier.start()
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_activity())
+
     async def stop(self, grace_seconds: float | None = None) -> None:
-        """Drain the proxy within the grace period, then stop the admin server."""
+        """Drain the proxy within the grace period, then stop everything else."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.config.shutdown.grace_seconds if grace_seconds is None else grace_seconds
         await self.proxy.shutdown(grace)
+        if self.applier is not None:
+            await self.applier.stop()
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        if self.pool is not None:
+            await self._flush_once()
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.pool is not None:
+            await self.pool.close()
         await self.admin.stop()
 
+    async def _flush_activity(self) -> None:
+        while True:
+            await asyncio.sleep(5.0)
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        if self.pool is None or not self.recorder.pending:
+            return
+        try:
+            async with self.pool.acquire() as conn:
+                await self.recorder.flush(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            _log.warning("activity_flush_failed", error=str(exc))
+
+    async def _mappings_ready(self) -> tuple[bool, str]:
+        if not self.config.mappings:
+            return True, "no mappings configured"
+        return self.validated, f"{len(self.mappings)} mappings validated"
+
+    async def _applier_ready(self) -> tuple[bool, str]:
+        if not self.config.mappings or not self.config.applier.enabled:
+            return True, "applier not used here"
+        if self.applier is None or not self.applier.running:
+            return False, "applier not running"
+        return self.applier.last_error is None, self.applier.last_error or "running"
+
+    async def _pause(self, params: Mapping[str, str], body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return await self._set_paused(params["name"], True, body)
+
+    async def _resume(self, params: Mapping[str, str], body: Mapping[str, Any]) -> Mapping[str, Any]:
+        return await self._set_paused(params["name"], False, body)
+
+    async def _set_paused(
+        self, name: str, paused: bool, body: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
+        if name not in {m.name for m in self.mappings}:
+            raise KeyError(f"mapping {name}")
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            await set_paused(conn, name, paused, by=str(body.get("by") or "admin-api"))
+            self.states.update(await load_paused(conn))
+        return {"mapping": name, "paused": paused}
+
     async def status(self) -> dict[str, Any]:
-        return {"proxy": self.proxy.status()}
+        figures: dict[str, dict[str, float]] = {}
+        if self.applier is not None:
+            try:
+                figures = await self.applier.refresh_gauges()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                figures = {"error": {"message": str(exc)}}  # type: ignore[dict-item]
+        return {
+            "proxy": self.proxy.status(),
+            "mappings": {
+                m.name: {
+                    "mode": m.mode,
+                    "paused": self.states.is_paused(m.name),
+                    "source": str(m.source),
+                    "target": str(m.target),
+                    **figures.get(m.name, {}),
+                }
+                for m in self.mappings
+            },
+        }
 
 
-async def run_until_signalled(config: Config) -> int:
-    """Run the sidecar until SIGTERM/SIGINT; a second signal exits at once."""
-    sidecar = Sidecar(config)
+async def run_until_signalled(sidecar: Sidecar) -> int:
+    """Run until SIGTERM/SIGINT; drain for the grace period; a second signal exits at once."""
     await sidecar.start()
     loop = asyncio.get_running_loop()
     signals_seen = 0
@@ -77,7 +279,7 @@ async def run_until_signalled(config: Config) -> int:
         _log.info(
             "shutdown_requested",
             signal=signal.Signals(signum).name,
-            grace_seconds=config.shutdown.grace_seconds,
+            grace_seconds=sidecar.config.shutdown.grace_seconds,
         )
         sidecar.stopping.set()
 
@@ -89,10 +291,27 @@ async def run_until_signalled(config: Config) -> int:
     return 0
 
 
-def install_event_loop_policy() -> None:
-    """Use uvloop where it is installed: the relay is measurably faster on it."""
+async def run_applier_until_signalled(config: Config) -> int:
+    """``dualwrite apply``: the outbox applier alone, until SIGTERM/SIGINT."""
+    pool = await create_service_pool(config, size=1 + config.applier.workers)
     try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        async with pool.acquire() as conn:
+            await ensure_current(conn)
+            mappings, _ = await validated_mappings(conn, config)
+            states = MappingStates()
+            states.update(await load_paused(conn))
+        watcher = StateWatcher(lambda: connect_service(config), states)
+        await watcher.start()
+        applier = Applier(pool, mappings, config.applier, states)
+        await applier.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        _log.info("applier_running", mappings=[m.name for m in mappings])
+        await stop.wait()
+        await applier.stop()
+        await watcher.stop()
+    finally:
+        await pool.close()
+    return 0

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from dataclasses import dataclass
 from typing import Any
 
 from dualwrite import metrics
 from dualwrite.config import Config
+from dualwrite.control import ActivityRecorder
 from dualwrite.logs import get_logger
 from proxy.cancel import CancelRegistry
+from proxy.rewrite import Rewriter
 from proxy.session import Session
 
 _log = get_logger("proxy")
 
 
+@dataclass
+class MirrorContext:
+    """What sessions need to mirror writes: the rewriter and where activity is recorded."""
+
+    rewriter: Rewriter
+    recorder: ActivityRecorder
+
+
 class ProxyServer:
     """Accepts client connections and relays each to its own upstream connection."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, mirror: MirrorContext | None = None) -> None:
         self.config = config
+        self.mirror = mirror
         self.cancels = CancelRegistry(config.upstream)
         self.sessions: set[Session] = set()
         self.shutting_down = False

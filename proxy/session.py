@@ -33,7 +33,7 @@ from dualwrite.errors import (
 from dualwrite.logs import get_logger
 from dualwrite.wire import messages as m
 from dualwrite.wire.frames import FrameScanner, frame_end, type_table
-from proxy.classify import statement_kind
+from proxy.frontend import Frontend
 from proxy.tracker import CYCLE_END, Pending, ResponseTracker
 from proxy.upstream import connect_upstream
 
@@ -52,7 +52,6 @@ _STREAMABLE_SERVER: Final = frozenset({m.DATA_ROW, m.COPY_DATA})
 _SAMPLE_MASK: Final = 255
 
 _HOT = metrics.HOT
-_STATEMENT_COUNTS = metrics.HOT.statements
 _PROCESSING_IN = metrics.PROXY_PROCESSING_SECONDS.labels("client_to_upstream")
 _PROCESSING_OUT = metrics.PROXY_PROCESSING_SECONDS.labels("upstream_to_client")
 
@@ -105,6 +104,11 @@ class Session:
             self._upstream_data, self._upstream_lost, self._upstream_full, self._upstream_drained
         )
         self.tracker = ResponseTracker()
+        mirror = server.mirror
+        self.frontend = Frontend(
+            mirror.rewriter if mirror is not None else None,
+            mirror.recorder if mirror is not None else None,
+        )
         self.client_scan = FrameScanner(
             _CLIENT_TABLE, max_length=limits.max_message_bytes, streamable=_STREAMABLE_CLIENT
         )
@@ -315,51 +319,68 @@ class Session:
         upstream = self.upstream.transport
         if upstream is None or upstream.is_closing():
             return
-        if not kinds or self.state != READY:
-            upstream.write(buf if ready == len(buf) else memoryview(buf)[:ready])
-            return
-        if not flags & _INSPECT:
+        if kinds and self.state == READY:
+            if flags & _INSPECT:
+                self._client_inspect(upstream, buf, ready, starts[0])
+                return
             self.tracker.sent(kinds, ends, after)
-            upstream.write(buf if ready == len(buf) else memoryview(buf)[:ready])
-            return
-        out: list[bytes | memoryview] = []
-        run = 0
+        upstream.write(buf if ready == len(buf) else memoryview(buf)[:ready])
+
+    def _client_inspect(
+        self, upstream: asyncio.Transport, buf: bytes, ready: int, first: int
+    ) -> None:
+        """Slow path: look at every frame of this read (a Query, Parse, or rewritten portal)."""
+        frontend = self.frontend
         tracker = self.tracker
-        for typ, start in zip(kinds, starts, strict=True):
+        out: list[bytes | memoryview] = []
+        # Bytes before the first inspected frame are whole uninspected frames (or the end of
+        # a streamed one) unless the proxy is discarding a refused pipeline.
+        run = first if frontend.discarding else 0
+        pos = first
+        while pos < ready:
+            end = frame_end(buf, pos)
+            if end > ready:
+                break  # the first piece of a streamed frame: forwarded as it is
+            typ = buf[pos]
             if typ == m.TERMINATE:
                 self._terminating = True
-                continue
-            end = frame_end(buf, start)
-            replacement, entry = self._on_client_message(typ, buf, start, end)
-            tracker.expect(entry)
+            replacement, entries = frontend.message(typ, buf[pos + 5 : end])
+            for entry in entries:
+                self._expect(entry)
             if replacement is not None:
-                if start > run:
-                    out.append(memoryview(buf)[run:start])
-                out.append(replacement)
+                if pos > run:
+                    out.append(memoryview(buf)[run:pos])
+                if replacement:
+                    out.append(replacement)
                 run = end
-        if not out:
-            upstream.write(buf if ready == len(buf) else memoryview(buf)[:ready])
-        else:
-            if ready > run:
-                out.append(memoryview(buf)[run:ready])
+            pos = end
+        if ready > run:
+            out.append(memoryview(buf)[run:ready])
+        if out:
             upstream.writelines(out)
+        self.client_scan.table = (
+            _CLIENT_TABLE_ALL
+            if frontend.discarding
+            else _CLIENT_TABLE_REWRITING
+            if frontend.inspects_extended
+            else _CLIENT_TABLE
+        )
         if self._terminating:
             self.close()
 
-    def _on_client_message(
-        self, typ: int, buf: bytes, start: int, end: int
-    ) -> tuple[bytes | None, int | Pending]:
-        """Look at a Query or Parse: count it; return (replacement bytes or None, entry).
-
-        The mirror's rewrite hooks in here; a plain relay only classifies.
-        """
-        if typ == m.QUERY:
-            _STATEMENT_COUNTS[statement_kind(m.parse_query(buf[start + 5 : end]))] += 1
-        elif typ == m.PARSE:
-            # Counted at Parse: a prepared statement executed many times is one statement
-            # shape, and the relay does not keep a per-portal map just for a metric.
-            _STATEMENT_COUNTS[statement_kind(m.parse_parse(buf[start + 5 : end]).sql)] += 1
-        return None, typ
+    def _expect(self, entry: int | Pending) -> None:
+        """Queue one expected reply; answer at once if it is the proxy's own and due now."""
+        tracker = self.tracker
+        tracker.expect(entry)
+        if type(entry) is not Pending:
+            return
+        if entry.plan is not None:
+            self.server_scan.table = _SERVER_TABLE_ALL
+        if entry.inject is not None and tracker.queue and tracker.queue[0] is entry:
+            client = self.client.transport
+            injected = tracker.take_injections()
+            if client is not None and not client.is_closing():
+                client.write(injected)
 
     # --- upstream side --------------------------------------------------------------------
 
@@ -374,9 +395,11 @@ class Session:
             self._server_data(data)
 
     def _server_data(self, data: bytes) -> None:
-        buf, ready, kinds, starts, _flags, readies, after, _ = self.server_scan.feed(data)
+        buf, ready, kinds, starts, flags, readies, after, _ = self.server_scan.feed(data)
         if not ready:
             return
+        if flags & _PARAMETER:
+            self._parameter_status(buf, kinds, starts)
         if self.state == READY:
             if self.tracker.queue is None:
                 # FAST mode: nothing to repair; O(1) bookkeeping, one write.
@@ -403,6 +426,14 @@ class Session:
     def _upstream_drained(self) -> None:
         if self.client.transport is not None and not self.client.transport.is_closing():
             self.client.transport.resume_reading()
+
+    def _parameter_status(self, buf: bytes, kinds: bytes, starts: list[int]) -> None:
+        """Follow client_encoding: the rewrite decodes statement text with it."""
+        for typ, start in zip(kinds, starts, strict=True):
+            if typ == m.PARAMETER_STATUS:
+                name, value = m.parse_parameter_status(buf[start + 5 : frame_end(buf, start)])
+                if name == b"client_encoding":
+                    self.frontend.set_client_encoding(value.decode("ascii", "replace"))
 
     def _send_client(self, buf: bytes, ready: int) -> None:
         client = self.client.transport
@@ -434,7 +465,9 @@ class Session:
 
     def _send_after_auth(self, rest: bytes) -> None:
         scanner = FrameScanner(_SERVER_TABLE)
-        buf, ready, kinds, starts, _flags, readies, after, _ = scanner.feed(rest)
+        buf, ready, kinds, starts, flags, readies, after, _ = scanner.feed(rest)
+        if flags & _PARAMETER:
+            self._parameter_status(buf, kinds, starts)
         self.tracker.received(buf, kinds, starts, readies, after)
         self._send_client(buf, ready)
 
@@ -533,6 +566,8 @@ _REPLY_KINDS: Final = frozenset(
 )
 #: table bit: the frame needs a closer look than recording that it expects a reply
 _INSPECT: Final = 4
+#: table bit: a ParameterStatus (client_encoding is followed)
+_PARAMETER: Final = 8
 #: client frames: every message that expects a reply is reported, cycle ends are marked,
 #: Query/Parse (statement text) and Terminate are inspected
 _CLIENT_TABLE: Final = type_table(
@@ -545,15 +580,20 @@ _CLIENT_TABLE_REWRITING: Final = type_table(
     mark=CYCLE_END,
     flag_4={m.QUERY, m.PARSE, m.TERMINATE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE},
 )
+#: every client frame inspected: while a refused pipeline is being discarded
+_CLIENT_TABLE_ALL: Final = type_table(range(256), mark=CYCLE_END, flag_4=range(256))
+_ASYNC_DATA: Final = {m.DATA_ROW, m.COPY_DATA, m.NOTICE_RESPONSE, m.NOTIFICATION_RESPONSE}
 #: server frames while nothing needs repair: everything but rows, copy data and the
 #: asynchronous messages (none of which moves the tracker); ReadyForQuery marked
 _SERVER_TABLE: Final = type_table(
-    set(range(256))
-    - {m.DATA_ROW, m.COPY_DATA, m.NOTICE_RESPONSE, m.NOTIFICATION_RESPONSE, m.PARAMETER_STATUS},
+    set(range(256)) - _ASYNC_DATA - {m.PARAMETER_STATUS},
     mark={m.READY_FOR_QUERY},
+    flag_8={m.PARAMETER_STATUS},
 )
 #: server frames while a reply is being repaired: all of them
-_SERVER_TABLE_ALL: Final = type_table(range(256), mark={m.READY_FOR_QUERY})
+_SERVER_TABLE_ALL: Final = type_table(
+    range(256), mark={m.READY_FOR_QUERY}, flag_8={m.PARAMETER_STATUS}
+)
 #: reply type -> the client message it completes, for the inlined fast path
 _COMPLETES: Final = {
     m.PARSE_COMPLETE: m.PARSE,

@@ -1,0 +1,273 @@
+"""The outbox applier: claims captured keys with SKIP LOCKED and runs ``sync_keys`` on them.
+
+Keys are claimed (deleted from the outbox) in the same transaction that writes the target, so
+a crash at any point leaves them in the outbox. A key the target rejects goes to the
+dead-letter table with the error (in that same transaction: it is never in neither place) and
+is retried with exponential backoff; it never blocks the other keys of its batch. Transient
+failures (lock timeout, deadlock, serialization, a dropped connection) roll the batch back so
+the keys are simply claimed again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+from dualwrite import metrics
+from dualwrite.config import ApplierConfig
+from dualwrite.control import MappingStates
+from dualwrite.keysync import SyncResult, sync_keys
+from dualwrite.logs import get_logger
+from dualwrite.mapping import CompiledMapping
+
+_log = get_logger("applier")
+
+_CLAIM = """
+DELETE FROM dualwrite.outbox WHERE id IN (
+    SELECT id FROM dualwrite.outbox WHERE mapping = $1 ORDER BY id LIMIT $2
+    FOR UPDATE SKIP LOCKED
+) RETURNING key::text
+"""
+_DEAD_LETTER = """
+INSERT INTO dualwrite.dead_letters AS d (mapping, key, error, sqlstate, next_attempt_at)
+VALUES ($1, $2::jsonb, $3, $4, now() + make_interval(secs => $5))
+ON CONFLICT (mapping, key) DO UPDATE SET
+    error = EXCLUDED.error, sqlstate = EXCLUDED.sqlstate, attempts = d.attempts + 1,
+    last_failed_at = now(),
+    next_attempt_at = now() + make_interval(secs => least($6, $5 * power(2, d.attempts)))
+"""
+_CLEAR_DEAD_LETTERS = """
+DELETE FROM dualwrite.dead_letters
+WHERE mapping = $1 AND key IN (SELECT value FROM jsonb_array_elements($2::jsonb))
+"""
+_DUE_DEAD_LETTERS = """
+SELECT key::text FROM dualwrite.dead_letters
+WHERE mapping = $1 AND next_attempt_at <= now()
+ORDER BY next_attempt_at LIMIT $2 FOR UPDATE SKIP LOCKED
+"""
+_OUTBOX_STATS = """
+SELECT mapping, count(*) AS depth, extract(epoch FROM now() - min(enqueued_at)) AS age
+FROM dualwrite.outbox GROUP BY mapping
+"""
+_DEAD_LETTER_COUNTS = "SELECT mapping, count(*) AS n FROM dualwrite.dead_letters GROUP BY mapping"
+
+#: SQLSTATE classes and codes after which a batch is retried as is, not dead-lettered
+_TRANSIENT_CLASSES = ("08", "40", "53", "57", "58")
+_TRANSIENT_CODES = frozenset({"55P03", "55006"})
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that say nothing about the keys (retry the batch later)."""
+    if isinstance(exc, (OSError, asyncpg.InterfaceError, asyncio.TimeoutError)):
+        return True
+    state = getattr(exc, "sqlstate", None) or ""
+    return state in _TRANSIENT_CODES or state.startswith(_TRANSIENT_CLASSES)
+
+
+@dataclass
+class BatchOutcome:
+    claimed: int = 0
+    applied: SyncResult = SyncResult(0, 0)
+    dead_lettered: int = 0
+
+
+class Applier:
+    """Drains the outbox of every unpaused mapping, with ``config.workers`` concurrent loops."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        mappings: Sequence[CompiledMapping],
+        config: ApplierConfig,
+        states: MappingStates,
+    ) -> None:
+        self.pool = pool
+        self.mappings = list(mappings)
+        self.config = config
+        self.states = states
+        self._tasks: list[asyncio.Task[None]] = []
+        self.running = False
+        self.last_error: str | None = None
+
+    async def start(self) -> None:
+        self.running = True
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._worker(i), name=f"applier-{i}")
+            for i in range(self.config.workers)
+        ]
+        self._tasks.append(loop.create_task(self._gauges(), name="applier-gauges"))
+
+    async def stop(self) -> None:
+        self.running = False
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _worker(self, index: int) -> None:
+        idle_sleep = self.config.poll_interval_seconds
+        while True:
+            busy = False
+            for mapping in self.mappings:
+                if self.states.is_paused(mapping.name):
+                    continue
+                try:
+                    outcome = await self.apply_batch(mapping)
+                    retried = await self.retry_dead_letters(mapping)
+                except Exception as exc:  # keep draining other mappings; the keys stay queued
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    metrics.MIRROR_FAILURES.labels(mapping.name, "applier").inc()
+                    _log.warning("applier_batch_failed", mapping=mapping.name, error=str(exc))
+                    await asyncio.sleep(idle_sleep)
+                    continue
+                self.last_error = None
+                busy = busy or outcome.claimed >= self.config.batch_size or retried > 0
+            if not busy:
+                await asyncio.sleep(idle_sleep)
+
+    async def apply_batch(self, mapping: CompiledMapping) -> BatchOutcome:
+        """Claim up to batch_size keys of one mapping and apply them, in one transaction."""
+        started = time.perf_counter()
+        outcome = BatchOutcome()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._set_timeouts(conn)
+            claimed = [r["key"] for r in await conn.fetch(_CLAIM, mapping.name, self.config.batch_size)]
+            outcome.claimed = len(claimed)
+            if not claimed:
+                return outcome
+            keys = list(dict.fromkeys(claimed))
+            outcome.applied, failed = await self._apply_isolating_failures(conn, mapping, keys)
+            for key, exc in failed:
+                await self._dead_letter(conn, mapping, key, exc)
+            outcome.dead_lettered = len(failed)
+            done = [k for k in keys if k not in {f for f, _ in failed}]
+            if done:
+                await conn.execute(_CLEAR_DEAD_LETTERS, mapping.name, "[" + ", ".join(done) + "]")
+        self._record(mapping, outcome, time.perf_counter() - started)
+        return outcome
+
+    async def _apply_isolating_failures(
+        self, conn: asyncpg.Connection, mapping: CompiledMapping, keys: list[str]
+    ) -> tuple[SyncResult, list[tuple[str, BaseException]]]:
+        """Apply all keys; if the target rejects some, find which, one key at a time."""
+        try:
+            async with conn.transaction():
+                return await sync_keys(conn, mapping, keys), []
+        except asyncpg.PostgresError as exc:
+            if is_transient(exc):
+                raise
+        total = SyncResult(0, 0)
+        failed: list[tuple[str, BaseException]] = []
+        for key in keys:
+            try:
+                async with conn.transaction():
+                    total = total + await sync_keys(conn, mapping, [key])
+            except asyncpg.PostgresError as exc:
+                if is_transient(exc):
+                    raise
+                failed.append((key, exc))
+        return total, failed
+
+    async def _dead_letter(
+        self, conn: asyncpg.Connection, mapping: CompiledMapping, key: str, exc: BaseException
+    ) -> None:
+        await conn.execute(
+            _DEAD_LETTER,
+            mapping.name,
+            key,
+            str(exc)[:2000],
+            getattr(exc, "sqlstate", None),
+            float(self.config.retry_base_seconds),
+            float(self.config.retry_max_seconds),
+        )
+        metrics.DEAD_LETTERED_TOTAL.labels(mapping.name).inc()
+        metrics.MIRROR_FAILURES.labels(mapping.name, "applier").inc()
+        _log.warning(
+            "key_dead_lettered",
+            mapping=mapping.name,
+            sqlstate=getattr(exc, "sqlstate", None),
+            error=str(exc)[:200],
+        )
+
+    async def retry_dead_letters(self, mapping: CompiledMapping) -> int:
+        """Retry dead letters whose backoff has passed; returns how many were retried."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._set_timeouts(conn)
+            due = [r["key"] for r in await conn.fetch(_DUE_DEAD_LETTERS, mapping.name, 100)]
+            if not due:
+                return 0
+            applied, failed = await self._apply_isolating_failures(conn, mapping, due)
+            for key, exc in failed:
+                await self._dead_letter(conn, mapping, key, exc)
+            recovered = [k for k in due if k not in {f for f, _ in failed}]
+            if recovered:
+                await conn.execute(
+                    _CLEAR_DEAD_LETTERS, mapping.name, "[" + ", ".join(recovered) + "]"
+                )
+                _log.info("dead_letters_recovered", mapping=mapping.name, keys=len(recovered))
+        self._count_rows(mapping, applied)
+        return len(due)
+
+    async def _set_timeouts(self, conn: asyncpg.Connection) -> None:
+        # Never make an application transaction wait long behind the applier.
+        await conn.execute(
+            f"SET LOCAL lock_timeout = {int(self.config.lock_timeout_ms)}; "
+            f"SET LOCAL statement_timeout = {int(self.config.statement_timeout_ms)}"
+        )
+
+    def _record(self, mapping: CompiledMapping, outcome: BatchOutcome, seconds: float) -> None:
+        metrics.APPLIER_BATCH_SECONDS.labels(mapping.name).observe(seconds)
+        self._count_rows(mapping, outcome.applied)
+
+    @staticmethod
+    def _count_rows(mapping: CompiledMapping, result: SyncResult) -> None:
+        if result.upserted:
+            metrics.APPLIER_ROWS.labels(mapping.name, "upserted").inc(result.upserted)
+        if result.deleted:
+            metrics.APPLIER_ROWS.labels(mapping.name, "deleted").inc(result.deleted)
+
+    async def _gauges(self) -> None:
+        """Refresh outbox depth/age and dead-letter gauges every few seconds."""
+        while True:
+            try:
+                await self.refresh_gauges()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                _log.warning("gauge_refresh_failed", error=str(exc))
+            await asyncio.sleep(5.0)
+
+    async def refresh_gauges(self) -> dict[str, dict[str, float]]:
+        """Read outbox and dead-letter figures; set the gauges; return them for /status."""
+        async with self.pool.acquire() as conn:
+            outbox = {r["mapping"]: r for r in await conn.fetch(_OUTBOX_STATS)}
+            dead = {r["mapping"]: r["n"] for r in await conn.fetch(_DEAD_LETTER_COUNTS)}
+        figures: dict[str, dict[str, float]] = {}
+        for mapping in self.mappings:
+            row = outbox.get(mapping.name)
+            depth = float(row["depth"]) if row else 0.0
+            age = float(row["age"] or 0.0) if row else 0.0
+            dead_letters = float(dead.get(mapping.name, 0))
+            metrics.OUTBOX_DEPTH.labels(mapping.name).set(depth)
+            metrics.OUTBOX_OLDEST_AGE.labels(mapping.name).set(age)
+            metrics.DEAD_LETTERS.labels(mapping.name).set(dead_letters)
+            figures[mapping.name] = {
+                "outbox_depth": depth,
+                "outbox_oldest_age_seconds": age,
+                "dead_letters": dead_letters,
+            }
+        return figures
+
+    async def drain(self, timeout: float = 60.0) -> None:
+        """Apply until every unpaused mapping's outbox is empty (tests, backfill, bench)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                claimed = 0
+                for mapping in self.mappings:
+                    if not self.states.is_paused(mapping.name):
+                        claimed += (await self.apply_batch(mapping)).claimed
+                if claimed == 0:
+                    return

@@ -1,0 +1,203 @@
+"""Checks compiled mappings against the live database and binds them to what it finds.
+
+Before the proxy accepts traffic every mapping is validated here: the tables and columns
+exist, the target key has a unique constraint, required target columns are mapped, the key
+types agree, and the generated SQL prepares (so type errors surface at start, not mid-traffic).
+A mismatch raises MappingValidationError naming the mapping and the problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from dualwrite.errors import MappingValidationError
+from dualwrite.mapping import CatalogFacts, CompiledMapping, bind_catalog
+from dualwrite.sqltext import QualifiedName
+
+_RESOLVE = """
+SELECT n.nspname, c.relname, c.relkind::text, c.relhasrules
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = $1 AND n.nspname = ANY($2::text[]) AND c.relkind IN ('r', 'p', 'v', 'f', 'm')
+ORDER BY array_position($2::text[], n.nspname::text)
+"""
+
+_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type,
+       format_type(a.atttypid, NULL) AS base_type, a.attnotnull,
+       (a.atthasdef OR a.attidentity <> '' OR a.attgenerated <> '') AS has_default,
+       a.attgenerated <> '' AS generated
+FROM pg_attribute a
+WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_UNIQUE_KEYS = """
+SELECT array_agg(a.attname ORDER BY k.ord) AS cols
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = $1::regclass AND i.indisunique AND i.indpred IS NULL
+  AND i.indexprs IS NULL AND i.indimmediate
+GROUP BY i.indexrelid
+"""
+
+
+async def resolve_table(
+    conn: asyncpg.Connection, schema: str | None, name: str, search_path: Sequence[str]
+) -> tuple[QualifiedName, str, bool] | None:
+    """(qualified name, relkind, has rules) of a table, resolving an unqualified name."""
+    schemas = [schema] if schema else list(search_path)
+    row = await conn.fetchrow(_RESOLVE, name, schemas)
+    if row is None:
+        return None
+    return QualifiedName(row["nspname"], row["relname"]), row["relkind"], row["relhasrules"]
+
+
+async def _columns(conn: asyncpg.Connection, table: QualifiedName) -> list[asyncpg.Record]:
+    return list(await conn.fetch(_COLUMNS, table.sql))
+
+
+async def validate_mapping(
+    conn: asyncpg.Connection, mapping: CompiledMapping, search_path: Sequence[str]
+) -> CompiledMapping:
+    """Check one mapping against the database; return it bound to the catalog."""
+
+    def fail(reason: str) -> MappingValidationError:
+        return MappingValidationError(mapping.name, reason)
+
+    source = await resolve_table(conn, mapping.source_schema, mapping.source_name, search_path)
+    if source is None:
+        raise fail(f"source table {mapping.config.source!r} does not exist")
+    target = await resolve_table(conn, mapping.target_schema, mapping.target_name, search_path)
+    if target is None:
+        raise fail(f"target table {mapping.config.target!r} does not exist")
+    source_name, source_kind, source_rules = source
+    target_name, target_kind, _ = target
+    if source_kind not in ("r", "p"):
+        raise fail(f"source {source_name} is not a table (relkind {source_kind})")
+    if target_kind not in ("r", "p"):
+        raise fail(f"target {target_name} is not a table (relkind {target_kind})")
+    if source_name == target_name:
+        raise fail("source and target are the same table")
+
+    source_cols = await _columns(conn, source_name)
+    target_cols = {r["attname"]: r for r in await _columns(conn, target_name)}
+    for column in mapping.columns:
+        if column not in target_cols:
+            raise fail(f"target column {column!r} does not exist in {target_name}")
+        if target_cols[column]["generated"]:
+            raise fail(f"target column {column!r} is generated and cannot be written")
+    for column, info in target_cols.items():
+        if info["attnotnull"] and not info["has_default"] and column not in mapping.columns:
+            raise fail(f"target column {column!r} is NOT NULL without a default and is not mapped")
+
+    unique_sets = [tuple(r["cols"]) for r in await conn.fetch(_UNIQUE_KEYS, target_name.sql)]
+    if not any(sorted(cols) == sorted(mapping.key) for cols in unique_sets):
+        raise fail(
+            f"target key ({', '.join(mapping.key)}) has no unique constraint or index on "
+            f"{target_name} (ON CONFLICT needs one)"
+        )
+
+    source_names = [r["attname"] for r in source_cols]
+    read = tuple(c for c in source_names if c in mapping.mentioned)
+    missing_keys = mapping.key_mentioned - set(source_names)
+    if missing_keys and not read:
+        raise fail(f"key expressions name no source column ({', '.join(sorted(missing_keys))})")
+
+    key_types = await _key_types(conn, mapping, source_name, fail)
+    for key, key_type in zip(mapping.key, key_types, strict=True):
+        target_type = target_cols[key]["base_type"]
+        if key_type != target_type:
+            raise fail(
+                f"key {key!r}: expression type {key_type} differs from target column type "
+                f"{target_type}; cast it in the mapping (e.g. ({mapping.config.columns[key]})"
+                f"::{target_type})"
+            )
+    bound = bind_catalog(
+        mapping,
+        source=source_name,
+        target=target_name,
+        catalog=CatalogFacts(
+            key_types=key_types,
+            source_columns=tuple(source_names),
+            source_columns_read=read,
+            source_has_rules=bool(source_rules),
+        ),
+    )
+    await _prepare_generated_sql(conn, bound, fail)
+    return bound
+
+
+async def _key_types(
+    conn: asyncpg.Connection, mapping: CompiledMapping, source: QualifiedName, fail: Any
+) -> tuple[str, ...]:
+    """The SQL types of the key expressions (what the outbox's jsonb keys are cast back to)."""
+    probe = ", ".join(f"pg_typeof({expr})::text" for expr in mapping.key_exprs())
+    try:
+        row = await conn.fetchrow(
+            f"SELECT {probe} FROM (SELECT * FROM {source.sql} LIMIT 0) AS src "
+            f"RIGHT JOIN (SELECT) AS one ON true"
+        )
+    except asyncpg.PostgresError as exc:
+        raise fail(f"key expressions do not evaluate: {exc}") from None
+    assert row is not None
+    return tuple(str(v) for v in row)
+
+
+async def _prepare_generated_sql(
+    conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
+) -> None:
+    """Prepare every statement the mapping generates, so errors surface now."""
+    source, target, _ = mapping._need_bound()
+    checks = {
+        "expressions and filter": mapping.expected_rows_sql(source.sql),
+        # Aggregates, window and set-returning functions are not allowed in WHERE, which
+        # makes this the place to reject expressions that are not per-row.
+        "per-row expressions": "SELECT 1 FROM {src} AS src WHERE {conds}".format(
+            src=source.sql,
+            conds=" AND ".join(
+                f"(({e.sql}) IS NULL) IS NOT NULL" for e in mapping.expressions.values()
+            )
+            or "true",
+        ),
+        "upsert into target": mapping.upsert_from_sql(source.sql),
+        "delete from target": mapping.delete_from_sql(source.sql, only_filtered_out=True),
+        "apply keys": mapping.apply_keys_sql("$1::jsonb", None),
+        "apply keys (locked)": mapping.apply_keys_sql("$1::jsonb", "$2::jsonb"),
+    }
+    for what, sql in checks.items():
+        try:
+            await conn.prepare(sql)
+        except asyncpg.PostgresError as exc:
+            raise fail(f"{what}: {exc}") from None
+
+
+async def validate_all(
+    conn: asyncpg.Connection, mappings: Sequence[CompiledMapping], search_path: Sequence[str]
+) -> list[CompiledMapping]:
+    """Validate every mapping; also refuse a table that is both a source and a target."""
+    bound = [await validate_mapping(conn, m, search_path) for m in mappings]
+    sources = {m.source for m in bound}
+    for mapping in bound:
+        if mapping.target in sources:
+            raise MappingValidationError(
+                mapping.name,
+                f"target {mapping.target} is also the source of a mapping; mirror loops are "
+                "refused (pause or remove one direction)",
+            )
+    return bound
+
+
+async def resolve_unqualified(
+    conn: asyncpg.Connection, names: Sequence[str], search_path: Sequence[str]
+) -> dict[str, QualifiedName]:
+    """What each unqualified table name means under ``search_path`` (first schema that has it)."""
+    resolved: dict[str, QualifiedName] = {}
+    for name in names:
+        found = await resolve_table(conn, None, name, search_path)
+        if found is not None:
+            resolved[name] = found[0]
+    return resolved

@@ -1,0 +1,316 @@
+"""The ``dualwrite`` control schema: its DDL (versioned, applied idempotently by ``setup``),
+grants for the application role, and the per-mapping run state (paused or not).
+
+Everything that must survive a restart or be shared between sidecars lives here: the outbox,
+dead letters, pause flags, unmirrored-statement marks, mirror activity, and (added by later
+schema versions) reconcile history and admin actions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from dualwrite.errors import ControlSchemaMissing
+from dualwrite.logs import get_logger
+from dualwrite.mapping import CompiledMapping
+from dualwrite.sqltext import quote_ident
+
+SCHEMA = "dualwrite"
+#: NOTIFY channel on which pause/resume changes are announced to every sidecar
+CONTROL_CHANNEL = "dualwrite_control"
+#: classid of the advisory locks dualwrite takes (two-int form, so it never meets an
+#: application's single-bigint advisory locks)
+LOCK_CLASS = 0x6477  # "dw"
+
+_log = get_logger("control")
+
+#: (version, DDL) in order; never edit a released step, append a new one.
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE dualwrite.outbox (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            mapping text NOT NULL,
+            key jsonb NOT NULL,
+            enqueued_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX outbox_mapping_id ON dualwrite.outbox (mapping, id);
+
+        CREATE TABLE dualwrite.dead_letters (
+            mapping text NOT NULL,
+            key jsonb NOT NULL,
+            error text NOT NULL,
+            sqlstate text,
+            attempts integer NOT NULL DEFAULT 1,
+            first_failed_at timestamptz NOT NULL DEFAULT now(),
+            last_failed_at timestamptz NOT NULL DEFAULT now(),
+            next_attempt_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (mapping, key)
+        );
+        CREATE INDEX dead_letters_due ON dualwrite.dead_letters (next_attempt_at);
+
+        CREATE TABLE dualwrite.mapping_state (
+            mapping text PRIMARY KEY,
+            paused boolean NOT NULL DEFAULT false,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            updated_by text
+        );
+
+        CREATE TABLE dualwrite.unmirrored_events (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            mapping text NOT NULL,
+            reason text NOT NULL,
+            statements bigint NOT NULL DEFAULT 1,
+            sidecar text,
+            at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX unmirrored_events_at ON dualwrite.unmirrored_events (mapping, at);
+
+        CREATE TABLE dualwrite.mirror_activity (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            sidecar text NOT NULL,
+            mapping text NOT NULL,
+            operation text NOT NULL,
+            statements bigint NOT NULL,
+            rows bigint NOT NULL,
+            failures bigint NOT NULL,
+            period_start timestamptz NOT NULL,
+            period_end timestamptz NOT NULL
+        );
+        CREATE INDEX mirror_activity_end ON dualwrite.mirror_activity (mapping, period_end);
+        """,
+    ),
+]
+
+
+async def current_version(conn: asyncpg.Connection) -> int:
+    """The control schema version installed (0 when absent)."""
+    exists = await conn.fetchval("SELECT to_regclass('dualwrite.schema_version') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM dualwrite.schema_version"))
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1][0]
+
+
+async def ensure_current(conn: asyncpg.Connection) -> None:
+    """Raise ControlSchemaMissing unless ``setup`` has installed the latest version."""
+    version = await current_version(conn)
+    if version < latest_version():
+        raise ControlSchemaMissing(
+            f"control schema {SCHEMA} is at version {version}, this dualwrite needs "
+            f"{latest_version()}: run `dualwrite setup --config FILE`"
+        )
+
+
+async def install(conn: asyncpg.Connection) -> list[int]:
+    """Create or upgrade the control schema; return the versions applied (empty: nothing to do)."""
+    applied: list[int] = []
+    async with conn.transaction():
+        # Serialise concurrent `setup` runs (two pods starting at once).
+        await conn.execute("SELECT pg_advisory_xact_lock($1, 0)", LOCK_CLASS)
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS dualwrite.schema_version ("
+            "version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        have = await current_version(conn)
+        for version, ddl in MIGRATIONS:
+            if version > have:
+                await conn.execute(ddl)
+                await conn.execute(
+                    "INSERT INTO dualwrite.schema_version (version) VALUES ($1)", version
+                )
+                applied.append(version)
+    return applied
+
+
+async def grant(
+    conn: asyncpg.Connection, role: str, mappings: Sequence[CompiledMapping]
+) -> list[str]:
+    """Grant ``role`` what rewritten statements need; idempotent. Returns the GRANTs run."""
+    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
+    if not exists:
+        raise ControlSchemaMissing(f"app_role {role!r} does not exist")
+    who = quote_ident(role)
+    statements = [
+        f"GRANT USAGE ON SCHEMA {SCHEMA} TO {who}",
+        f"GRANT INSERT ON {SCHEMA}.outbox TO {who}",
+    ]
+    for mapping in mappings:
+        if mapping.mode == "sync" and mapping.target is not None:
+            # A sync-mode statement writes the target as the application's own role.
+            statements.append(
+                f"GRANT SELECT, INSERT, UPDATE, DELETE ON {mapping.target.sql} TO {who}"
+            )
+    for statement in statements:
+        await conn.execute(statement)
+    return statements
+
+
+@dataclass
+class MappingStates:
+    """Which mappings are paused, kept current from the control schema (LISTEN + poll)."""
+
+    paused: frozenset[str] = frozenset()
+    #: bumped on every change, so caches keyed on state know when to drop entries
+    version: int = 0
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def is_paused(self, mapping: str) -> bool:
+        return mapping in self.paused
+
+    def update(self, paused: frozenset[str]) -> None:
+        if paused != self.paused:
+            self.paused = paused
+            self.version += 1
+            for listener in self.listeners:
+                listener()
+
+
+async def load_paused(conn: asyncpg.Connection) -> frozenset[str]:
+    rows = await conn.fetch("SELECT mapping FROM dualwrite.mapping_state WHERE paused")
+    return frozenset(r["mapping"] for r in rows)
+
+
+async def set_paused(
+    conn: asyncpg.Connection, mapping: str, paused: bool, *, by: str
+) -> None:
+    """Pause or resume a mapping for every sidecar (persisted, then announced)."""
+    async with conn.transaction():
+        await conn.execute(
+            "INSERT INTO dualwrite.mapping_state (mapping, paused, updated_at, updated_by) "
+            "VALUES ($1, $2, now(), $3) ON CONFLICT (mapping) DO UPDATE "
+            "SET paused = EXCLUDED.paused, updated_at = now(), updated_by = EXCLUDED.updated_by",
+            mapping,
+            paused,
+            by,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, mapping)
+
+
+class StateWatcher:
+    """Keeps a MappingStates current: LISTEN for changes, and poll as a safety net."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        states: MappingStates,
+        poll_seconds: float = 5.0,
+    ) -> None:
+        self._connect = connect
+        self.states = states
+        self._poll_seconds = poll_seconds
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def _notified(self, *_args: Any) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self._connect()
+                await conn.add_listener(CONTROL_CHANNEL, self._notified)
+                while True:
+                    self.states.update(await load_paused(conn))
+                    self._wake.clear()
+                    try:
+                        async with asyncio.timeout(self._poll_seconds):
+                            await self._wake.wait()
+                    except TimeoutError:
+                        pass
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                _log.warning("state_watch_failed", error=str(exc))
+                await asyncio.sleep(self._poll_seconds)
+            finally:
+                if conn is not None:
+                    try:
+                        await conn.close()
+                    except (OSError, asyncpg.InterfaceError):
+                        pass
+
+
+class ActivityRecorder:
+    """Buffers what the proxy saw (mirrored rows, unmirrored statements) for the control schema.
+
+    The proxy's hot path only bumps in-memory counters; a background task flushes them every
+    few seconds, so the report has history that survives restarts and spans every sidecar.
+    """
+
+    def __init__(self, sidecar: str) -> None:
+        self.sidecar = sidecar
+        self._unmirrored: dict[tuple[str, str], int] = {}
+        self._activity: dict[tuple[str, str], list[int]] = {}
+        #: start of the period the buffered counts cover (the last successful flush)
+        self._period_start = time.time()
+
+    def unmirrored(self, mappings: Sequence[str], reason: str) -> None:
+        for mapping in mappings:
+            key = (mapping, reason)
+            self._unmirrored[key] = self._unmirrored.get(key, 0) + 1
+
+    def mirrored(self, mapping: str, operation: str, rows: int, *, failed: bool = False) -> None:
+        counts = self._activity.setdefault((mapping, operation), [0, 0, 0])
+        counts[0] += 1
+        counts[1] += rows
+        counts[2] += 1 if failed else 0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._unmirrored or self._activity)
+
+    async def flush(self, conn: asyncpg.Connection) -> None:
+        """Write and reset the buffered counts (kept for the next flush if the write fails)."""
+        unmirrored, activity = self._unmirrored, self._activity
+        if not unmirrored and not activity:
+            return
+        self._unmirrored, self._activity = {}, {}
+        try:
+            async with conn.transaction():
+                if unmirrored:
+                    await conn.executemany(
+                        "INSERT INTO dualwrite.unmirrored_events (mapping, reason, statements, "
+                        "sidecar) VALUES ($1, $2, $3, $4)",
+                        [(m, r, n, self.sidecar) for (m, r), n in unmirrored.items()],
+                    )
+                if activity:
+                    await conn.executemany(
+                        "INSERT INTO dualwrite.mirror_activity (sidecar, mapping, operation, "
+                        "statements, rows, failures, period_start, period_end) VALUES "
+                        "($1, $2, $3, $4, $5, $6, to_timestamp($7), now())",
+                        [
+                            (self.sidecar, m, op, c[0], c[1], c[2], self._period_start)
+                            for (m, op), c in activity.items()
+                        ],
+                    )
+        except BaseException:
+            for key, n in unmirrored.items():
+                self._unmirrored[key] = self._unmirrored.get(key, 0) + n
+            for key, c in activity.items():
+                merged = self._activity.setdefault(key, [0, 0, 0])
+                for i in range(3):
+                    merged[i] += c[i]
+            raise
+        self._period_start = time.time()

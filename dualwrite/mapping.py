@@ -1,0 +1,332 @@
+"""The compiled mapping: the one place that turns a mapping's config into the SQL every part uses.
+
+The proxy's rewrite, the outbox applier, repair, backfill and the reconciler all build their
+statements from a :class:`CompiledMapping`, so they cannot disagree about what the target
+should hold. Expressions are parsed by PostgreSQL's parser (pglast) and deparsed; identifiers
+are always quoted. Compiling needs no database; :func:`bind_catalog` later adds what only the
+live database knows (resolved names, column and key types).
+
+Conventions of the generated SQL: source rows are always read through the alias ``src``, so a
+mapping expression (which names source columns unqualified) means the same thing whether
+``src`` is the source table, the rows a rewritten statement returned, or a keyset chunk.
+Keys travel as a JSON array of the key values (``jsonb``): one text-safe representation for
+any key type, independent of the session's DateStyle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from dualwrite.config import Config, MappingConfig
+from dualwrite.errors import MappingValidationError
+from dualwrite.sqltext import (
+    ParsedExpression,
+    QualifiedName,
+    parse_expression,
+    parse_relation_name,
+    quote_ident,
+    quote_literal,
+)
+
+#: alias of the source row in every generated statement
+SRC = "src"
+#: alias of the target row in every generated statement
+TGT = "tgt"
+
+
+@dataclass(frozen=True)
+class CatalogFacts:
+    """What validation learnt from the live database about one mapping."""
+
+    #: SQL type of each key expression (format_type), in key order
+    key_types: tuple[str, ...]
+    #: every column of the source table, in attnum order
+    source_columns: tuple[str, ...]
+    #: source columns the mapping reads (expressions and filter), in attnum order
+    source_columns_read: tuple[str, ...]
+    #: the source table has rules, so writes to it cannot be rewritten
+    source_has_rules: bool = False
+
+
+@dataclass(frozen=True)
+class CompiledMapping:
+    """A mapping ready to generate SQL. Immutable; ``bind_catalog`` returns a bound copy."""
+
+    name: str
+    config: MappingConfig
+    #: as written in config; ``source``/``target`` are set once resolved
+    source_schema: str | None
+    source_name: str
+    target_schema: str | None
+    target_name: str
+    columns: tuple[str, ...]
+    expressions: dict[str, ParsedExpression]
+    key: tuple[str, ...]
+    filter: ParsedExpression | None
+    catalog: CatalogFacts | None = None
+    source: QualifiedName | None = None
+    target: QualifiedName | None = None
+    #: unqualified column names the expressions and filter mention
+    mentioned: frozenset[str] = field(default_factory=frozenset)
+    #: unqualified column names the key expressions mention
+    key_mentioned: frozenset[str] = field(default_factory=frozenset)
+
+    # --- identity -----------------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        return self.config.mode
+
+    @property
+    def bound(self) -> bool:
+        return self.catalog is not None and self.source is not None and self.target is not None
+
+    def _need_bound(self) -> tuple[QualifiedName, QualifiedName, CatalogFacts]:
+        if self.source is None or self.target is None or self.catalog is None:
+            raise RuntimeError(f"mapping {self.name} is not bound to the catalog")
+        return self.source, self.target, self.catalog
+
+    # --- fragments ------------------------------------------------------------------------
+
+    def key_exprs(self) -> list[str]:
+        """SQL of each key expression, over ``src``."""
+        return [f"({self.expressions[k].sql})" for k in self.key]
+
+    def filter_sql(self) -> str:
+        """The filter as a condition that is never NULL (a NULL filter means not included)."""
+        if self.filter is None:
+            return "true"
+        return f"coalesce(({self.filter.sql}), false)"
+
+    def key_json_sql(self) -> str:
+        """The key of a source row as a jsonb array (how keys travel through the outbox)."""
+        return "jsonb_build_array(" + ", ".join(self.key_exprs()) + ")"
+
+    def target_column_list(self) -> str:
+        return ", ".join(quote_ident(c) for c in self.columns)
+
+    def target_key_list(self, alias: str | None = None) -> str:
+        prefix = f"{alias}." if alias else ""
+        return ", ".join(prefix + quote_ident(k) for k in self.key)
+
+    def select_list(self) -> str:
+        """``<expr> AS "col", ...`` over ``src``, in target column order."""
+        return ", ".join(f"({self.expressions[c].sql}) AS {quote_ident(c)}" for c in self.columns)
+
+    def keys_from_json_sql(self, param: str) -> str:
+        """Rows ``(k1, k2, ...)`` of typed key values from a jsonb array of key arrays."""
+        _, _, catalog = self._need_bound()
+        parts = [
+            f"(k.value->>{i})::{typ} AS {quote_ident(f'k{i + 1}')}"
+            for i, typ in enumerate(catalog.key_types)
+        ]
+        return f"SELECT {', '.join(parts)} FROM jsonb_array_elements({param}) AS k"
+
+    def key_tuple_names(self) -> str:
+        return ", ".join(quote_ident(f"k{i + 1}") for i in range(len(self.key)))
+
+    def expected_rows_sql(self, from_sql: str, *, where: str = "true") -> str:
+        """Target rows the mapping says ``from_sql`` (aliased ``src``) produces."""
+        return (
+            f"SELECT {self.select_list()} FROM {from_sql} AS {SRC} "
+            f"WHERE {self.filter_sql()} AND ({where})"
+        )
+
+    # --- statements for the proxy's rewrite (sync mode) -------------------------------------
+
+    def upsert_from_sql(self, from_sql: str) -> str:
+        """INSERT ... ON CONFLICT DO UPDATE of the rows ``from_sql`` maps to (filter applied)."""
+        _, target, _ = self._need_bound()
+        return (
+            f"INSERT INTO {target.sql} AS {TGT} ({self.target_column_list()}) "
+            f"{self.expected_rows_sql(from_sql)} {self._on_conflict_update()}"
+        )
+
+    def _on_conflict_update(self) -> str:
+        others = [c for c in self.columns if c not in self.key]
+        if not others:
+            return f"ON CONFLICT ({self.target_key_list()}) DO NOTHING"
+        sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
+        current = ", ".join(f"{TGT}.{quote_ident(c)}" for c in others)
+        excluded = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in others)
+        # Skip rows that would not change: no new row version, no WAL, no trigger work.
+        return (
+            f"ON CONFLICT ({self.target_key_list()}) DO UPDATE SET {sets} "
+            f"WHERE ({current}) IS DISTINCT FROM ({excluded})"
+        )
+
+    def delete_from_sql(self, from_sql: str, *, only_filtered_out: bool) -> str:
+        """DELETE the target rows keyed by ``from_sql``'s rows (only those the filter rejects)."""
+        _, target, _ = self._need_bound()
+        keys = ", ".join(
+            f"{expr} AS {quote_ident(f'k{i + 1}')}" for i, expr in enumerate(self.key_exprs())
+        )
+        cond = f"WHERE NOT {self.filter_sql()}" if only_filtered_out else ""
+        return (
+            f"DELETE FROM {target.sql} AS {TGT} USING (SELECT {keys} FROM {from_sql} AS {SRC} "
+            f"{cond}) AS d WHERE ({self.target_key_list(TGT)}) = ({self._d_keys()})"
+        )
+
+    def _d_keys(self) -> str:
+        return ", ".join(f"d.{quote_ident(f'k{i + 1}')}" for i in range(len(self.key)))
+
+    def outbox_rows_sql(self, from_sql: str) -> str:
+        """``SELECT mapping, key`` rows to capture in the outbox for ``from_sql``'s rows."""
+        return (
+            f"SELECT {quote_literal(self.name)}::text, {self.key_json_sql()} "
+            f"FROM {from_sql} AS {SRC}"
+        )
+
+    # --- statements for sync_keys (applier, repair, backfill) --------------------------------
+
+    def source_rows_for_keys_sql(self, keys_param: str, *, lock: str = "") -> str:
+        """Mapped rows of the source rows whose key is in the jsonb array ``keys_param``.
+
+        Each row carries its key as ``__dw_key`` (jsonb) so callers can tell found from missing.
+        """
+        source, _, _ = self._need_bound()
+        key_row = ", ".join(self.key_exprs())
+        return (
+            f"SELECT {self.key_json_sql()} AS __dw_key, {self.select_list()} "
+            f"FROM {source.sql} AS {SRC} WHERE {self.filter_sql()} "
+            f"AND ({key_row}) IN ({self.keys_from_json_sql(keys_param)}) {lock}"
+        )
+
+    def lock_source_rows_sql(self, keys_param: str) -> str:
+        """Share-lock the source rows of these keys, in key order (sync-mode ordering)."""
+        source, _, _ = self._need_bound()
+        key_row = ", ".join(self.key_exprs())
+        return (
+            f"SELECT 1 FROM {source.sql} AS {SRC} WHERE ({key_row}) IN "
+            f"({self.keys_from_json_sql(keys_param)}) ORDER BY {key_row} FOR SHARE"
+        )
+
+    def lock_target_rows_sql(self, keys_param: str) -> str:
+        """Lock existing target rows of these keys, in key order; return their keys as jsonb."""
+        _, target, _ = self._need_bound()
+        key_row = self.target_key_list(TGT)
+        return (
+            f"SELECT jsonb_build_array({key_row}) AS __dw_key FROM {target.sql} AS {TGT} "
+            f"WHERE ({key_row}) IN ({self.keys_from_json_sql(keys_param)}) "
+            f"ORDER BY {key_row} FOR UPDATE"
+        )
+
+    def apply_keys_sql(self, keys_param: str, locked_param: str | None) -> str:
+        """One statement that makes the target rows of these keys match the source.
+
+        Returns ``(upserted, deleted)``. With ``locked_param`` (sync-mode discipline: the
+        target rows that existed were locked first), keys whose target row did not exist are
+        inserted with DO NOTHING: a row that appeared meanwhile was written by a sync-mode
+        statement that saw newer source state.
+        """
+        source_rows = self.source_rows_for_keys_sql(keys_param)
+        cols = self.target_column_list()
+        col_refs = ", ".join(f"e.{quote_ident(c)}" for c in self.columns)
+        upsert_existing = (
+            f"INSERT INTO {self._target_sql()} AS {TGT} ({cols}) SELECT {col_refs} FROM e"
+        )
+        if locked_param is None:
+            upserts = f"up AS ({upsert_existing} {self._on_conflict_update()} RETURNING 1)"
+        else:
+            upserts = (
+                f"up AS ({upsert_existing} WHERE e.__dw_key IN (SELECT value FROM "
+                f"jsonb_array_elements({locked_param})) {self._on_conflict_update()} RETURNING 1), "
+                f"ins AS ({upsert_existing} WHERE e.__dw_key NOT IN (SELECT value FROM "
+                f"jsonb_array_elements({locked_param})) ON CONFLICT ({self.target_key_list()}) "
+                f"DO NOTHING RETURNING 1)"
+            )
+        gone = (
+            f"del AS (DELETE FROM {self._target_sql()} AS {TGT} WHERE ({self.target_key_list(TGT)}) "
+            f"IN ({self.keys_from_json_sql(keys_param)}) AND jsonb_build_array("
+            f"{self.target_key_list(TGT)}) NOT IN (SELECT __dw_key FROM e) RETURNING 1)"
+        )
+        inserted = "(SELECT count(*) FROM up)" + (
+            " + (SELECT count(*) FROM ins)" if locked_param is not None else ""
+        )
+        return (
+            f"WITH e AS ({source_rows}), {upserts}, {gone} "
+            f"SELECT {inserted} AS upserted, (SELECT count(*) FROM del) AS deleted"
+        )
+
+    def _target_sql(self) -> str:
+        _, target, _ = self._need_bound()
+        return target.sql
+
+
+def compile_mapping(config: MappingConfig, *, source: str | None = None) -> CompiledMapping:
+    """Parse a mapping's names and expressions; raise MappingValidationError naming the problem."""
+    try:
+        source_schema, source_name = parse_relation_name(config.source)
+        target_schema, target_name = parse_relation_name(config.target)
+    except ValueError as exc:
+        raise MappingValidationError(config.name, str(exc), source=source) from None
+    expressions: dict[str, ParsedExpression] = {}
+    for column, text in config.columns.items():
+        try:
+            expressions[column] = parse_expression(text)
+        except ValueError as exc:
+            raise MappingValidationError(
+                config.name, f"columns.{column}: {exc}", source=source
+            ) from None
+    filter_expr = None
+    if config.filter is not None:
+        try:
+            filter_expr = parse_expression(config.filter)
+        except ValueError as exc:
+            raise MappingValidationError(config.name, f"filter: {exc}", source=source) from None
+    mentioned = set().union(*(e.column_names for e in expressions.values()))
+    if filter_expr is not None:
+        mentioned |= filter_expr.column_names
+    key_mentioned = set().union(*(expressions[k].column_names for k in config.key))
+    return CompiledMapping(
+        name=config.name,
+        config=config,
+        source_schema=source_schema,
+        source_name=source_name,
+        target_schema=target_schema,
+        target_name=target_name,
+        columns=tuple(config.columns),
+        expressions=expressions,
+        key=tuple(config.key),
+        filter=filter_expr,
+        mentioned=frozenset(mentioned),
+        key_mentioned=frozenset(key_mentioned),
+    )
+
+
+def compile_all(config: Config, *, source: str | None = None) -> list[CompiledMapping]:
+    """Compile every mapping and check the ones that only make sense together."""
+    compiled = [compile_mapping(m, source=source) for m in config.mappings]
+    return compiled
+
+
+def bind_catalog(
+    mapping: CompiledMapping,
+    *,
+    source: QualifiedName,
+    target: QualifiedName,
+    catalog: CatalogFacts,
+) -> CompiledMapping:
+    """A copy of ``mapping`` that knows its resolved tables and types."""
+    return replace(mapping, source=source, target=target, catalog=catalog)
+
+
+def by_source(mappings: Iterable[CompiledMapping]) -> dict[QualifiedName, list[CompiledMapping]]:
+    """Bound mappings grouped by source table."""
+    grouped: dict[QualifiedName, list[CompiledMapping]] = {}
+    for mapping in mappings:
+        source, _, _ = mapping._need_bound()
+        grouped.setdefault(source, []).append(mapping)
+    return grouped
+
+
+def read_columns(mappings: Sequence[CompiledMapping]) -> tuple[str, ...]:
+    """Source columns any of these mappings read, in source attnum order."""
+    needed: set[str] = set()
+    order: tuple[str, ...] = ()
+    for mapping in mappings:
+        _, _, catalog = mapping._need_bound()
+        needed.update(catalog.source_columns_read)
+        order = catalog.source_columns
+    return tuple(c for c in order if c in needed)

@@ -1,0 +1,250 @@
+"""What the proxy does with each client message it looks at: count it, rewrite it, or refuse it.
+
+Owns the per-connection registry of prepared statements and portals that were rewritten, so
+that a Bind, Describe or Execute naming one gets its reply repaired; and the extended-protocol
+rejection dance: a refused Parse is answered by the proxy, the rest of the pipeline up to Sync
+is discarded (as the server itself would after an error), and at Sync a statement that raises
+is sent in its place so the server's transaction state matches what the client was told.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass
+from typing import Final
+
+from dualwrite import metrics
+from dualwrite.control import ActivityRecorder
+from dualwrite.wire import messages as m
+from proxy.classify import statement_kind
+from proxy.repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
+from proxy.rewrite import (
+    REJECT,
+    REJECT_HINT,
+    REWRITE,
+    UNMIRRORED,
+    Rewriter,
+    Rewritten,
+    StatementPlan,
+    reject_message,
+)
+from proxy.tracker import Pending
+
+#: PostgreSQL encoding names whose Python codec name differs
+_ENCODINGS: Final = {
+    "UTF8": "utf-8",
+    "SQL_ASCII": "latin-1",
+    "LATIN1": "latin-1",
+    "LATIN9": "iso8859-15",
+    "WIN1252": "cp1252",
+    "EUC_JP": "euc_jp",
+    "SJIS": "shift_jis",
+    "BIG5": "big5",
+    "GBK": "gbk",
+    "UHC": "cp949",
+}
+
+_STATEMENT_COUNTS = metrics.HOT.statements
+
+
+def python_codec(pg_encoding: str) -> str:
+    """The Python codec for a PostgreSQL client_encoding (UTF-8 when unknown)."""
+    name = _ENCODINGS.get(pg_encoding.upper(), "")
+    if name:
+        return name
+    try:
+        return codecs.lookup(pg_encoding).name
+    except LookupError:
+        return "utf-8"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared statement whose text concerns a mapping."""
+
+    rewritten: Rewritten
+    plan: StatementPlan
+
+
+@dataclass(frozen=True)
+class Portal:
+    statement: Prepared
+    #: the result format of the count column is binary (no-RETURNING rewrites)
+    binary: bool
+
+
+class Frontend:
+    """The per-connection logic for client messages that expect a reply."""
+
+    def __init__(self, rewriter: Rewriter | None, recorder: ActivityRecorder | None) -> None:
+        self.rewriter = rewriter
+        self.recorder = recorder
+        self.codec = "utf-8"
+        self.statements: dict[bytes, Prepared] = {}
+        self.portals: dict[bytes, Portal] = {}
+        #: after the proxy refused a Parse, drop client messages until Sync
+        self.discarding = False
+
+    @property
+    def inspects_extended(self) -> bool:
+        """Bind/Describe/Execute/Close must be looked at (some statement was rewritten)."""
+        return bool(self.statements) or self.discarding
+
+    def set_client_encoding(self, pg_encoding: str) -> None:
+        self.codec = python_codec(pg_encoding)
+
+    # --- one message ---------------------------------------------------------------------
+
+    def message(self, typ: int, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        """Decide about one client message: (replacement bytes or None to forward, entries).
+
+        ``b""`` as replacement drops the message. ``entries`` are what the tracker must
+        expect, in order (usually one; several when the proxy injects messages).
+        """
+        if self.discarding:
+            return self._while_discarding(typ, body)
+        if typ == m.QUERY:
+            return self._query(body)
+        if typ == m.PARSE:
+            return self._parse(body)
+        if typ == m.BIND:
+            return self._bind(body)
+        if typ == m.DESCRIBE:
+            return self._describe(body)
+        if typ == m.EXECUTE:
+            return self._execute(body)
+        if typ == m.CLOSE:
+            kind, name = m.parse_describe_or_close(body)
+            (self.statements if kind == ord("S") else self.portals).pop(name, None)
+            return None, [typ]
+        if typ in (m.SYNC, m.FUNCTION_CALL):
+            return None, [typ]
+        return None, []
+
+    def _plan(self, sql: bytes) -> Rewritten | None:
+        rewriter = self.rewriter
+        if rewriter is None or not rewriter.candidate(sql):
+            return None
+        text = sql.decode(self.codec, "surrogateescape")
+        return rewriter.rewrite(text)
+
+    def _encode(self, text: str) -> bytes:
+        return text.encode(self.codec, "surrogateescape")
+
+    def _record_unmirrored(self, rewritten: Rewritten) -> None:
+        for statement in rewritten.statements:
+            template = statement.template
+            if statement.action == UNMIRRORED:
+                for name in template.mappings:
+                    metrics.UNMIRRORED_STATEMENTS.labels(name, template.reason or "unknown").inc()
+                if self.recorder is not None:
+                    self.recorder.unmirrored(template.mappings, template.reason or "unknown")
+            elif statement.action == REJECT:
+                for name in template.mappings:
+                    metrics.REJECTED_STATEMENTS.labels(name, template.reason or "unknown").inc()
+
+    def _query(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        sql = m.parse_query(body)
+        _STATEMENT_COUNTS[statement_kind(sql)] += 1
+        rewritten = self._plan(sql)
+        if rewritten is None:
+            return None, [m.QUERY]
+        self._record_unmirrored(rewritten)
+        if not rewritten.changed:
+            return None, [m.QUERY]
+        replacement = m.build_query(self._encode(rewritten.sql))
+        return replacement, [Pending(m.QUERY, QueryRepair(rewritten, self.recorder))]
+
+    def _parse(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        parse = m.parse_parse(body)
+        _STATEMENT_COUNTS[statement_kind(parse.sql)] += 1
+        rewritten = self._plan(parse.sql)
+        if rewritten is None or len(rewritten.statements) != 1:
+            self.statements.pop(parse.name, None)
+            return None, [m.PARSE]
+        plan = rewritten.statements[0]
+        if plan.action == REJECT:
+            self._record_unmirrored(rewritten)
+            self.discarding = True
+            error = m.error_response(
+                "0A000", reject_message(plan.template), hint=REJECT_HINT
+            )
+            return b"", [Pending(m.PARSE, inject=error)]
+        if plan.action == UNMIRRORED:
+            self.statements[parse.name] = Prepared(rewritten, plan)
+            return None, [m.PARSE]
+        if plan.action != REWRITE:
+            self.statements.pop(parse.name, None)
+            return None, [m.PARSE]
+        self.statements[parse.name] = Prepared(rewritten, plan)
+        replacement = m.build_parse(parse.name, self._encode(rewritten.sql), parse.param_types)
+        return replacement, [Pending(m.PARSE, ParseRepair(rewritten))]
+
+    def _bind(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        head = m.parse_bind(body)
+        prepared = self.statements.get(head.statement)
+        if prepared is None:
+            self.portals.pop(head.portal, None)
+            return None, [m.BIND]
+        formats = head.result_formats
+        self.portals[head.portal] = Portal(prepared, binary=bool(formats) and formats[0] == 1)
+        reply = prepared.plan.template.reply
+        if reply is not None and reply.returning and len(formats) > 1:
+            # One format code per column: the columns the rewrite added need theirs.
+            return m.bind_with_extra_result_columns(body, head, reply.extra_columns), [m.BIND]
+        return None, [m.BIND]
+
+    def _describe(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        kind, name = m.parse_describe_or_close(body)
+        prepared = (
+            self.statements.get(name) if kind == ord("S") else _statement(self.portals.get(name))
+        )
+        if prepared is None or prepared.plan.action != REWRITE:
+            return None, [m.DESCRIBE]
+        reply = prepared.plan.template.reply
+        assert reply is not None
+        return None, [Pending(m.DESCRIBE, DescribeRepair(reply))]
+
+    def _execute(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        name, _ = m.parse_execute(body)
+        portal = self.portals.get(name)
+        if portal is None:
+            return None, [m.EXECUTE]
+        prepared = portal.statement
+        if prepared.plan.action == UNMIRRORED:
+            self._record_unmirrored(prepared.rewritten)
+            return None, [m.EXECUTE]
+        reply = prepared.plan.template.reply
+        assert reply is not None
+        plan = ExecuteRepair(
+            reply, prepared.rewritten, binary_count=portal.binary, recorder=self.recorder
+        )
+        return None, [Pending(m.EXECUTE, plan)]
+
+    def _while_discarding(self, typ: int, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        """After a refused Parse: drop everything up to Sync; then make the server fail too."""
+        if typ == m.FLUSH:
+            return None, []  # harmless, and lets replies to earlier messages through
+        if typ != m.SYNC:
+            return b"", []
+        self.discarding = False
+        failing = (
+            "DO $dualwrite$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+            "MESSAGE = 'dualwrite: statement rejected'; END $dualwrite$"
+        )
+        injected = (
+            m.build_parse(b"", failing.encode())
+            + m.build_bind(b"", b"")
+            + m.build_execute(b"")
+            + m.SYNC_MESSAGE
+        )
+        return injected, [
+            Pending(m.PARSE, swallow=True),
+            Pending(m.BIND, swallow=True),
+            Pending(m.EXECUTE, swallow=True),
+            m.SYNC,
+        ]
+
+
+def _statement(portal: Portal | None) -> Prepared | None:
+    return portal.statement if portal is not None else None

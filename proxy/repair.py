@@ -1,0 +1,200 @@
+"""Response repair: the client sees exactly what PostgreSQL would have sent for its own statement.
+
+Each plan here answers one client message whose statement was rewritten. It turns the reply to
+the rewritten statement back into the reply to the original: the command tag (``UPDATE n``,
+``INSERT 0 n``, ``DELETE n`` instead of ``SELECT n``), RowDescription and DataRow trimmed to
+the application's own columns, or NoData and no rows when it asked for none, and error
+positions mapped back into the original text.
+"""
+
+from __future__ import annotations
+
+from dualwrite import metrics
+from dualwrite.control import ActivityRecorder
+from dualwrite.wire import messages as m
+from dualwrite.wire.frames import frame
+from proxy.rewrite import REWRITE, Rewritten, StatementReply
+
+
+def repair_error(
+    body: bytes,
+    raw: bytes,
+    rewritten: Rewritten | None,
+    reply: StatementReply | None,
+    recorder: ActivityRecorder | None = None,
+) -> bytes:
+    """An ErrorResponse with its position mapped back; counts failures of the mirror part."""
+    fields = m.parse_fields(body)
+    if reply is not None and reply.targets:
+        table = next((v for c, v in fields if c == ord("t")), None)
+        if table is not None and table.decode("utf-8", "replace") in reply.targets:
+            for name in reply.mappings:
+                metrics.MIRROR_FAILURES.labels(name, "statement").inc()
+                if recorder is not None:
+                    recorder.mirrored(name, reply.operation, 0, failed=True)
+    if rewritten is None:
+        return raw
+    changed = False
+    out: list[tuple[int, bytes]] = []
+    for code, value in fields:
+        if code == m.FIELD_POSITION and value.isdigit():
+            position = rewritten.original_position(int(value))
+            if position is None:
+                changed = True
+                continue  # it points into text the rewrite added: say nothing rather than lie
+            if position != int(value):
+                value = str(position).encode()
+                changed = True
+        out.append((code, value))
+    return frame(b"E", m.build_fields(out)) if changed else raw
+
+
+def _count_value(value: bytes | None, binary: bool) -> int:
+    if value is None:
+        return 0
+    return int.from_bytes(value, "big", signed=True) if binary else int(value)
+
+
+def _record_success(reply: StatementReply, rows: int, recorder: ActivityRecorder | None) -> None:
+    for name in reply.mappings:
+        metrics.STATEMENTS_REWRITTEN.labels(name, reply.operation).inc()
+        if rows:
+            metrics.ROWS_MIRRORED.labels(name, reply.operation).inc(rows)
+        if recorder is not None:
+            recorder.mirrored(name, reply.operation, rows)
+
+
+class StatementRows:
+    """Repairs the rows and tag of one rewritten statement (shared by Execute and Query)."""
+
+    __slots__ = ("binary_count", "count", "recorder", "reply")
+
+    def __init__(
+        self,
+        reply: StatementReply,
+        *,
+        binary_count: bool = False,
+        recorder: ActivityRecorder | None = None,
+    ) -> None:
+        self.reply = reply
+        self.binary_count = binary_count
+        self.recorder = recorder
+        self.count = 0
+
+    def row_description(self, body: bytes) -> bytes:
+        if not self.reply.returning:
+            return b""  # the application's statement returns no rows: no RowDescription
+        total = m.row_description_count(body)
+        return m.trim_row_description(body, total - self.reply.extra_columns)
+
+    def data_row(self, body: bytes) -> bytes:
+        if not self.reply.returning:
+            self.count = _count_value(m.data_row_values(body)[0], self.binary_count)
+            return b""
+        total = int.from_bytes(body[:2], "big")
+        return m.trim_data_row(body, total - self.reply.extra_columns)
+
+    def command_complete(self, body: bytes) -> bytes:
+        tag = m.parse_command_complete(body)
+        rows = (m.command_tag_rows(tag) or 0) if self.reply.returning else self.count
+        _record_success(self.reply, rows, self.recorder)
+        return m.command_complete(self.reply.tag + str(rows).encode())
+
+
+class ParseRepair:
+    """Parse of a rewritten statement: only a parse-time error needs its position mapped."""
+
+    __slots__ = ("rewritten",)
+
+    def __init__(self, rewritten: Rewritten) -> None:
+        self.rewritten = rewritten
+
+    def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.ERROR_RESPONSE:
+            return repair_error(body, raw, self.rewritten, None)
+        return raw
+
+
+class DescribeRepair:
+    """Describe (statement or portal) of a rewritten statement: trim or hide its columns."""
+
+    __slots__ = ("reply",)
+
+    def __init__(self, reply: StatementReply) -> None:
+        self.reply = reply
+
+    def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.ROW_DESCRIPTION:
+            if not self.reply.returning:
+                return m.NO_DATA_MESSAGE
+            total = m.row_description_count(body)
+            return m.trim_row_description(body, total - self.reply.extra_columns)
+        return raw
+
+
+class ExecuteRepair:
+    """Execute of a portal bound to a rewritten statement."""
+
+    __slots__ = ("rewritten", "rows")
+
+    def __init__(
+        self,
+        reply: StatementReply,
+        rewritten: Rewritten,
+        *,
+        binary_count: bool,
+        recorder: ActivityRecorder | None = None,
+    ) -> None:
+        self.rows = StatementRows(reply, binary_count=binary_count, recorder=recorder)
+        self.rewritten = rewritten
+
+    def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.DATA_ROW:
+            return self.rows.data_row(body)
+        if typ == m.COMMAND_COMPLETE:
+            return self.rows.command_complete(body)
+        if typ == m.PORTAL_SUSPENDED and not self.rows.reply.returning:
+            # A row limit on a statement that returns no rows: the count row was the only
+            # one; finish the way the original statement would have.
+            return self.rows.command_complete(m.command_complete(b"SELECT 1")[5:])
+        if typ == m.ERROR_RESPONSE:
+            return repair_error(body, raw, self.rewritten, self.rows.reply, self.rows.recorder)
+        return raw
+
+
+class QueryRepair:
+    """A simple Query whose statements were (partly) rewritten: repair statement by statement."""
+
+    __slots__ = ("current", "index", "recorder", "rewritten")
+
+    def __init__(self, rewritten: Rewritten, recorder: ActivityRecorder | None = None) -> None:
+        self.rewritten = rewritten
+        self.recorder = recorder
+        self.index = 0
+        self.current = self._rows_for(0)
+
+    def _rows_for(self, index: int) -> StatementRows | None:
+        statements = self.rewritten.statements
+        if index < len(statements) and statements[index].action == REWRITE:
+            reply = statements[index].template.reply
+            assert reply is not None
+            return StatementRows(reply, recorder=self.recorder)
+        return None
+
+    def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        if typ == m.ERROR_RESPONSE:
+            reply = self.current.reply if self.current is not None else None
+            return repair_error(body, raw, self.rewritten, reply, self.recorder)
+        current = self.current
+        if typ == m.COMMAND_COMPLETE:
+            out = raw if current is None else current.command_complete(body)
+            self.index += 1
+            self.current = self._rows_for(self.index)
+            return out
+        if current is None:
+            return raw
+        if typ == m.ROW_DESCRIPTION:
+            return current.row_description(body)
+        if typ == m.DATA_ROW:
+            return current.data_row(body)
+        return raw

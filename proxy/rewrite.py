@@ -1,0 +1,475 @@
+"""Rewrites application writes to mapped tables into one statement that also mirrors them.
+
+A write to a mapped source table becomes a single statement with data-modifying CTEs, so
+PostgreSQL computes the affected rows and the mirror lands atomically with the write:
+
+    WITH __dualwrite AS (
+    <the application's statement, intact>
+    RETURNING <its own RETURNING list, if any>, <source columns the mappings read>
+    ), __dualwrite_src AS (SELECT <those columns under their own names> FROM __dualwrite)
+    , __dualwrite_m1 AS (<sync: upsert/delete in the target | outbox: INSERT of the keys>)
+    SELECT * FROM __dualwrite            -- or SELECT count(*) when it asked for no rows
+
+The application's own text is kept byte for byte: the rewrite only inserts text at the
+statement's start (or before its main keyword when it starts with WITH) and at its end, at
+positions the PostgreSQL parser reports. The analysis of a statement is cached by its
+*normalized* text (literals replaced by placeholders), so clients that inline literal values
+pay for parsing once per statement shape; only the cheap position split runs per statement.
+
+Statements that cannot be rewritten safely get the mapping's ``unsupported`` policy:
+``passthrough`` (forwarded unchanged, counted, recorded for the reconciler) or ``reject``
+(replaced by a statement that raises a clear error, so nothing is written).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pglast import parser as pgparser
+
+from dualwrite.control import MappingStates
+from dualwrite.mapping import CompiledMapping, read_columns
+from dualwrite.sqltext import QualifiedName, quote_ident, utf8_literal
+
+CTE: Final = "__dualwrite"
+SRC_CTE: Final = "__dualwrite_src"
+COLUMN_PREFIX: Final = "__dualwrite_c"
+
+PASS, REWRITE, UNMIRRORED, REJECT = "pass", "rewrite", "unmirrored", "reject"
+
+_WRITE_NODES: Final = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
+_TAGS: Final = {"InsertStmt": b"INSERT 0 ", "UpdateStmt": b"UPDATE ", "DeleteStmt": b"DELETE "}
+_OPERATIONS: Final = {"InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete"}
+_KEYWORDS: Final = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE_P"}
+
+REASONS: Final = {
+    "copy": "COPY into a mapped table cannot be mirrored row by row",
+    "where_current_of": "UPDATE/DELETE ... WHERE CURRENT OF cannot be rewritten",
+    "merge": "MERGE into a mapped table cannot be rewritten",
+    "truncate": "TRUNCATE of a mapped table is not mirrored",
+    "writable_cte": "a data-modifying WITH clause writes a mapped table",
+    "key_update": "the UPDATE assigns a column the target key is computed from",
+    "rules": "the table has rules",
+    "prepare": "SQL-level PREPARE of a write to a mapped table",
+    "unparseable": "the statement could not be parsed",
+    "multiple_writes": "the statement writes a mapped table more than once",
+}
+
+
+@dataclass(frozen=True)
+class StatementReply:
+    """What the response repair needs to know about one rewritten statement."""
+
+    #: command tag prefix the application expects (``UPDATE ``, ``INSERT 0 ``, ``DELETE ``)
+    tag: bytes
+    operation: str
+    #: the application asked for rows (RETURNING); else the rewrite returns one count row
+    returning: bool
+    #: columns the rewrite appended to the application's RETURNING list
+    extra_columns: int
+    mappings: tuple[str, ...]
+    #: targets written in the same statement (sync mode): their errors are mirror failures
+    targets: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Template:
+    """The cached analysis of one statement shape."""
+
+    action: str
+    reason: str | None = None
+    mappings: tuple[str, ...] = ()
+    node: str = ""
+    #: the statement begins with its own WITH clause: ours goes before its main keyword
+    has_with: bool = False
+    prefix: str = ""
+    suffix: str = ""
+    reply: StatementReply | None = None
+
+
+@dataclass(frozen=True)
+class Insertion:
+    """Text the rewrite inserted: at ``at`` (index into the rewritten text), ``length`` chars."""
+
+    at: int
+    length: int
+
+
+@dataclass(frozen=True)
+class StatementPlan:
+    """What happens to one statement of a Query or Parse."""
+
+    action: str
+    template: Template
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """The result for one Query or Parse text."""
+
+    sql: str
+    statements: tuple[StatementPlan, ...]
+    insertions: tuple[Insertion, ...]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.insertions) or any(s.action == REJECT for s in self.statements)
+
+    def original_position(self, position: int) -> int | None:
+        """Map a 1-based character position in the rewritten text back to the original."""
+        shift = 0
+        for insertion in self.insertions:
+            if position - 1 < insertion.at:
+                break
+            if position - 1 < insertion.at + insertion.length:
+                return None  # inside text the rewrite added
+            shift += insertion.length
+        return position - shift
+
+
+def _without_comments(text: str) -> str:
+    """The statement's tokens without comments (for the shape key), by PostgreSQL's own lexer.
+
+    Comments may carry per-request data (sqlcommenter trace ids); keyed with them, every
+    statement would be a new shape.
+    """
+    if "--" not in text and "/*" not in text:
+        return text
+    return " ".join(text[t.start : t.end + 1] for t in pgparser.scan(text))
+
+
+def _walk(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every (node type, fields) in a parse tree from parse_sql_json."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key[:1].isupper() and isinstance(value, dict):
+                    yield key, value
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+class Rewriter:
+    """Plans and builds rewrites for one sidecar's mappings; caches by statement shape."""
+
+    def __init__(
+        self,
+        mappings: Sequence[CompiledMapping],
+        *,
+        unqualified: dict[str, QualifiedName],
+        states: MappingStates,
+        cache_size: int = 4096,
+    ) -> None:
+        self.mappings = list(mappings)
+        self.states = states
+        self.by_source: dict[QualifiedName, list[CompiledMapping]] = {}
+        for mapping in self.mappings:
+            assert mapping.source is not None
+            self.by_source.setdefault(mapping.source, []).append(mapping)
+        #: unqualified relation name -> the table it means under the configured search_path
+        self.unqualified = unqualified
+        #: lower-cased table names that make a statement worth a closer look
+        self.needles = tuple({s.name.lower().encode() for s in self.by_source})
+        self._shapes: OrderedDict[tuple[str, int], tuple[Template, ...] | None] = OrderedDict()
+        self._texts: OrderedDict[tuple[str, int], Rewritten | None] = OrderedDict()
+        self._cache_size = cache_size
+        self.hits = 0
+        self.misses = 0
+
+    # --- entry points -------------------------------------------------------------------
+
+    def candidate(self, sql: bytes) -> bool:
+        """Cheap pre-filter: could this text touch a mapped table at all?"""
+        lowered = sql.lower()
+        return any(needle in lowered for needle in self.needles)
+
+    def rewrite(self, text: str) -> Rewritten | None:
+        """Plan a Query's or Parse's SQL text; None when nothing in it concerns a mapping."""
+        key = (text, self.states.version)
+        cached = self._texts.get(key, False)
+        if cached is not False:
+            self._texts.move_to_end(key)
+            self.hits += 1
+            return cached  # type: ignore[return-value]
+        result = self._rewrite_uncached(text)
+        self._remember(self._texts, key, result)
+        return result
+
+    def _rewrite_uncached(self, text: str) -> Rewritten | None:
+        templates = self._templates(text)
+        if templates is None:
+            return None
+        if all(t.action == PASS for t in templates):
+            return None
+        return self._splice(text, templates)
+
+    # --- analysis (once per statement shape) --------------------------------------------------
+
+    def _templates(self, text: str) -> tuple[Template, ...] | None:
+        try:
+            shape = pgparser.normalize(_without_comments(text))
+        except pgparser.ParseError:
+            return (self._unparseable(text),)
+        key = (shape, self.states.version)
+        cached = self._shapes.get(key, False)
+        if cached is not False:
+            self._shapes.move_to_end(key)
+            self.hits += 1
+            return cached  # type: ignore[return-value]
+        self.misses += 1
+        tree = json.loads(pgparser.parse_sql_json(text))
+        templates = tuple(self._analyze(s.get("stmt", {})) for s in tree.get("stmts", []))
+        result = templates or None
+        self._remember(self._shapes, key, result)
+        return result
+
+    def _remember(self, cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        cache[key] = value
+        if len(cache) > self._cache_size:
+            cache.popitem(last=False)
+
+    def _unparseable(self, text: str) -> Template:
+        lowered = text.lower().encode()
+        names = tuple(
+            m.name
+            for source, maps in self.by_source.items()
+            if source.name.lower().encode() in lowered
+            for m in maps
+        )
+        return self._unsupported("unparseable", names)
+
+    def _resolve(self, rangevar: dict[str, Any]) -> QualifiedName | None:
+        schema = rangevar.get("schemaname")
+        name = rangevar.get("relname", "")
+        if schema:
+            return QualifiedName(schema, name)
+        return self.unqualified.get(name)
+
+    def _mapped(self, rangevar: dict[str, Any] | None) -> list[CompiledMapping]:
+        if not rangevar:
+            return []
+        table = self._resolve(rangevar)
+        return self.by_source.get(table, []) if table is not None else []
+
+    def _analyze(self, stmt: dict[str, Any]) -> Template:
+        """Decide what to do with one top-level statement (a parse_sql_json ``stmt``)."""
+        if not stmt:
+            return Template(PASS)
+        node, fields = next(iter(stmt.items()))
+        writes = self._mapped_writes(stmt)
+        if node in _TAGS and self._mapped(fields.get("relation")):
+            nested = [w for w in writes if w[1] is not fields]
+            if nested:
+                return self._unsupported("writable_cte", self._names(writes))
+            return self._analyze_dml(node, fields)
+        if not writes:
+            return Template(PASS)
+        kind, _, mappings = writes[0]
+        reason = {
+            "CopyStmt": "copy",
+            "MergeStmt": "merge",
+            "TruncateStmt": "truncate",
+        }.get(kind, "prepare" if node == "PrepareStmt" else "writable_cte")
+        return self._unsupported(reason, self._names(writes))
+
+    @staticmethod
+    def _names(writes: list[tuple[str, dict[str, Any], list[CompiledMapping]]]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(m.name for _, _, maps in writes for m in maps))
+
+    def _mapped_writes(
+        self, stmt: dict[str, Any]
+    ) -> list[tuple[str, dict[str, Any], list[CompiledMapping]]]:
+        """Every node in the statement that writes a mapped table."""
+        found = []
+        for kind, fields in _walk(stmt):
+            if kind in _WRITE_NODES or (kind == "CopyStmt" and fields.get("is_from")):
+                mappings = self._mapped(fields.get("relation"))
+                if mappings:
+                    found.append((kind, fields, mappings))
+            elif kind == "TruncateStmt":
+                for rel in fields.get("relations", []):
+                    mappings = self._mapped(rel.get("RangeVar"))
+                    if mappings:
+                        found.append((kind, fields, mappings))
+        return found
+
+    def _unsupported(self, reason: str, mappings: tuple[str, ...]) -> Template:
+        policies = {
+            m.config.unsupported for m in self.mappings if not mappings or m.name in mappings
+        }
+        action = REJECT if "reject" in policies else UNMIRRORED
+        return Template(action, reason=reason, mappings=mappings)
+
+    def _analyze_dml(self, node: str, fields: dict[str, Any]) -> Template:
+        mappings = self._mapped(fields.get("relation"))
+        names = tuple(m.name for m in mappings)
+        if any(m.catalog is not None and m.catalog.source_has_rules for m in mappings):
+            return self._unsupported("rules", names)
+        where = fields.get("whereClause") or {}
+        if "CurrentOfExpr" in where:
+            return self._unsupported("where_current_of", names)
+        if node == "UpdateStmt":
+            assigned = {t["ResTarget"]["name"] for t in fields.get("targetList", [])}
+            if any(assigned & m.key_mentioned for m in mappings):
+                return self._unsupported("key_update", names)
+        return self._rewrite_template(node, fields, mappings)
+
+    def _rewrite_template(
+        self, node: str, fields: dict[str, Any], mappings: list[CompiledMapping]
+    ) -> Template:
+        relation = fields["relation"]
+        alias = (relation.get("alias") or {}).get("aliasname") or relation["relname"]
+        ref = quote_ident(alias)
+        columns = read_columns(mappings)
+        returning = bool((fields.get("returningClause") or {}).get("exprs")) or bool(
+            fields.get("returningList")
+        )
+        additions = ", ".join(
+            f"{ref}.{quote_ident(c)} AS {COLUMN_PREFIX}{i + 1}" for i, c in enumerate(columns)
+        )
+        renames = ", ".join(
+            f"{COLUMN_PREFIX}{i + 1} AS {quote_ident(c)}" for i, c in enumerate(columns)
+        )
+        mirrors, targets = self._mirror_ctes(node, mappings)
+        outer = f"SELECT * FROM {CTE}" if returning else f"SELECT count(*) FROM {CTE}"
+        has_with = bool(fields.get("withClause"))
+        prefix = f",\n{CTE} AS (\n" if has_with else f"WITH {CTE} AS (\n"
+        suffix = (
+            f"\n{', ' if returning else 'RETURNING '}{additions}\n)"
+            f", {SRC_CTE} AS (SELECT {renames} FROM {CTE})"
+            f"{mirrors}\n{outer}"
+        )
+        reply = StatementReply(
+            tag=_TAGS[node],
+            operation=_OPERATIONS[node],
+            returning=returning,
+            extra_columns=len(columns) if returning else 0,
+            mappings=tuple(m.name for m in mappings),
+            targets=frozenset(targets),
+        )
+        return Template(
+            REWRITE,
+            mappings=reply.mappings,
+            node=node,
+            has_with=has_with,
+            prefix=prefix,
+            suffix=suffix,
+            reply=reply,
+        )
+
+    def _mirror_ctes(self, node: str, mappings: list[CompiledMapping]) -> tuple[str, set[str]]:
+        """The CTEs after ``__dualwrite_src``; and the target tables written in-statement."""
+        parts: list[str] = []
+        targets: set[str] = set()
+        outbox: list[str] = []
+        for mapping in mappings:
+            sync = mapping.mode == "sync" and not self.states.is_paused(mapping.name)
+            if not sync:
+                outbox.append(mapping.outbox_rows_sql(SRC_CTE))
+                continue
+            assert mapping.target is not None
+            targets.add(mapping.target.name)
+            n = len(parts)
+            if node == "DeleteStmt":
+                parts.append(
+                    f"{CTE}_m{n} AS ({mapping.delete_from_sql(SRC_CTE, only_filtered_out=False)})"
+                )
+                continue
+            parts.append(f"{CTE}_m{n} AS ({mapping.upsert_from_sql(SRC_CTE)})")
+            if mapping.filter is not None:
+                parts.append(
+                    f"{CTE}_m{n + 1} AS "
+                    f"({mapping.delete_from_sql(SRC_CTE, only_filtered_out=True)})"
+                )
+        if outbox:
+            rows = " UNION ALL ".join(outbox)
+            parts.append(f"{CTE}_o AS (INSERT INTO dualwrite.outbox (mapping, key) {rows})")
+        return "".join(f",\n{p}" for p in parts), targets
+
+    # --- splicing (per statement text) -------------------------------------------------------
+
+    def _splice(self, text: str, templates: tuple[Template, ...]) -> Rewritten:
+        slices = pgparser.split(text, with_parser=True, only_slices=True)
+        if len(slices) != len(templates):
+            # Cannot happen with one parser; refuse to guess where statements are.
+            template = self._unparseable(text)
+            return Rewritten(self._reject_sql(template) if template.action == REJECT else text,
+                             (StatementPlan(template.action, template),), ())
+        out: list[str] = []
+        insertions: list[Insertion] = []
+        plans: list[StatementPlan] = []
+        written = 0  # length of the rewritten text so far
+        cursor = 0
+        for span, template in zip(slices, templates, strict=True):
+            plans.append(StatementPlan(template.action, template))
+            if template.action in (PASS, UNMIRRORED):
+                continue
+            start, stop = span.start, span.stop
+            if template.action == REJECT:
+                replacement = self._reject_sql(template)
+                out.append(text[cursor:start])
+                out.append(replacement)
+                written += (start - cursor) + len(replacement)
+                # The whole statement is ours now: positions inside it map to nothing.
+                insertions.append(Insertion(written - len(replacement), len(replacement) - (stop - start)))
+                cursor = stop
+                continue
+            at = self._main_keyword(text, span, template) if template.has_with else start
+            out.append(text[cursor:at])
+            written += at - cursor
+            insertions.append(Insertion(written, len(template.prefix)))
+            out.append(template.prefix)
+            written += len(template.prefix)
+            out.append(text[at:stop])
+            written += stop - at
+            insertions.append(Insertion(written, len(template.suffix)))
+            out.append(template.suffix)
+            written += len(template.suffix)
+            cursor = stop
+        out.append(text[cursor:])
+        return Rewritten("".join(out), tuple(plans), tuple(i for i in insertions if i.length > 0))
+
+    @staticmethod
+    def _main_keyword(text: str, span: slice, template: Template) -> int:
+        """Where the main INSERT/UPDATE/DELETE of a statement with its own WITH begins."""
+        keyword = _KEYWORDS[template.node]
+        depth = 0
+        statement = text[span]
+        for token in pgparser.scan(statement):
+            if token.name == "ASCII_40":
+                depth += 1
+            elif token.name == "ASCII_41":
+                depth -= 1
+            elif depth == 0 and token.name == keyword:
+                return int(span.start + token.start)
+        raise ValueError("main statement keyword not found")
+
+    @staticmethod
+    def _reject_sql(template: Template) -> str:
+        """A statement that fails with the policy's error, so nothing of the original runs."""
+        return (
+            "DO $dualwrite$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+            f"MESSAGE = {utf8_literal(reject_message(template))}, "
+            f"HINT = {utf8_literal(REJECT_HINT)}; END $dualwrite$"
+        )
+
+
+REJECT_HINT: Final = (
+    "The mapping's unsupported policy is reject; rewrite the statement or change the policy."
+)
+
+
+def reject_message(template: Template) -> str:
+    """The error message a rejected statement gets (same for simple and extended protocol)."""
+    names = ", ".join(template.mappings) or "a mapping"
+    return (
+        f"dualwrite: statement rejected for mapping {names}: "
+        f"{REASONS.get(template.reason or '', template.reason)}"
+    )
