@@ -20,7 +20,7 @@ import asyncpg
 from dualwrite import metrics
 from dualwrite.config import ApplierConfig
 from dualwrite.control import MappingStates
-from dualwrite.keysync import SyncResult, sync_keys
+from dualwrite.keysync import SyncResult, sync_keys, sync_keys_across
 from dualwrite.logs import get_logger
 from dualwrite.mapping import CompiledMapping
 
@@ -84,8 +84,11 @@ class Applier:
         mappings: Sequence[CompiledMapping],
         config: ApplierConfig,
         states: MappingStates,
+        target_pools: dict[str, asyncpg.Pool] | None = None,
     ) -> None:
         self.pool = pool
+        #: pools of the databases that cross-database mappings write to, by target_dsn
+        self.target_pools = target_pools or {}
         self.mappings = list(mappings)
         self.config = config
         self.states = states
@@ -108,6 +111,8 @@ class Applier:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        for pool in self.target_pools.values():
+            await pool.close()
 
     async def _worker(self, index: int) -> None:
         idle_sleep = self.config.poll_interval_seconds
@@ -141,7 +146,7 @@ class Applier:
             if not claimed:
                 return outcome
             keys = list(dict.fromkeys(claimed))
-            outcome.applied, failed = await self._apply_isolating_failures(conn, mapping, keys)
+            outcome.applied, failed = await self._apply(conn, mapping, keys)
             for key, exc in failed:
                 await self._dead_letter(conn, mapping, key, exc)
             outcome.dead_lettered = len(failed)
@@ -151,13 +156,38 @@ class Applier:
         self._record(mapping, outcome, time.perf_counter() - started)
         return outcome
 
-    async def _apply_isolating_failures(
+    async def _apply(
         self, conn: asyncpg.Connection, mapping: CompiledMapping, keys: list[str]
     ) -> tuple[SyncResult, list[tuple[str, BaseException]]]:
+        """Apply keys in the target's database (same or other); returns (result, failures)."""
+        dsn = mapping.config.target_dsn
+        if dsn is None:
+            return await self._apply_isolating_failures(conn, conn, mapping, keys)
+        # The target transaction commits first; the outbox claim (in ``conn``) after it.
+        async with self.target_pools[dsn].acquire() as target, target.transaction():
+            await target.execute(
+                f"SET LOCAL lock_timeout = {int(self.config.lock_timeout_ms)}; "
+                f"SET LOCAL statement_timeout = {int(self.config.statement_timeout_ms)}"
+            )
+            return await self._apply_isolating_failures(conn, target, mapping, keys)
+
+    async def _apply_isolating_failures(
+        self,
+        source: asyncpg.Connection,
+        target: asyncpg.Connection,
+        mapping: CompiledMapping,
+        keys: list[str],
+    ) -> tuple[SyncResult, list[tuple[str, BaseException]]]:
         """Apply all keys; if the target rejects some, find which, one key at a time."""
+
+        async def apply(batch: list[str]) -> SyncResult:
+            if source is target:
+                return await sync_keys(source, mapping, batch)
+            return await sync_keys_across(source, target, mapping, batch)
+
         try:
-            async with conn.transaction():
-                return await sync_keys(conn, mapping, keys), []
+            async with target.transaction():
+                return await apply(keys), []
         except asyncpg.PostgresError as exc:
             if is_transient(exc):
                 raise
@@ -165,8 +195,8 @@ class Applier:
         failed: list[tuple[str, BaseException]] = []
         for key in keys:
             try:
-                async with conn.transaction():
-                    total = total + await sync_keys(conn, mapping, [key])
+                async with target.transaction():
+                    total = total + await apply([key])
             except asyncpg.PostgresError as exc:
                 if is_transient(exc):
                     raise
@@ -201,7 +231,7 @@ class Applier:
             due = [r["key"] for r in await conn.fetch(_DUE_DEAD_LETTERS, mapping.name, 100)]
             if not due:
                 return 0
-            applied, failed = await self._apply_isolating_failures(conn, mapping, due)
+            applied, failed = await self._apply(conn, mapping, due)
             for key, exc in failed:
                 await self._dead_letter(conn, mapping, key, exc)
             recovered = [k for k in due if k not in {f for f, _ in failed}]

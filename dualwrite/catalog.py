@@ -8,7 +8,7 @@ A mismatch raises MappingValidationError naming the mapping and the problem.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -61,17 +61,24 @@ async def _columns(conn: asyncpg.Connection, table: QualifiedName) -> list[async
 
 
 async def validate_mapping(
-    conn: asyncpg.Connection, mapping: CompiledMapping, search_path: Sequence[str]
+    conn: asyncpg.Connection,
+    mapping: CompiledMapping,
+    search_path: Sequence[str],
+    target_conn: asyncpg.Connection | None = None,
 ) -> CompiledMapping:
-    """Check one mapping against the database; return it bound to the catalog."""
+    """Check one mapping against the database; return it bound to the catalog.
+
+    ``target_conn`` is the target's database when the mapping has a ``target_dsn``.
+    """
 
     def fail(reason: str) -> MappingValidationError:
         return MappingValidationError(mapping.name, reason)
 
+    tconn = target_conn or conn
     source = await resolve_table(conn, mapping.source_schema, mapping.source_name, search_path)
     if source is None:
         raise fail(f"source table {mapping.config.source!r} does not exist")
-    target = await resolve_table(conn, mapping.target_schema, mapping.target_name, search_path)
+    target = await resolve_table(tconn, mapping.target_schema, mapping.target_name, search_path)
     if target is None:
         raise fail(f"target table {mapping.config.target!r} does not exist")
     source_name, source_kind, source_rules = source
@@ -80,11 +87,11 @@ async def validate_mapping(
         raise fail(f"source {source_name} is not a table (relkind {source_kind})")
     if target_kind not in ("r", "p"):
         raise fail(f"target {target_name} is not a table (relkind {target_kind})")
-    if source_name == target_name:
+    if source_name == target_name and target_conn is None:
         raise fail("source and target are the same table")
 
     source_cols = await _columns(conn, source_name)
-    target_cols = {r["attname"]: r for r in await _columns(conn, target_name)}
+    target_cols = {r["attname"]: r for r in await _columns(tconn, target_name)}
     for column in mapping.columns:
         if column not in target_cols:
             raise fail(f"target column {column!r} does not exist in {target_name}")
@@ -94,7 +101,7 @@ async def validate_mapping(
         if info["attnotnull"] and not info["has_default"] and column not in mapping.columns:
             raise fail(f"target column {column!r} is NOT NULL without a default and is not mapped")
 
-    unique_sets = [tuple(r["cols"]) for r in await conn.fetch(_UNIQUE_KEYS, target_name.sql)]
+    unique_sets = [tuple(r["cols"]) for r in await tconn.fetch(_UNIQUE_KEYS, target_name.sql)]
     if not any(sorted(cols) == sorted(mapping.key) for cols in unique_sets):
         raise fail(
             f"target key ({', '.join(mapping.key)}) has no unique constraint or index on "
@@ -125,9 +132,13 @@ async def validate_mapping(
             source_columns=tuple(source_names),
             source_columns_read=read,
             source_has_rules=bool(source_rules),
+            target_types=tuple(target_cols[c]["type"] for c in mapping.columns),
         ),
     )
-    await _prepare_generated_sql(conn, bound, fail)
+    if target_conn is None:
+        await _prepare_generated_sql(conn, bound, fail)
+    else:
+        await _prepare_cross_database_sql(conn, target_conn, bound, fail)
     return bound
 
 
@@ -175,14 +186,52 @@ async def _prepare_generated_sql(
             raise fail(f"{what}: {exc}") from None
 
 
+async def _prepare_cross_database_sql(
+    source: asyncpg.Connection, target: asyncpg.Connection, mapping: CompiledMapping, fail: Any
+) -> None:
+    """Prepare the statements of a mapping whose target is in another database."""
+    source_name, _, _ = mapping._need_bound()
+    checks = [
+        (source, "expressions and filter", mapping.expected_rows_sql(source_name.sql)),
+        (source, "read source rows", mapping.source_rows_json_sql("$1::jsonb")),
+        (target, "apply rows to target", mapping.apply_rows_sql("$1::jsonb", "$2::jsonb")),
+    ]
+    for conn, what, sql in checks:
+        try:
+            await conn.prepare(sql)
+        except asyncpg.PostgresError as exc:
+            raise fail(f"{what}: {exc}") from None
+
+
+TargetConnector = Callable[[str], Awaitable[asyncpg.Connection]]
+
+
 async def validate_all(
-    conn: asyncpg.Connection, mappings: Sequence[CompiledMapping], search_path: Sequence[str]
+    conn: asyncpg.Connection,
+    mappings: Sequence[CompiledMapping],
+    search_path: Sequence[str],
+    connect_target: TargetConnector | None = None,
 ) -> list[CompiledMapping]:
     """Validate every mapping; also refuse a table that is both a source and a target."""
-    bound = [await validate_mapping(conn, m, search_path) for m in mappings]
-    sources = {m.source for m in bound}
+    bound = []
+    for mapping in mappings:
+        dsn = mapping.config.target_dsn
+        if dsn is None:
+            bound.append(await validate_mapping(conn, mapping, search_path))
+            continue
+        if connect_target is None:
+            raise MappingValidationError(mapping.name, "target_dsn is set but cannot be reached here")
+        try:
+            target_conn = await connect_target(dsn)
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise MappingValidationError(mapping.name, f"target_dsn: cannot connect: {exc}") from None
+        try:
+            bound.append(await validate_mapping(conn, mapping, search_path, target_conn))
+        finally:
+            await target_conn.close()
+    sources = {m.source for m in bound if not m.cross_database}
     for mapping in bound:
-        if mapping.target in sources:
+        if not mapping.cross_database and mapping.target in sources:
             raise MappingValidationError(
                 mapping.name,
                 f"target {mapping.target} is also the source of a mapping; mirror loops are "

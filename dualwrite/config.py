@@ -96,6 +96,31 @@ class LoggingConfig(Strict):
     log_statements: bool = False
 
 
+class ToleranceRule(Strict):
+    """A difference the migration makes on purpose, not to be reported as divergence."""
+
+    #: target column the rule applies to
+    column: str
+    #: compare numbers rounded to this many decimal places
+    numeric_scale: Annotated[int, Field(ge=0, le=30)] | None = None
+    #: compare timestamps truncated to this unit
+    timestamp_precision: Literal["second", "millisecond", "minute", "hour", "day"] | None = None
+    #: treat NULL and '' as equal
+    null_equals_empty: bool = False
+    #: compare text case-insensitively
+    case_insensitive: bool = False
+    #: ignore trailing spaces (char(n) against text)
+    ignore_trailing_spaces: bool = False
+
+
+class MappingCompareConfig(Strict):
+    """How the reconciler compares one mapping."""
+
+    tolerances: list[ToleranceRule] = []
+    #: target columns whose values may appear in findings and reports; the rest are redacted
+    reveal_columns: list[str] = []
+
+
 class MappingConfig(Strict):
     """One ``source table -> target table`` mirror (see DESIGN.md, "The mapping is the center")."""
 
@@ -109,6 +134,15 @@ class MappingConfig(Strict):
     unsupported: Literal["passthrough", "reject"] = "passthrough"
     #: target column holding the tenant id, for per-tenant divergence breakdowns
     tenant_column: str | None = None
+    #: the target table lives in another database (blue-green, version upgrade): keys are
+    #: captured in the source database's outbox and the applier writes them there
+    target_dsn: str | None = None
+    compare: MappingCompareConfig = MappingCompareConfig()
+
+    @field_validator("target_dsn")
+    @classmethod
+    def _target_dsn_has_no_password(cls, value: str | None) -> str | None:
+        return None if value is None else _check_dsn(value)
 
     @field_validator("name")
     @classmethod
@@ -126,6 +160,14 @@ class MappingConfig(Strict):
             raise ValueError("key lists a column twice")
         if self.tenant_column is not None and self.tenant_column not in self.columns:
             raise ValueError(f"tenant_column {self.tenant_column!r} is not in columns")
+        if self.target_dsn is not None and self.mode == "sync":
+            raise ValueError("mode sync needs the target in the same database; use outbox")
+        for rule in self.compare.tolerances:
+            if rule.column not in self.columns:
+                raise ValueError(f"compare.tolerances: {rule.column!r} is not in columns")
+        for column in self.compare.reveal_columns:
+            if column not in self.columns:
+                raise ValueError(f"compare.reveal_columns: {column!r} is not in columns")
         return self
 
 
@@ -141,6 +183,55 @@ class ApplierConfig(Strict):
     retry_max_seconds: PositiveSeconds = 300.0
     lock_timeout_ms: Annotated[int, Field(ge=1)] = 200
     statement_timeout_ms: Annotated[int, Field(ge=1)] = 30000
+
+
+class PressureConfig(Strict):
+    """When the reconciler and backfill pause to spare a database under pressure."""
+
+    #: pause while more than this many connections are active (pg_stat_activity)
+    max_active_connections: Annotated[int, Field(ge=1)] | None = None
+    #: pause while a replica lags by more than this (pg_stat_replication.replay_lag)
+    max_replication_lag_seconds: PositiveSeconds | None = None
+    #: how long to wait before checking again
+    check_interval_seconds: PositiveSeconds = 5.0
+
+
+class ReconcileConfig(Strict):
+    """The reconciler (``dualwrite reconcile`` and the continuous pass in ``run``)."""
+
+    chunk_rows: Annotated[int, Field(ge=10, le=1_000_000)] = 10_000
+    #: throttle: rows compared per second (None: as fast as the database allows)
+    rows_per_second: Annotated[int, Field(ge=1)] | None = None
+    statement_timeout_ms: Annotated[int, Field(ge=100)] = 60_000
+    #: across databases: a divergent key is re-checked after this delay before it counts
+    recheck_delay_seconds: Annotated[float, Field(ge=0)] = 5.0
+    #: run a pass over every mapping this often inside `dualwrite run` (None: never)
+    interval_seconds: PositiveSeconds | None = None
+    #: divergent keys kept as samples per mapping and class
+    max_samples: Annotated[int, Field(ge=0, le=10_000)] = 20
+    pressure: PressureConfig = PressureConfig()
+
+
+class BackfillConfig(Strict):
+    chunk_rows: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    #: throttle: rows copied per second (None: as fast as the database allows)
+    rows_per_second: Annotated[int, Field(ge=1)] | None = None
+
+
+class CutoverCriteria(Strict):
+    """What the cutover report requires for GO (per mapping)."""
+
+    #: reconcile passes with zero divergence covering at least this many hours
+    clean_window_hours: Annotated[float, Field(ge=0)] = 24.0
+    max_dead_letters: Annotated[int, Field(ge=0)] = 0
+    max_outbox_age_seconds: Annotated[float, Field(ge=0)] = 60.0
+    max_unmirrored_statements: Annotated[int, Field(ge=0)] = 0
+    require_backfill_complete: bool = True
+    max_mirror_failures: Annotated[int, Field(ge=0)] = 0
+
+
+class ReportConfig(Strict):
+    criteria: CutoverCriteria = CutoverCriteria()
 
 
 class Config(Strict):
@@ -159,19 +250,15 @@ class Config(Strict):
     #: role the application connects as; `dualwrite setup` grants it what the mirror needs
     app_role: str | None = None
     applier: ApplierConfig = ApplierConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
+    backfill: BackfillConfig = BackfillConfig()
+    report: ReportConfig = ReportConfig()
     mappings: list[MappingConfig] = []
 
     @field_validator("service_dsn")
     @classmethod
     def _no_password_in_file(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("postgres", "postgresql"):
-            raise ValueError("must be a postgresql:// URL")
-        if parts.password:
-            raise ValueError(
-                "must not contain a password; set PGPASSWORD or DUALWRITE_SERVICE_DSN instead"
-            )
-        return value
+        return _check_dsn(value)
 
     @model_validator(mode="after")
     def _mapping_names_unique(self) -> Config:
@@ -191,6 +278,19 @@ class Config(Strict):
             if mapping.name == name:
                 return mapping
         raise ConfigError("mappings", f"no mapping named {name!r}")
+
+
+def _check_dsn(value: str) -> str:
+    """A postgresql:// URL without a password (secrets come from the environment)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("must be a postgresql:// URL")
+    if parts.password:
+        raise ValueError(
+            "must not contain a password; set PGPASSWORD (or use DUALWRITE_SERVICE_DSN for "
+            "the service connection) instead"
+        )
+    return value
 
 
 def _loc_to_path(loc: tuple[int | str, ...], data: Any) -> str:

@@ -87,6 +87,92 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX mirror_activity_end ON dualwrite.mirror_activity (mapping, period_end);
         """,
     ),
+    (
+        2,
+        """
+        -- One row per reconcile pass, repair or backfill run: the history the report reads.
+        CREATE TABLE dualwrite.reconcile_runs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            mapping text NOT NULL,
+            kind text NOT NULL CHECK (kind IN ('reconcile', 'repair', 'backfill')),
+            status text NOT NULL DEFAULT 'running'
+                CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+            started_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz,
+            method text,                 -- same_database | cross_database
+            tenant text,                 -- set when the run was limited to one tenant
+            range_start jsonb,           -- first key covered
+            range_end jsonb,             -- last key covered
+            checkpoint jsonb,            -- last key fully done (resume point)
+            rows_compared bigint NOT NULL DEFAULT 0,
+            missing bigint NOT NULL DEFAULT 0,
+            extra bigint NOT NULL DEFAULT 0,
+            changed bigint NOT NULL DEFAULT 0,
+            pending bigint NOT NULL DEFAULT 0,
+            repaired bigint NOT NULL DEFAULT 0,
+            clean boolean,
+            by_tenant jsonb,             -- {"<tenant>": {"missing": n, "extra": n, "changed": n}}
+            by_column jsonb,             -- {"<column>": n} among changed rows
+            dry_run boolean NOT NULL DEFAULT false,
+            error text,
+            sidecar text,
+            requested_by text
+        );
+        CREATE INDEX reconcile_runs_mapping ON dualwrite.reconcile_runs (mapping, kind, started_at);
+
+        -- Samples of divergent keys (values only for reveal_columns; the rest redacted).
+        CREATE TABLE dualwrite.reconcile_findings (
+            run_id bigint NOT NULL REFERENCES dualwrite.reconcile_runs (id) ON DELETE CASCADE,
+            mapping text NOT NULL,
+            class text NOT NULL CHECK (class IN ('missing', 'extra', 'changed')),
+            key jsonb NOT NULL,
+            tenant text,
+            columns text[],
+            expected jsonb,
+            actual jsonb,
+            found_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX reconcile_findings_run ON dualwrite.reconcile_findings (run_id);
+
+        -- Every repair: who, when, which keys, before/after counts.
+        CREATE TABLE dualwrite.repairs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            run_id bigint REFERENCES dualwrite.reconcile_runs (id) ON DELETE SET NULL,
+            mapping text NOT NULL,
+            requested_by text,
+            at timestamptz NOT NULL DEFAULT now(),
+            dry_run boolean NOT NULL,
+            keys jsonb NOT NULL,
+            divergent_before bigint NOT NULL,
+            divergent_after bigint,
+            upserted bigint NOT NULL DEFAULT 0,
+            deleted bigint NOT NULL DEFAULT 0
+        );
+
+        -- Backfill progress per mapping: resumable after a kill.
+        CREATE TABLE dualwrite.backfill_state (
+            mapping text PRIMARY KEY,
+            status text NOT NULL CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+            started_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz,
+            high_water jsonb,            -- the last source key when the backfill started
+            checkpoint jsonb,            -- last key copied
+            rows_done bigint NOT NULL DEFAULT 0,
+            rows_estimate bigint
+        );
+
+        -- Admin API actions (pause, resume, reconcile...): time, parameters, outcome.
+        CREATE TABLE dualwrite.admin_actions (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at timestamptz NOT NULL DEFAULT now(),
+            action text NOT NULL,
+            params jsonb NOT NULL DEFAULT '{}',
+            outcome text NOT NULL,
+            sidecar text
+        );
+        """,
+    ),
 ]
 
 

@@ -86,3 +86,26 @@ async def sync_keys(
         row = await conn.fetchrow(mapping.apply_keys_sql("$1::jsonb", None), payload)
     assert row is not None
     return SyncResult(int(row["upserted"]), int(row["deleted"]))
+
+
+async def sync_keys_across(
+    source: asyncpg.Connection,
+    target: asyncpg.Connection,
+    mapping: CompiledMapping,
+    keys: Sequence[str],
+) -> SyncResult:
+    """sync_keys for a target in another database (``target_dsn``).
+
+    The advisory lock is taken in the target database, where every writer of the target
+    meets; the source is read after it, with a fresh snapshot. The caller commits the target
+    transaction before the source one (which holds the outbox claim), so a crash in between
+    leaves the keys queued and they are simply applied again.
+    """
+    if not keys:
+        return SyncResult(0, 0)
+    payload = keys_payload(keys)
+    await target.fetchval(_ADVISORY_LOCKS, mapping.name, payload, LOCK_CLASS)
+    rows = await source.fetchval(mapping.source_rows_json_sql("$1::jsonb"), payload)
+    row = await target.fetchrow(mapping.apply_rows_sql("$1::jsonb", "$2::jsonb"), rows, payload)
+    assert row is not None
+    return SyncResult(int(row["upserted"]), int(row["deleted"]))

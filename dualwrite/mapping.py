@@ -47,6 +47,8 @@ class CatalogFacts:
     source_columns_read: tuple[str, ...]
     #: the source table has rules, so writes to it cannot be rewritten
     source_has_rules: bool = False
+    #: SQL type (with typmod) of each target column, in ``columns`` order
+    target_types: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,42 @@ class CompiledMapping:
     def _target_sql(self) -> str:
         _, target, _ = self._need_bound()
         return target.sql
+
+    # --- statements for sync_keys across databases --------------------------------------------
+
+    @property
+    def cross_database(self) -> bool:
+        """The target table lives in another database than the source."""
+        return self.config.target_dsn is not None
+
+    def source_rows_json_sql(self, keys_param: str) -> str:
+        """The mapped source rows of these keys as one jsonb array (to carry to another db)."""
+        return (
+            "SELECT coalesce(jsonb_agg(to_jsonb(r)), '[]'::jsonb) FROM ("
+            f"{self.source_rows_for_keys_sql(keys_param)}) AS r"
+        )
+
+    def apply_rows_sql(self, rows_param: str, keys_param: str) -> str:
+        """Make the target rows of these keys equal to the given mapped rows (jsonb array).
+
+        Keys without a row are deleted. Runs in the target's database; returns
+        ``(upserted, deleted)``.
+        """
+        _, target, catalog = self._need_bound()
+        record = ", ".join(
+            f"{quote_ident(c)} {t}" for c, t in zip(self.columns, catalog.target_types, strict=True)
+        )
+        cols = self.target_column_list()
+        key_row = self.target_key_list(TGT)
+        return (
+            f"WITH e AS (SELECT * FROM jsonb_to_recordset({rows_param}) AS r(__dw_key jsonb, {record})), "
+            f"up AS (INSERT INTO {target.sql} AS {TGT} ({cols}) SELECT {cols} FROM e "
+            f"{self._on_conflict_update()} RETURNING 1), "
+            f"del AS (DELETE FROM {target.sql} AS {TGT} WHERE ({key_row}) IN "
+            f"({self.keys_from_json_sql(keys_param)}) AND jsonb_build_array({key_row}) "
+            f"NOT IN (SELECT __dw_key FROM e) RETURNING 1) "
+            "SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
+        )
 
 
 def compile_mapping(config: MappingConfig, *, source: str | None = None) -> CompiledMapping:

@@ -78,7 +78,7 @@ async def validated_mappings(
 ) -> tuple[list[CompiledMapping], dict[str, Any]]:
     """Compile, validate and bind every mapping; also resolve unqualified source names."""
     compiled = compile_all(config)
-    bound = await validate_all(conn, compiled, config.search_path)
+    bound = await validate_all(conn, compiled, config.search_path, asyncpg.connect)
     names = sorted({m.source.name for m in bound if m.source is not None})
     unqualified = await resolve_unqualified(conn, names, config.search_path)
     return bound, unqualified
@@ -119,6 +119,18 @@ async def setup(config: Config) -> list[str]:
     finally:
         await conn.close()
     return lines
+
+
+async def target_pools(mappings: list[CompiledMapping]) -> dict[str, asyncpg.Pool]:
+    """One small pool per distinct target database of cross-database mappings."""
+    pools: dict[str, asyncpg.Pool] = {}
+    for mapping in mappings:
+        dsn = mapping.config.target_dsn
+        if dsn is not None and dsn not in pools:
+            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
+            assert pool is not None
+            pools[dsn] = pool
+    return pools
 
 
 class Sidecar:
@@ -173,7 +185,10 @@ class Sidecar:
         rewriter = Rewriter(self.mappings, unqualified=unqualified, states=self.states)
         self.proxy = ProxyServer(config, MirrorContext(rewriter, self.recorder))
         if config.applier.enabled:
-            self.applier = Applier(self.pool, self.mappings, config.applier, self.states)
+            self.applier = Applier(
+                self.pool, self.mappings, config.applier, self.states,
+                await target_pools(self.mappings),
+            )
             await self.applier.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_activity())
 
@@ -302,7 +317,7 @@ async def run_applier_until_signalled(config: Config) -> int:
             states.update(await load_paused(conn))
         watcher = StateWatcher(lambda: connect_service(config), states)
         await watcher.start()
-        applier = Applier(pool, mappings, config.applier, states)
+        applier = Applier(pool, mappings, config.applier, states, await target_pools(mappings))
         await applier.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
