@@ -1,3 +1,3 @@
-"""dualwrite: the shared core (config, errors, metrics, logging, wire codec, mapping) and the CLI."""
+"""dualwrite: the shared core (config, errors, metrics, logs, wire codec, mapping) and the CLI."""
 
 __version__ = "0.1.0"

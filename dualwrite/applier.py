@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -71,7 +71,7 @@ def is_transient(exc: BaseException) -> bool:
 @dataclass
 class BatchOutcome:
     claimed: int = 0
-    applied: SyncResult = SyncResult(0, 0)
+    applied: SyncResult = field(default_factory=lambda: SyncResult(0, 0))
     dead_lettered: int = 0
 
 
@@ -141,7 +141,9 @@ class Applier:
         outcome = BatchOutcome()
         async with self.pool.acquire() as conn, conn.transaction():
             await self._set_timeouts(conn)
-            claimed = [r["key"] for r in await conn.fetch(_CLAIM, mapping.name, self.config.batch_size)]
+            claimed = [
+                r["key"] for r in await conn.fetch(_CLAIM, mapping.name, self.config.batch_size)
+            ]
             outcome.claimed = len(claimed)
             if not claimed:
                 return outcome
@@ -291,9 +293,9 @@ class Applier:
             }
         return figures
 
-    async def drain(self, timeout: float = 60.0) -> None:
+    async def drain(self, within_seconds: float = 60.0) -> None:
         """Apply until every unpaused mapping's outbox is empty (tests, backfill, bench)."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within_seconds):
             while True:
                 claimed = 0
                 for mapping in self.mappings:

@@ -162,7 +162,7 @@ async def _prepare_generated_sql(
     conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
 ) -> None:
     """Prepare every statement the mapping generates, so errors surface now."""
-    source, target, _ = mapping._need_bound()
+    source, _, _ = mapping._need_bound()
     checks = {
         "expressions and filter": mapping.expected_rows_sql(source.sql),
         # Aggregates, window and set-returning functions are not allowed in WHERE, which
@@ -220,11 +220,15 @@ async def validate_all(
             bound.append(await validate_mapping(conn, mapping, search_path))
             continue
         if connect_target is None:
-            raise MappingValidationError(mapping.name, "target_dsn is set but cannot be reached here")
+            raise MappingValidationError(
+                mapping.name, "target_dsn is set but cannot be reached here"
+            )
         try:
             target_conn = await connect_target(dsn)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise MappingValidationError(mapping.name, f"target_dsn: cannot connect: {exc}") from None
+            raise MappingValidationError(
+                mapping.name, f"target_dsn: cannot connect: {exc}"
+            ) from None
         try:
             bound.append(await validate_mapping(conn, mapping, search_path, target_conn))
         finally:

@@ -25,7 +25,7 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop  # noqa: PLC0415
     except ImportError:
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -60,21 +60,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_OK
     from dualwrite.service import check_live  # noqa: PLC0415
 
-    for line in run_async(_lines(check_live(config))):
+    for line in run_lines(check_live(config)):
         print(line)
     print(f"{args.config}: configuration is valid against the live database")
     return EXIT_OK
 
 
-async def _lines(coro: Coroutine[Any, Any, list[str]]) -> Any:
-    return await coro
+def run_lines(coro: Coroutine[Any, Any, list[str]]) -> list[str]:
+    """Run a coroutine producing report lines."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(coro)
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
     from dualwrite.service import setup  # noqa: PLC0415
 
     config = _load(args)
-    for line in run_async(_lines(setup(config))):
+    for line in run_lines(setup(config)):
         print(line)
     return EXIT_OK
 
@@ -94,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dualwrite {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--config", "-c", required=True, metavar="FILE", help="YAML config file")
         p.set_defaults(handler=handler)

@@ -72,7 +72,7 @@ class AdminConfig(Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 9187
     #: environment variable holding the bearer token for POST actions
-    token_env: str = "DUALWRITE_ADMIN_TOKEN"
+    token_env: str = "DUALWRITE_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
 
 
 class LimitsConfig(Strict):
@@ -148,7 +148,9 @@ class MappingConfig(Strict):
     @classmethod
     def _name_is_simple(cls, value: str) -> str:
         if not _NAME.match(value):
-            raise ValueError("must be lower-case letters, digits and _ (max 63), starting with a letter")
+            raise ValueError(
+                "must be lower-case letters, digits and _ (max 63), starting with a letter"
+            )
         return value
 
     @model_validator(mode="after")
@@ -326,7 +328,9 @@ def parse_config(data: Any, *, source: str | None = None) -> Config:
         return Config.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(_loc_to_path(first["loc"], data), _reason(dict(first)), source=source) from None
+        raise ConfigError(
+            _loc_to_path(first["loc"], data), _reason(dict(first)), source=source
+        ) from None
 
 
 def load_config(path: str | Path) -> Config:

@@ -181,7 +181,9 @@ async def current_version(conn: asyncpg.Connection) -> int:
     exists = await conn.fetchval("SELECT to_regclass('dualwrite.schema_version') IS NOT NULL")
     if not exists:
         return 0
-    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM dualwrite.schema_version"))
+    return int(
+        await conn.fetchval("SELECT coalesce(max(version), 0) FROM dualwrite.schema_version")
+    )
 
 
 def latest_version() -> int:
@@ -268,9 +270,7 @@ async def load_paused(conn: asyncpg.Connection) -> frozenset[str]:
     return frozenset(r["mapping"] for r in rows)
 
 
-async def set_paused(
-    conn: asyncpg.Connection, mapping: str, paused: bool, *, by: str
-) -> None:
+async def set_paused(conn: asyncpg.Connection, mapping: str, paused: bool, *, by: str) -> None:
     """Pause or resume a mapping for every sidecar (persisted, then announced)."""
     async with conn.transaction():
         await conn.execute(

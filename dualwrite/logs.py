@@ -11,7 +11,12 @@ import structlog
 
 #: keys whose values never reach a log line, whatever a caller passes
 _SECRET_KEYS = frozenset({"password", "secret", "token", "authorization", "dsn_password"})
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def redact_secrets(

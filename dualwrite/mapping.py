@@ -238,10 +238,11 @@ class CompiledMapping:
                 f"jsonb_array_elements({locked_param})) ON CONFLICT ({self.target_key_list()}) "
                 f"DO NOTHING RETURNING 1)"
             )
+        key_row = self.target_key_list(TGT)
         gone = (
-            f"del AS (DELETE FROM {self._target_sql()} AS {TGT} WHERE ({self.target_key_list(TGT)}) "
+            f"del AS (DELETE FROM {self._target_sql()} AS {TGT} WHERE ({key_row}) "
             f"IN ({self.keys_from_json_sql(keys_param)}) AND jsonb_build_array("
-            f"{self.target_key_list(TGT)}) NOT IN (SELECT __dw_key FROM e) RETURNING 1)"
+            f"{key_row}) NOT IN (SELECT __dw_key FROM e) RETURNING 1)"
         )
         inserted = "(SELECT count(*) FROM up)" + (
             " + (SELECT count(*) FROM ins)" if locked_param is not None else ""
@@ -282,7 +283,8 @@ class CompiledMapping:
         cols = self.target_column_list()
         key_row = self.target_key_list(TGT)
         return (
-            f"WITH e AS (SELECT * FROM jsonb_to_recordset({rows_param}) AS r(__dw_key jsonb, {record})), "
+            f"WITH e AS (SELECT * FROM jsonb_to_recordset({rows_param}) "
+            f"AS r(__dw_key jsonb, {record})), "
             f"up AS (INSERT INTO {target.sql} AS {TGT} ({cols}) SELECT {cols} FROM e "
             f"{self._on_conflict_update()} RETURNING 1), "
             f"del AS (DELETE FROM {target.sql} AS {TGT} WHERE ({key_row}) IN "
@@ -335,8 +337,7 @@ def compile_mapping(config: MappingConfig, *, source: str | None = None) -> Comp
 
 def compile_all(config: Config, *, source: str | None = None) -> list[CompiledMapping]:
     """Compile every mapping and check the ones that only make sense together."""
-    compiled = [compile_mapping(m, source=source) for m in config.mappings]
-    return compiled
+    return [compile_mapping(m, source=source) for m in config.mappings]
 
 
 def bind_catalog(

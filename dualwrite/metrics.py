@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from dualwrite import __version__
 
 # The *_created series double the output and no dashboard here uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 BUILD: Final = Info("dualwrite_build", "Version of the running dualwrite")
 BUILD.info({"version": __version__})
@@ -57,7 +57,9 @@ class HotCounters(Collector):
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         traffic = CounterMetricFamily(
-            "dualwrite_proxy_bytes", "Bytes relayed by the proxy, by direction", labels=["direction"]
+            "dualwrite_proxy_bytes",
+            "Bytes relayed by the proxy, by direction",
+            labels=["direction"],
         )
         traffic.add_metric(["client_to_upstream"], self.bytes_client_to_upstream)
         traffic.add_metric(["upstream_to_client"], self.bytes_upstream_to_client)
@@ -129,11 +131,11 @@ MAPPING_PAUSED: Final = Gauge(
 
 # --- outbox and applier ------------------------------------------------------------------------
 
-OUTBOX_DEPTH: Final = Gauge(
-    "dualwrite_outbox_depth", "Keys waiting in the outbox", ["mapping"]
-)
+OUTBOX_DEPTH: Final = Gauge("dualwrite_outbox_depth", "Keys waiting in the outbox", ["mapping"])
 OUTBOX_OLDEST_AGE: Final = Gauge(
-    "dualwrite_outbox_oldest_age_seconds", "Age of the oldest key waiting in the outbox", ["mapping"]
+    "dualwrite_outbox_oldest_age_seconds",
+    "Age of the oldest key waiting in the outbox",
+    ["mapping"],
 )
 APPLIER_BATCH_SECONDS: Final = Histogram(
     "dualwrite_applier_batch_seconds",

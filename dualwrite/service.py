@@ -1,4 +1,4 @@
-"""Service wiring for ``dualwrite run`` and ``apply``: starts the parts in order, stops them in reverse.
+"""Service wiring for ``dualwrite run`` and ``apply``: start the parts in order, stop in reverse.
 
 Order on start: compile mappings, connect the service pool, check the control schema,
 validate every mapping against the live database, then the applier, the admin server and
@@ -108,7 +108,8 @@ async def setup(config: Config) -> list[str]:
     try:
         applied = await install(conn)
         lines = [
-            f"control schema: applied versions {applied}" if applied
+            f"control schema: applied versions {applied}"
+            if applied
             else "control schema: already current"
         ]
         mappings, _ = await validated_mappings(conn, config)
@@ -186,7 +187,10 @@ class Sidecar:
         self.proxy = ProxyServer(config, MirrorContext(rewriter, self.recorder))
         if config.applier.enabled:
             self.applier = Applier(
-                self.pool, self.mappings, config.applier, self.states,
+                self.pool,
+                self.mappings,
+                config.applier,
+                self.states,
                 await target_pools(self.mappings),
             )
             await self.applier.start()
@@ -241,7 +245,9 @@ class Sidecar:
     async def _pause(self, params: Mapping[str, str], body: Mapping[str, Any]) -> Mapping[str, Any]:
         return await self._set_paused(params["name"], True, body)
 
-    async def _resume(self, params: Mapping[str, str], body: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def _resume(
+        self, params: Mapping[str, str], body: Mapping[str, Any]
+    ) -> Mapping[str, Any]:
         return await self._set_paused(params["name"], False, body)
 
     async def _set_paused(

@@ -53,7 +53,7 @@ class QualifiedName:
 
 
 def parse_relation_name(text: str) -> tuple[str | None, str]:
-    """``public.users`` / ``"Odd"."Name"`` / ``users`` -> (schema or None, name), as the parser folds them."""
+    """``public.users``, ``"Odd"."Name"`` or ``users`` -> (schema or None, name), case folded."""
     try:
         stmts = parse_sql(f"SELECT FROM {text}")
     except ParseError as exc:
@@ -62,7 +62,7 @@ def parse_relation_name(text: str) -> tuple[str | None, str]:
     if not isinstance(stmt, SelectStmt) or not stmt.fromClause or len(stmt.fromClause) != 1:
         raise ValueError(f"not a table name: {text!r}")
     rel = stmt.fromClause[0]
-    if not isinstance(rel, RangeVar) or rel.alias is not None or rel.catalogname:
+    if not isinstance(rel, RangeVar) or rel.alias is not None or rel.catalogname or not rel.relname:
         raise ValueError(f"not a table name: {text!r}")
     return rel.schemaname, rel.relname
 
@@ -76,18 +76,29 @@ class ParsedExpression:
     column_names: frozenset[str]
 
 
-class _ColumnRefs(Visitor):  # type: ignore[misc]
+def _ref_fields(node: ColumnRef) -> tuple[Any, ...]:
+    return tuple(node.fields or ())
+
+
+def _simple_name(node: ColumnRef) -> str | None:
+    """The name of an unqualified column reference, else None."""
+    fields = _ref_fields(node)
+    if len(fields) == 1 and isinstance(fields[0], String) and fields[0].sval:
+        return str(fields[0].sval)
+    return None
+
+
+class _ColumnRefs(Visitor):
+    """Collects every unqualified column name in an expression tree."""
+
     def __init__(self) -> None:
         super().__init__()
         self.names: set[str] = set()
-        self.qualified: list[str] = []
 
     def visit_ColumnRef(self, _ancestors: Any, node: ColumnRef) -> None:
-        fields = node.fields
-        if len(fields) == 1 and isinstance(fields[0], String):
-            self.names.add(fields[0].sval)
-        else:
-            self.qualified.append(".".join(getattr(f, "sval", "*") for f in fields))
+        name = _simple_name(node)
+        if name is not None:
+            self.names.add(name)
 
 
 def parse_expression(text: str) -> ParsedExpression:
@@ -117,6 +128,7 @@ def parse_expression(text: str) -> ParsedExpression:
         raise ValueError(f"not a single SQL expression: {text!r}")
     target = stmt.targetList[0]
     assert isinstance(target, ResTarget)
+    assert target.val is not None
     expr: Node = target.val
     refs = _ColumnRefs()
     refs(expr)
@@ -132,14 +144,13 @@ def _qualified_outside_subqueries(expr: Node) -> list[str]:
     """Qualified or star column refs that are not inside a sub-SELECT."""
     found: list[str] = []
 
-    class Outer(Visitor):  # type: ignore[misc]
+    class Outer(Visitor):
         def visit_SubLink(self, _ancestors: Any, _node: Any) -> Any:
             return Skip  # refs inside subqueries may name the subquery's tables
 
         def visit_ColumnRef(self, _ancestors: Any, node: ColumnRef) -> None:
-            fields = node.fields
-            if len(fields) != 1 or not isinstance(fields[0], String):
-                found.append(".".join(getattr(f, "sval", "*") for f in fields))
+            if _simple_name(node) is None:
+                found.append(".".join(getattr(f, "sval", "*") for f in _ref_fields(node)))
 
     Outer()(expr)
     return found

@@ -60,9 +60,9 @@ class AdminServer:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
         await self._site.start()
-        server = self._site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = int(server.sockets[0].getsockname()[1])
+        sockets = getattr(self._site._server, "sockets", None)
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
         _log.info("admin_listening", host=self.config.host, port=self.port)
 
     async def stop(self) -> None:

@@ -43,8 +43,9 @@ def repair_error(
                 changed = True
                 continue  # it points into text the rewrite added: say nothing rather than lie
             if position != int(value):
-                value = str(position).encode()
                 changed = True
+                out.append((code, str(position).encode()))
+                continue
         out.append((code, value))
     return frame(b"E", m.build_fields(out)) if changed else raw
 

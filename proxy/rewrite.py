@@ -46,6 +46,8 @@ _TAGS: Final = {"InsertStmt": b"INSERT 0 ", "UpdateStmt": b"UPDATE ", "DeleteStm
 _OPERATIONS: Final = {"InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete"}
 _KEYWORDS: Final = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE_P"}
 
+_REASON_BY_OUTER: Final = {"PrepareStmt": "prepare", "ExplainStmt": "explain"}
+
 REASONS: Final = {
     "copy": "COPY into a mapped table cannot be mirrored row by row",
     "where_current_of": "UPDATE/DELETE ... WHERE CURRENT OF cannot be rewritten",
@@ -56,6 +58,7 @@ REASONS: Final = {
     "rules": "the table has rules",
     "prepare": "SQL-level PREPARE of a write to a mapped table",
     "unparseable": "the statement could not be parsed",
+    "explain": "EXPLAIN ANALYZE executes the write without a way to mirror it",
     "multiple_writes": "the statement writes a mapped table more than once",
 }
 
@@ -140,6 +143,27 @@ def _without_comments(text: str) -> str:
     if "--" not in text and "/*" not in text:
         return text
     return " ".join(text[t.start : t.end + 1] for t in pgparser.scan(text))
+
+
+def _explain_executes(fields: dict[str, Any]) -> bool:
+    """EXPLAIN only runs the statement with the ANALYZE option."""
+    for option in fields.get("options", []):
+        elem = option.get("DefElem", {})
+        if elem.get("defname") == "analyze":
+            arg = elem.get("arg")
+            return arg is None or "false" not in json.dumps(arg).lower()
+    return False
+
+
+def _assigned_columns(node: str, fields: dict[str, Any]) -> set[str]:
+    """Columns an UPDATE (or an INSERT's ON CONFLICT DO UPDATE) assigns."""
+    if node == "UpdateStmt":
+        targets = fields.get("targetList", [])
+    elif node == "InsertStmt":
+        targets = (fields.get("onConflictClause") or {}).get("targetList", [])
+    else:
+        return set()
+    return {t["ResTarget"]["name"] for t in targets if "ResTarget" in t}
 
 
 def _walk(node: Any) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -263,6 +287,8 @@ class Rewriter:
         if not stmt:
             return Template(PASS)
         node, fields = next(iter(stmt.items()))
+        if node == "ExplainStmt" and not _explain_executes(fields):
+            return Template(PASS)
         writes = self._mapped_writes(stmt)
         if node in _TAGS and self._mapped(fields.get("relation")):
             nested = [w for w in writes if w[1] is not fields]
@@ -271,12 +297,12 @@ class Rewriter:
             return self._analyze_dml(node, fields)
         if not writes:
             return Template(PASS)
-        kind, _, mappings = writes[0]
+        kind = writes[0][0]
         reason = {
             "CopyStmt": "copy",
             "MergeStmt": "merge",
             "TruncateStmt": "truncate",
-        }.get(kind, "prepare" if node == "PrepareStmt" else "writable_cte")
+        }.get(kind, _REASON_BY_OUTER.get(node, "writable_cte"))
         return self._unsupported(reason, self._names(writes))
 
     @staticmethod
@@ -315,10 +341,9 @@ class Rewriter:
         where = fields.get("whereClause") or {}
         if "CurrentOfExpr" in where:
             return self._unsupported("where_current_of", names)
-        if node == "UpdateStmt":
-            assigned = {t["ResTarget"]["name"] for t in fields.get("targetList", [])}
-            if any(assigned & m.key_mentioned for m in mappings):
-                return self._unsupported("key_update", names)
+        assigned = _assigned_columns(node, fields)
+        if any(assigned & m.key_mentioned for m in mappings):
+            return self._unsupported("key_update", names)
         return self._rewrite_template(node, fields, mappings)
 
     def _rewrite_template(
@@ -400,8 +425,11 @@ class Rewriter:
         if len(slices) != len(templates):
             # Cannot happen with one parser; refuse to guess where statements are.
             template = self._unparseable(text)
-            return Rewritten(self._reject_sql(template) if template.action == REJECT else text,
-                             (StatementPlan(template.action, template),), ())
+            return Rewritten(
+                self._reject_sql(template) if template.action == REJECT else text,
+                (StatementPlan(template.action, template),),
+                (),
+            )
         out: list[str] = []
         insertions: list[Insertion] = []
         plans: list[StatementPlan] = []
@@ -418,7 +446,9 @@ class Rewriter:
                 out.append(replacement)
                 written += (start - cursor) + len(replacement)
                 # The whole statement is ours now: positions inside it map to nothing.
-                insertions.append(Insertion(written - len(replacement), len(replacement) - (stop - start)))
+                insertions.append(
+                    Insertion(written - len(replacement), len(replacement) - (stop - start))
+                )
                 cursor = stop
                 continue
             at = self._main_keyword(text, span, template) if template.has_with else start

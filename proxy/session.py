@@ -71,8 +71,8 @@ class _Side(asyncio.Protocol):
         on_resume: Callable[[], None],
         on_made: Callable[[], None] | None = None,
     ) -> None:
-        self.data_received = on_data  # type: ignore[method-assign]
-        self.connection_lost = on_lost  # type: ignore[method-assign]
+        self.data_received = on_data  # type: ignore[method-assign,assignment]
+        self.connection_lost = on_lost  # type: ignore[method-assign,assignment]
         self.pause_writing = on_pause  # type: ignore[method-assign]
         self.resume_writing = on_resume  # type: ignore[method-assign]
         self._on_made = on_made
@@ -155,9 +155,7 @@ class Session:
 
     def _quiescent(self) -> bool:
         return (
-            self.tracker.idle
-            and not self.client_scan.mid_frame
-            and not self.server_scan.mid_frame
+            self.tracker.idle and not self.client_scan.mid_frame and not self.server_scan.mid_frame
         )
 
     def refuse(self, sqlstate: str, message: str, reason: str | None) -> None:
@@ -331,7 +329,6 @@ class Session:
     ) -> None:
         """Slow path: look at every frame of this read (a Query, Parse, or rewritten portal)."""
         frontend = self.frontend
-        tracker = self.tracker
         out: list[bytes | memoryview] = []
         # Bytes before the first inspected frame are whole uninspected frames (or the end of
         # a streamed one) unless the proxy is discarding a refused pipeline.
@@ -447,7 +444,7 @@ class Session:
         client = self.client.transport
         if client is None or client.is_closing():
             return
-        for index, (typ, start) in enumerate(zip(kinds, starts, strict=True)):
+        for typ, start in zip(kinds, starts, strict=True):
             if typ == m.BACKEND_KEY_DATA:
                 end = frame_end(buf, start)
                 self.cancel_key = m.parse_backend_key_data(buf[start + 5 : end])

@@ -47,9 +47,7 @@ class _SSLAnswer(asyncio.Protocol):
             self.answer.set_exception(ConnectionError("upstream closed during SSL negotiation"))
 
 
-async def connect_upstream(
-    config: UpstreamConfig, protocol: P
-) -> tuple[asyncio.Transport, P]:
+async def connect_upstream(config: UpstreamConfig, protocol: P) -> tuple[asyncio.Transport, P]:
     """Connect ``protocol`` to the upstream server; negotiate TLS first when configured.
 
     Raises :class:`UpstreamUnavailable` with the reason when the server cannot be reached.
@@ -75,12 +73,10 @@ async def connect_upstream(
                     return transport, protocol
                 raise UpstreamUnavailable("upstream server does not support TLS")
             hostname = config.tls.server_name or config.host
-            tls_transport = await loop.start_tls(
-                raw, protocol, context, server_hostname=hostname
-            )
+            tls_transport = await loop.start_tls(raw, protocol, context, server_hostname=hostname)
             if tls_transport is None:
                 raise UpstreamUnavailable("TLS handshake with the upstream server failed")
-            return tls_transport, protocol  # type: ignore[return-value]
+            return tls_transport, protocol
     except TimeoutError:
         raise UpstreamUnavailable(
             f"timed out connecting to upstream server {config.host}:{config.port}"

@@ -1,1 +1,1 @@
-"""The sans-IO PostgreSQL protocol v3 codec: frame boundaries and the messages the proxy reads or builds."""
+"""The sans-IO PostgreSQL protocol v3 codec: frame boundaries and the messages we read or build."""
