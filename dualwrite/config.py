@@ -40,7 +40,8 @@ class Strict(BaseModel):
 
 class ListenConfig(Strict):
     host: str = "127.0.0.1"
-    port: Port = 6432
+    #: 0 binds a free port (tests); the bound port is logged
+    port: Annotated[int, Field(ge=0, le=65535)] = 6432
 
 
 class UpstreamTLSConfig(Strict):

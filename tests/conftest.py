@@ -1,0 +1,122 @@
+"""Fixtures every test uses: ``pg`` (the server), ``db`` (a fresh database), ``sidecar`` and
+``sidecar_process`` (the proxy in-process or as ``dualwrite run``). See tests/support/."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import (
+    Database,
+    InProcessSidecar,
+    PgServer,
+    SidecarProcess,
+    deep_merge,
+    start_in_process,
+    start_process,
+)
+
+from dualwrite.embedded import EmbeddedPostgres
+
+TEST_DSN_ENV = "DUALWRITE_TEST_DSN"
+
+SidecarFactory = Callable[..., InProcessSidecar]
+SidecarProcessFactory = Callable[..., SidecarProcess]
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PgServer]:
+    """The PostgreSQL server: ``$DUALWRITE_TEST_DSN``'s, else an embedded one for the session."""
+    dsn = os.environ.get(TEST_DSN_ENV)
+    if dsn:
+        yield PgServer.from_dsn(dsn)
+        return
+    with EmbeddedPostgres() as cluster:
+        yield PgServer.from_embedded(cluster)
+
+
+@pytest.fixture
+def db(pg: PgServer) -> Iterator[Database]:
+    """An empty database of this test's own, dropped (WITH FORCE) afterwards."""
+    database = pg.create_database()
+    try:
+        yield database
+    finally:
+        database.drop()
+
+
+def sidecar_config(pg: PgServer, db: Database) -> dict[str, Any]:
+    """The config every test sidecar starts from (listen/admin ports are chosen at start)."""
+    return {
+        "listen": {"host": "127.0.0.1"},
+        "upstream": {"host": pg.host, "port": pg.port},
+        "service_dsn": pg.dsn(db.name, password=""),
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "shutdown": {"grace_seconds": 5},
+    }
+
+
+@pytest.fixture
+def sidecar(
+    pg: PgServer, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SidecarFactory]:
+    """Factory: ``sidecar(overrides=None)`` starts the sidecar in-process and returns its handle.
+
+    ``overrides`` is deep-merged over :func:`sidecar_config`. Every sidecar started is stopped
+    (grace 0) at teardown.
+    """
+    if pg.password:
+        monkeypatch.setenv("PGPASSWORD", pg.password)
+    started: list[InProcessSidecar] = []
+
+    def start(overrides: Mapping[str, Any] | None = None) -> InProcessSidecar:
+        data = deep_merge(sidecar_config(pg, db), overrides)
+        handle = start_in_process(data, dbname=db.name, user=pg.user, password=pg.password)
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in reversed(started):
+        handle.stop(grace=0)
+
+
+@pytest.fixture
+def sidecar_process(pg: PgServer, db: Database, tmp_path: Path) -> Iterator[SidecarProcessFactory]:
+    """Factory: ``sidecar_process(overrides=None, env=None)`` runs ``dualwrite run`` as a child.
+
+    Free listen/admin ports are filled in; it returns once /healthz answers and the proxy port
+    accepts. ``DUALWRITE_SERVICE_DSN`` points at the test database. Anything still running at
+    teardown gets SIGTERM, then SIGKILL.
+    """
+    started: list[SidecarProcess] = []
+
+    def start(
+        overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> SidecarProcess:
+        data = deep_merge(sidecar_config(pg, db), overrides)
+        child_env = {"DUALWRITE_SERVICE_DSN": db.dsn, **(env or {})}
+        workdir = tmp_path / f"sidecar{len(started)}"
+        handle = start_process(
+            data, workdir, dbname=db.name, user=pg.user, password=pg.password, env=child_env
+        )
+        started.append(handle)
+        return handle
+
+    yield start
+    for handle in reversed(started):
+        handle.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # CI runners stop a job with SIGTERM, which would skip teardown and leave embedded
+    # PostgreSQL clusters running; treat it like ^C so fixtures and atexit clean up.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
