@@ -64,6 +64,11 @@ class Prepared:
 
     rewritten: Rewritten
     plan: StatementPlan
+    #: the application's own text and parameter types, to prepare it again if needed
+    sql: bytes
+    param_types: tuple[int, ...]
+    #: mapping-state version the rewrite was planned under
+    version: int
 
 
 @dataclass(frozen=True)
@@ -166,19 +171,52 @@ class Frontend:
         if plan.action == REJECT:
             self._record_unmirrored(rewritten)
             self.discarding = True
-            error = m.error_response(
-                "0A000", reject_message(plan.template), hint=REJECT_HINT
-            )
+            error = m.error_response("0A000", reject_message(plan.template), hint=REJECT_HINT)
             return b"", [Pending(m.PARSE, inject=error)]
-        if plan.action == UNMIRRORED:
-            self.statements[parse.name] = Prepared(rewritten, plan)
-            return None, [m.PARSE]
-        if plan.action != REWRITE:
+        if plan.action not in (UNMIRRORED, REWRITE):
             self.statements.pop(parse.name, None)
             return None, [m.PARSE]
-        self.statements[parse.name] = Prepared(rewritten, plan)
+        assert self.rewriter is not None
+        self.statements[parse.name] = Prepared(
+            rewritten, plan, parse.sql, parse.param_types, self.rewriter.states.version
+        )
+        if plan.action == UNMIRRORED:
+            return None, [m.PARSE]
         replacement = m.build_parse(parse.name, self._encode(rewritten.sql), parse.param_types)
         return replacement, [Pending(m.PARSE, ParseRepair(rewritten))]
+
+    def _refresh(
+        self, name: bytes, prepared: Prepared
+    ) -> tuple[Prepared, bytes, list[int | Pending]]:
+        """Prepare a statement again if a pause/resume changed how it must be rewritten.
+
+        A sync mapping that is paused must stop writing its target even through statements
+        the client prepared before the pause (and start again on resume).
+        """
+        rewriter = self.rewriter
+        if rewriter is None or prepared.version == rewriter.states.version:
+            return prepared, b"", []
+        rewritten = self._plan(prepared.sql)
+        if rewritten is None or len(rewritten.statements) != 1:
+            return prepared, b"", []
+        fresh = Prepared(
+            rewritten,
+            rewritten.statements[0],
+            prepared.sql,
+            prepared.param_types,
+            rewriter.states.version,
+        )
+        self.statements[name] = fresh
+        if rewritten.sql == prepared.rewritten.sql or fresh.plan.action != REWRITE:
+            return fresh, b"", []
+        injected = b""
+        entries: list[int | Pending] = []
+        if name:
+            injected += m.build_close(ord("S"), name)
+            entries.append(Pending(m.CLOSE, _DROP_SUCCESS))
+        injected += m.build_parse(name, self._encode(rewritten.sql), prepared.param_types)
+        entries.append(Pending(m.PARSE, _DROP_SUCCESS))
+        return fresh, injected, entries
 
     def _bind(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         head = m.parse_bind(body)
@@ -186,12 +224,16 @@ class Frontend:
         if prepared is None:
             self.portals.pop(head.portal, None)
             return None, [m.BIND]
+        prepared, injected, entries = self._refresh(head.statement, prepared)
         formats = head.result_formats
         self.portals[head.portal] = Portal(prepared, binary=bool(formats) and formats[0] == 1)
         reply = prepared.plan.template.reply
         if reply is not None and reply.returning and len(formats) > 1:
             # One format code per column: the columns the rewrite added need theirs.
-            return m.bind_with_extra_result_columns(body, head, reply.extra_columns), [m.BIND]
+            bind = m.bind_with_extra_result_columns(body, head, reply.extra_columns)
+            return injected + bind, [*entries, m.BIND]
+        if injected:
+            return injected + m.frame_of(m.BIND, body), [*entries, m.BIND]
         return None, [m.BIND]
 
     def _describe(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
@@ -244,6 +286,16 @@ class Frontend:
             Pending(m.EXECUTE, swallow=True),
             m.SYNC,
         ]
+
+
+class _DropSuccess:
+    """Reply plan for a message the proxy injected: hide its success, show its error."""
+
+    def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes:
+        return raw if typ == m.ERROR_RESPONSE else b""
+
+
+_DROP_SUCCESS: Final = _DropSuccess()
 
 
 def _statement(portal: Portal | None) -> Prepared | None:

@@ -96,8 +96,10 @@ class ResponseTracker:
         "open",
         "queue",
         "since_ready",
+        "skipping",
         "status",
         "unexpected",
+        "unsynced",
     )
 
     def __init__(self) -> None:
@@ -111,6 +113,13 @@ class ResponseTracker:
         self.queue: deque[int | Pending] | None = None
         #: the server is waiting for CopyData from the client (PRECISE mode only)
         self.copy_in = False
+        #: an extended-protocol error emptied the queue before any Sync: the server ignores
+        #: every message up to the next Sync, including ones not sent yet (PRECISE mode only)
+        self.skipping = False
+        #: the last message sent was not a Sync, Query or FunctionCall: the server is inside an
+        #: extended-protocol batch (an implicit transaction) even once every reply has come.
+        #: FAST mode has ``open`` for that, except for a batch begun while PRECISE.
+        self.unsynced = False
         #: entries in the queue that the proxy answers itself
         self.injections = 0
         #: replies that matched no pending message (a bug or a protocol we do not model)
@@ -128,8 +137,8 @@ class ResponseTracker:
         if self.status != b"I":
             return False
         if self.queue is None:
-            return self.cycles == 0 and not self.open
-        return not self.queue and not self.copy_in
+            return self.cycles == 0 and not self.open and not self.unsynced
+        return not self.queue and not self.copy_in and not self.unsynced
 
     @property
     def head(self) -> int | Pending | None:
@@ -145,10 +154,15 @@ class ResponseTracker:
         the last one (both as reported by the frame scanner).
         """
         if self.queue is not None:
+            if self.skipping:
+                kinds = self._skip_until_sync(kinds)
+            if kinds:
+                self.unsynced = kinds[-1] not in CYCLE_END
             self.queue.extend(kinds)
         elif ends:
             self.cycles += ends
             self.open = kinds[after_last_end:]
+            self.unsynced = False
         else:
             self.open += kinds
 
@@ -156,10 +170,13 @@ class ResponseTracker:
         """Record one message sent; a Pending entry makes the tracker precise."""
         if type(entry) is int:
             if self.queue is not None:
-                self.queue.append(entry)
+                if not self.skipping or self._skip_until_sync(bytes((entry,))):
+                    self.queue.append(entry)
+                    self.unsynced = entry not in CYCLE_END
             elif entry in CYCLE_END:
                 self.cycles += 1
                 self.open = b""
+                self.unsynced = False
             else:
                 self.open += bytes((entry,))
             return
@@ -167,15 +184,28 @@ class ResponseTracker:
         if self.queue is None:
             self._become_precise()
         assert self.queue is not None
+        if self.skipping and not self._skip_until_sync(bytes((entry.kind,))):
+            return  # the server will ignore the message: nothing to answer or repair
         if entry.inject is not None:
             self.injections += 1
         self.queue.append(entry)
+        self.unsynced = entry.kind not in CYCLE_END
+
+    def _skip_until_sync(self, kinds: bytes) -> bytes:
+        """Drop the messages the server ignores while skipping; a Sync ends the skip."""
+        at = kinds.find(m.SYNC)
+        if at < 0:
+            return b""
+        self.skipping = False
+        return kinds[at:]
 
     def _become_precise(self) -> None:
         """Build the exact queue from FAST mode's counts."""
         queue: deque[int | Pending] = deque()
         self.queue = queue
         self.copy_in = False
+        self.skipping = False
+        self.unsynced = self.unsynced or bool(self.open)
         if self.cycles:
             # Replies since the last ReadyForQuery belong to the oldest cycle in flight;
             # a QUERY entry per cycle consumes everything up to its ReadyForQuery.
@@ -193,7 +223,7 @@ class ResponseTracker:
         """Return to FAST mode if nothing is owed any more; True when the tracker is FAST."""
         if self.queue is None:
             return True
-        if self.queue or self.copy_in:
+        if self.queue or self.copy_in or self.skipping:
             return False
         self.queue = None
         return True
@@ -253,8 +283,9 @@ class ResponseTracker:
         if typ == m.ERROR_RESPONSE:
             self.copy_in = False
             if kind not in CYCLE_END:
-                # The server skips everything up to the next Sync after an error.
-                return self._pop_until_cycle_end()
+                # After an error in an extended-protocol message the server skips everything
+                # up to the next Sync, Query and FunctionCall messages included.
+                return self._pop_until_sync()
             return head
         if typ == m.COPY_IN_RESPONSE or typ == m.COPY_BOTH_RESPONSE:
             self.copy_in = True
@@ -276,12 +307,14 @@ class ResponseTracker:
         self.unexpected += 1
         return head
 
-    def _pop_until_cycle_end(self) -> int | Pending:
+    def _pop_until_sync(self) -> int | Pending:
         queue = self.queue
         assert queue is not None
         first = queue[0]
-        while queue and kind_of(queue[0]) not in CYCLE_END:
+        while queue and kind_of(queue[0]) != m.SYNC:
             self._discard(queue.popleft())
+        if not queue:
+            self.skipping = True
         return first
 
     def _pop_through_cycle_end(self) -> int | Pending | None:

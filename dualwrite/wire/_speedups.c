@@ -15,7 +15,8 @@
  * 1 + length once the header is known, else 5); kinds = type bytes of the reported frames;
  * starts = their offsets; flags = OR of their table values; marked = how many reported frames
  * had bit 2; after_marked = index into kinds just after the last marked one (0 if none).
- * A length below 4 or above max_length returns pos = -1 and need = that length.
+ * A length below 4 or above max_length returns pos = -1, need = that length, and nothing
+ * reported (empty kinds and starts, zero flags and counts). A negative pos is a ValueError.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -47,6 +48,11 @@ scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "table must be 256 bytes");
         goto done;
     }
+    if (pos < 0) {
+        /* p[pos + 1] below would read before the buffer */
+        PyErr_SetString(PyExc_ValueError, "pos must not be negative");
+        goto done;
+    }
 
     const unsigned char *p = (const unsigned char *)buf.buf;
     const unsigned char *t = (const unsigned char *)table.buf;
@@ -68,8 +74,14 @@ scan(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         int32_t length = (int32_t)(((uint32_t)p[pos + 1] << 24) | ((uint32_t)p[pos + 2] << 16) |
                                    ((uint32_t)p[pos + 3] << 8) | (uint32_t)p[pos + 4]);
         if (length < 4 || (long long)length > max_length) {
+            /* as the reference: nothing reported, only the offending length */
             pos = -1;
             need = length;
+            nk = 0;
+            flags = 0;
+            marked = after_marked = 0;
+            if (PyList_SetSlice(starts, 0, PyList_GET_SIZE(starts), NULL) < 0)
+                goto done;
             break;
         }
         Py_ssize_t stop = pos + 1 + (Py_ssize_t)length;

@@ -51,6 +51,8 @@ Scan = tuple[bytes, int, bytes, list[int], int, int, int, int]
 
 def _scan_python(buf: bytes, pos: int, table: bytes, max_length: int) -> Scan:
     """Reference implementation of the frame loop (see ``_speedups.c`` for the contract)."""
+    if pos < 0:
+        raise ValueError("pos must not be negative")
     end = len(buf)
     need = HEADER_SIZE
     kinds = bytearray()
@@ -88,7 +90,9 @@ except ImportError:  # no compiler at install time: the pure-Python loop, same r
     ACCELERATED = False
 
 
-def type_table(report: Iterable[int] = (), *, mark: Iterable[int] = (), **bits: Iterable[int]) -> bytes:
+def type_table(
+    report: Iterable[int] = (), *, mark: Iterable[int] = (), **bits: Iterable[int]
+) -> bytes:
     """Build a scan table: ``report`` and ``mark`` types, plus named extra flag bits.
 
     Extra bits are given as ``flag_4=[...]`` style keywords whose suffix is the bit value.

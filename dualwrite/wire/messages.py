@@ -225,9 +225,11 @@ def parse_bind(body: bytes) -> BindHead:
     portal, pos = _cstring(body, 0)
     statement, pos = _cstring(body, pos)
     nformats = _int16(body, pos)
+    if nformats < 0:  # checked before use: a negative count would move ``pos`` backwards
+        raise ProtocolViolation("invalid Bind message")
     pos += 2 + 2 * nformats
     nparams = _int16(body, pos)
-    if nformats < 0 or nparams < 0:
+    if nparams < 0:
         raise ProtocolViolation("invalid Bind message")
     pos += 2
     for _ in range(nparams):
@@ -274,6 +276,16 @@ def parse_execute(body: bytes) -> tuple[bytes, int]:
 
 def build_bind(portal: bytes, statement: bytes) -> bytes:
     return frame(b"B", portal + b"\x00" + statement + b"\x00" + b"\x00\x00\x00\x00\x00\x00")
+
+
+def build_close(kind: int, name: bytes) -> bytes:
+    """A Close of a statement (``ord('S')``) or portal (``ord('P')``)."""
+    return frame(b"C", bytes((kind,)) + name + b"\x00")
+
+
+def frame_of(typ: int, body: bytes) -> bytes:
+    """Rebuild a frame from its type byte value and body."""
+    return frame(bytes((typ,)), body)
 
 
 def build_execute(portal: bytes = b"", max_rows: int = 0) -> bytes:
@@ -382,6 +394,8 @@ def trim_row_description(body: bytes, keep: int) -> bytes:
     for _ in range(keep):
         _, pos = _cstring(body, pos)
         pos += 18  # table oid, attnum, type oid, typlen, typmod, format
+    if pos > len(body):
+        raise ProtocolViolation("RowDescription too short")
     return frame(b"T", _INT16.pack(keep) + body[2:pos])
 
 
@@ -391,6 +405,8 @@ def trim_data_row(body: bytes, keep: int) -> bytes:
     for _ in range(keep):
         size = _int32(body, pos)
         pos += 4 + (size if size > 0 else 0)
+    if pos > len(body):
+        raise ProtocolViolation("DataRow too short")
     return frame(b"D", _INT16.pack(keep) + body[2:pos])
 
 
@@ -404,6 +420,8 @@ def data_row_values(body: bytes) -> list[bytes | None]:
         pos += 4
         if size < 0:
             values.append(None)
+        elif pos + size > len(body):
+            raise ProtocolViolation("DataRow too short")
         else:
             values.append(body[pos : pos + size])
             pos += size
