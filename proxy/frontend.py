@@ -126,6 +126,20 @@ class Frontend:
             return None, [typ]
         return None, []
 
+    def plain_query(self, body: bytes) -> bool:
+        """Fast path for a lone Query: count it and return True if it needs nothing else.
+
+        False means the full path must handle it (it may concern a mapping, or the proxy is
+        discarding); nothing has been counted then.
+        """
+        if self.discarding:
+            return False
+        sql = m.parse_query(body)
+        if self.rewriter is not None and self.rewriter.candidate(sql):
+            return False
+        _STATEMENT_COUNTS[statement_kind(sql)] += 1
+        return True
+
     def _plan(self, sql: bytes) -> Rewritten | None:
         rewriter = self.rewriter
         if rewriter is None or not rewriter.candidate(sql):

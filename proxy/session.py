@@ -318,7 +318,10 @@ class Session:
         if upstream is None or upstream.is_closing():
             return
         if kinds and self.state == READY:
-            if flags & _INSPECT:
+            if flags & _INSPECT and not (
+                # the commonest inspected read: one simple Query that concerns no mapping
+                kinds == _ONE_QUERY and self.frontend.plain_query(buf[starts[0] + 5 : ready])
+            ):
                 self._client_inspect(upstream, buf, ready, starts[0])
                 return
             self.tracker.sent(kinds, ends, after)
@@ -561,6 +564,7 @@ class Session:
 _REPLY_KINDS: Final = frozenset(
     {m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL}
 )
+_ONE_QUERY: Final = bytes((m.QUERY,))
 #: table bit: the frame needs a closer look than recording that it expects a reply
 _INSPECT: Final = 4
 #: table bit: a ParameterStatus (client_encoding is followed)
