@@ -234,6 +234,8 @@ class ResponseTracker:
         self, buf: bytes, kinds: bytes, starts: list[int], readies: int, after_last_ready: int
     ) -> None:
         """FAST mode: account a run of replies; ``readies`` of them are ReadyForQuery."""
+        if m.COPY_IN_RESPONSE in kinds:
+            self._copy_in_started(kinds)
         if not readies:
             self.since_ready += kinds
             return
@@ -244,6 +246,29 @@ class ResponseTracker:
         last = starts[after_last_ready - 1]
         self.status = buf[last + 5 : last + 6]
         self.since_ready = kinds[after_last_ready:]
+
+    def _copy_in_started(self, kinds: bytes) -> None:
+        """FAST mode: COPY FROM STDIN began; a Sync sent after its Execute will be ignored.
+
+        The server ignores Sync and Flush while in COPY IN, and libpq sends a Sync right after
+        Execute. An Execute's COPY is recognised by the BindComplete earlier in its cycle (a
+        simple Query has none); its cycle is the oldest in flight, so its Sync, if sent, is
+        the first one counted.
+        """
+        at = kinds.index(m.COPY_IN_RESPONSE)
+        last_ready = kinds.rfind(m.READY_FOR_QUERY, 0, at)
+        cycle = kinds[last_ready + 1 : at] if last_ready >= 0 else self.since_ready + kinds[:at]
+        if m.BIND_COMPLETE in cycle and self.cycles > 0:
+            self.cycles -= 1
+
+    def _forget_sync_sent_during_copy(self) -> None:
+        """PRECISE mode: the Sync queued after a COPY's Execute will be ignored by the server."""
+        queue = self.queue
+        assert queue is not None
+        for index in range(1, len(queue)):
+            if kind_of(queue[index]) == m.SYNC:
+                del queue[index]
+                return
 
     def take_injections(self) -> bytes:
         """Pop leading entries the proxy answers itself; return what to send for them."""
@@ -289,6 +314,8 @@ class ResponseTracker:
             return head
         if typ == m.COPY_IN_RESPONSE or typ == m.COPY_BOTH_RESPONSE:
             self.copy_in = True
+            if kind == m.EXECUTE and typ == m.COPY_IN_RESPONSE:
+                self._forget_sync_sent_during_copy()
             return head
         if kind in CYCLE_END:
             return head
