@@ -1,0 +1,1 @@
+"""On-demand benchmarks of dualwrite (``python -m bench NAME``); never part of the test suite."""
