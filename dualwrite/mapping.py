@@ -293,6 +293,188 @@ class CompiledMapping:
             "SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
         )
 
+    # --- statements for the reconciler (compare/) ---------------------------------------------
+    #
+    # Row sources the reconciler and backfill compose: every one returns the key values as
+    # ``__k1..__kn``, whether the mapping includes the row as ``__dw_in`` and the target column
+    # values as ``__c1..__cm`` (in ``columns`` order); on the source side those are the
+    # expressions cast to the target's column types, i.e. what the target would hold. Keyset
+    # bounds and key sets are jsonb parameters (one key array, or an array of key arrays);
+    # ``upto_row`` is an SQL row of typed key values instead (e.g. from sub-selects).
+
+    def compare_key_aliases(self) -> list[str]:
+        """Quoted output names of the key values in the reconciler's row sources."""
+        return [quote_ident(f"__k{i + 1}") for i in range(len(self.key))]
+
+    def compare_column_aliases(self) -> list[str]:
+        """Quoted output names of the target column values, in ``columns`` order."""
+        return [quote_ident(f"__c{i + 1}") for i in range(len(self.columns))]
+
+    def key_bound_sql(self, param: str) -> str:
+        """One key (a jsonb array parameter) as a row of typed values, for keyset comparisons."""
+        _, _, catalog = self._need_bound()
+        values = ", ".join(f"(({param})->>{i})::{typ}" for i, typ in enumerate(catalog.key_types))
+        return f"({values})"
+
+    def compare_source_rows_sql(
+        self,
+        *,
+        after: str | None = None,
+        upto: str | None = None,
+        upto_row: str | None = None,
+        limit: str | None = None,
+        keys: str | None = None,
+        tenant: str | None = None,
+    ) -> str:
+        """Source rows in key range (``after``, ``upto``] or key set ``keys``, filter NOT applied.
+
+        With ``limit`` it is the first ``limit`` rows in key order. Rows the filter rejects are
+        kept, with ``__dw_in`` false and NULL values (mapping expressions are evaluated only for
+        included rows), so a chunk's extent does not depend on the filter. Key ranges are
+        served by the source's index when the key expressions are plain indexed columns.
+        """
+        source, _, catalog = self._need_bound()
+        conds = self._compare_conditions("source", after, upto, upto_row, keys, tenant)
+        read = "".join(f", {SRC}.{quote_ident(c)}" for c in catalog.source_columns_read)
+        keys_out = ", ".join(
+            f"{expr} AS {alias}"
+            for expr, alias in zip(self.key_exprs(), self.compare_key_aliases(), strict=True)
+        )
+        order = f" ORDER BY {', '.join(self.key_exprs())} LIMIT {limit}" if limit else ""
+        inner = (
+            f"SELECT {keys_out}, {self.filter_sql()} AS {quote_ident('__dw_in')}{read} "
+            f"FROM {source.sql} AS {SRC} WHERE {conds}{order}"
+        )
+        values = ", ".join(
+            self._included_value(i) + f" AS {alias}"
+            for i, alias in enumerate(self.compare_column_aliases())
+        )
+        return (
+            f"SELECT {', '.join(self.compare_key_aliases())}, {quote_ident('__dw_in')}, "
+            f"{values} FROM ({inner}) AS {SRC}"
+        )
+
+    def compare_target_rows_sql(
+        self,
+        *,
+        after: str | None = None,
+        upto: str | None = None,
+        upto_row: str | None = None,
+        limit: str | None = None,
+        keys: str | None = None,
+        tenant: str | None = None,
+    ) -> str:
+        """Target rows in key range (``after``, ``upto``] or key set ``keys`` (see the source's)."""
+        _, target, _ = self._need_bound()
+        key_cols = self._side_keys("target")
+        conds = self._compare_conditions("target", after, upto, upto_row, keys, tenant)
+        aliases = self.compare_key_aliases()
+        keys_out = ", ".join(f"{c} AS {a}" for c, a in zip(key_cols, aliases, strict=True))
+        values = ", ".join(
+            f"{TGT}.{quote_ident(c)} AS {alias}"
+            for c, alias in zip(self.columns, self.compare_column_aliases(), strict=True)
+        )
+        order = f" ORDER BY {', '.join(key_cols)} LIMIT {limit}" if limit else ""
+        return (
+            f"SELECT {keys_out}, true AS {quote_ident('__dw_in')}, {values} "
+            f"FROM {target.sql} AS {TGT} WHERE {conds}{order}"
+        )
+
+    def compare_keys_sql(
+        self,
+        side: str,
+        *,
+        after: str | None = None,
+        offset: str | None = None,
+        last: bool = False,
+        tenant: str | None = None,
+    ) -> str:
+        """The key (``__k1``..) of one row of ``side`` ('source' or 'target'), rows the filter
+        rejects included: the row ``offset`` rows past ``after`` in key order, or with ``last``
+        the greatest. A walk of the key index (index-only for plain key columns)."""
+        source, target, _ = self._need_bound()
+        table, alias = (source, SRC) if side == "source" else (target, TGT)
+        keys = self._side_keys(side)
+        conds = self._compare_conditions(side, after, None, None, None, tenant)
+        out = ", ".join(
+            f"{k} AS {a}" for k, a in zip(keys, self.compare_key_aliases(), strict=True)
+        )
+        order = ", ".join(f"{k} DESC" if last else k for k in keys)
+        skip = f" OFFSET {offset}" if offset else ""
+        return (
+            f"SELECT {out} FROM {table.sql} AS {alias} WHERE {conds} "
+            f"ORDER BY {order}{skip} LIMIT 1"
+        )
+
+    def source_keys_sql(
+        self, *, after: str | None = None, upto: str | None = None, limit: str | None = None
+    ) -> str:
+        """Keys (jsonb text) of included source rows in key order within (``after``, ``upto``]."""
+        source, _, _ = self._need_bound()
+        conds = self._compare_conditions("source", after, upto, None, None, None)
+        order = f" ORDER BY {', '.join(self.key_exprs())}" + (f" LIMIT {limit}" if limit else "")
+        return (
+            f"SELECT {self.key_json_sql()}::text AS key FROM {source.sql} AS {SRC} "
+            f"WHERE {self.filter_sql()} AND {conds}{order}"
+        )
+
+    def source_last_key_sql(self) -> str:
+        """The greatest key (jsonb text) of the source table, rows the filter rejects included."""
+        return (
+            f"SELECT jsonb_build_array({', '.join(self.compare_key_aliases())})::text "
+            f"FROM ({self.compare_keys_sql('source', last=True)}) AS k"
+        )
+
+    def _side_keys(self, side: str) -> list[str]:
+        if side == "source":
+            return self.key_exprs()
+        return [f"{TGT}.{quote_ident(k)}" for k in self.key]
+
+    def _compare_conditions(
+        self,
+        side: str,
+        after: str | None,
+        upto: str | None,
+        upto_row: str | None,
+        keys: str | None,
+        tenant: str | None,
+    ) -> str:
+        key_sql = self._side_keys(side)
+        row = f"({', '.join(key_sql)})"
+        conds = [f"{k} IS NOT NULL" for k in key_sql]
+        if after is not None:
+            conds.append(f"{row} > {self.key_bound_sql(after)}")
+        if upto is not None:
+            conds.append(f"{row} <= {self.key_bound_sql(upto)}")
+        if upto_row is not None:
+            conds.append(f"{row} <= {upto_row}")
+        if keys is not None:
+            conds.append(f"{row} IN ({self.keys_from_json_sql(keys)})")
+        if tenant is not None:
+            index = self._tenant_index()
+            value = (
+                self._expected_value(index) if side == "source"
+                else f"{TGT}.{quote_ident(self.columns[index])}"
+            )
+            conds.append(f"{value}::text = {tenant}")
+        return " AND ".join(conds)
+
+    def _expected_value(self, index: int) -> str:
+        """The mapping expression of column ``index`` cast to the target column's type."""
+        _, _, catalog = self._need_bound()
+        column = self.columns[index]
+        return f"CAST(({self.expressions[column].sql}) AS {catalog.target_types[index]})"
+
+    def _included_value(self, index: int) -> str:
+        if self.filter is None:
+            return self._expected_value(index)
+        return f"CASE WHEN {quote_ident('__dw_in')} THEN {self._expected_value(index)} END"
+
+    def _tenant_index(self) -> int:
+        if self.config.tenant_column is None:
+            raise RuntimeError(f"mapping {self.name} has no tenant_column")
+        return self.columns.index(self.config.tenant_column)
+
 
 def compile_mapping(config: MappingConfig, *, source: str | None = None) -> CompiledMapping:
     """Parse a mapping's names and expressions; raise MappingValidationError naming the problem."""

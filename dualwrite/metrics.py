@@ -154,3 +154,115 @@ DEAD_LETTERS: Final = Gauge(
 DEAD_LETTERED_TOTAL: Final = Counter(
     "dualwrite_dead_lettered_total", "Keys moved to the dead-letter table", ["mapping"]
 )
+
+# --- admin -------------------------------------------------------------------------------------
+
+ADMIN_ACTIONS: Final = Counter(
+    "dualwrite_admin_actions_total",
+    "Admin API action attempts, by action (route's last segment) and outcome "
+    "(ok, accepted, unauthorized, bad_request, not_found, conflict, failed)",
+    ["action", "outcome"],
+)
+ADMIN_AUDIT_FAILURES: Final = Counter(
+    "dualwrite_admin_audit_failures_total",
+    "Admin action attempts that could not be written to dualwrite.admin_actions",
+)
+
+# Read from the control schema by the sidecar before each scrape, so they hold whichever
+# process ran the pass or backfill (``dualwrite reconcile`` from a cron job, another pod).
+LAST_PASS_DIVERGENT_ROWS: Final = Gauge(
+    "dualwrite_last_pass_divergent_rows",
+    "Divergent rows found by the mapping's most recent finished full reconcile pass, by class "
+    "(missing, extra, changed)",
+    ["mapping", "class"],
+)
+LAST_PASS_TIMESTAMP: Final = Gauge(
+    "dualwrite_last_pass_timestamp_seconds",
+    "When the mapping's most recent finished full reconcile pass ended (unix time; 0: never)",
+    ["mapping"],
+)
+LAST_CLEAN_PASS_TIMESTAMP: Final = Gauge(
+    "dualwrite_last_clean_pass_timestamp_seconds",
+    "When the mapping's most recent clean full reconcile pass ended (unix time; 0: never)",
+    ["mapping"],
+)
+BACKFILL_ROWS_DONE: Final = Gauge(
+    "dualwrite_backfill_rows_done", "Rows the mapping's backfill has copied", ["mapping"]
+)
+BACKFILL_ROWS_ESTIMATE: Final = Gauge(
+    "dualwrite_backfill_rows_estimate",
+    "Source rows the mapping's backfill expects to copy (0: unknown)",
+    ["mapping"],
+)
+BACKFILL_COMPLETE: Final = Gauge(
+    "dualwrite_backfill_complete", "1 once the mapping's backfill is done, else 0", ["mapping"]
+)
+
+#: counters summed per mapping for /status ("since this process started")
+_SINCE_START: Final = {
+    "statements_rewritten": STATEMENTS_REWRITTEN,
+    "rows_mirrored": ROWS_MIRRORED,
+    "mirror_failures": MIRROR_FAILURES,
+    "unmirrored_statements": UNMIRRORED_STATEMENTS,
+    "rejected_statements": REJECTED_STATEMENTS,
+    "dead_lettered": DEAD_LETTERED_TOTAL,
+}
+
+
+def counts_since_start() -> dict[str, dict[str, float]]:
+    """Per mapping, the mirroring counters of this process summed over their other labels."""
+    totals: dict[str, dict[str, float]] = {}
+    for name, counter in _SINCE_START.items():
+        for family in counter.collect():
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    per_mapping = totals.setdefault(sample.labels["mapping"], {})
+                    per_mapping[name] = per_mapping.get(name, 0.0) + sample.value
+    return totals
+
+# --- reconciler and backfill -------------------------------------------------------------------
+# Set by the process that runs the pass or backfill (``dualwrite reconcile`` / ``backfill``, or
+# the continuous pass inside ``dualwrite run``). The last-pass and last-clean-pass gauges above
+# are also set by that process at the end of a full pass.
+
+RECONCILE_ROWS_COMPARED: Final = Counter(
+    "dualwrite_reconcile_rows_compared_total",
+    "Keys the reconciler compared between source and target",
+    ["mapping"],
+)
+RECONCILE_PENDING_KEYS: Final = Gauge(
+    "dualwrite_reconcile_pending_keys",
+    "Keys that differed in the last pass but were waiting in the outbox or dead letters",
+    ["mapping"],
+)
+RECONCILE_PASS_SECONDS: Final = Histogram(
+    "dualwrite_reconcile_pass_duration_seconds",
+    "Wall time of one reconcile pass over a mapping (throttling and re-check delays included)",
+    ["mapping"],
+    buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200, 21600),
+)
+RECONCILE_PASSES: Final = Counter(
+    "dualwrite_reconcile_passes_total",
+    "Reconcile passes finished, by outcome (clean, divergent, failed, interrupted)",
+    ["mapping", "outcome"],
+)
+RECONCILE_REPAIRED_ROWS: Final = Counter(
+    "dualwrite_reconcile_repaired_rows_total",
+    "Target rows written by repair, by outcome (upserted, deleted)",
+    ["mapping", "outcome"],
+)
+THROTTLE_PAUSED_SECONDS: Final = Counter(
+    "dualwrite_reconcile_throttle_paused_seconds_total",
+    "Time the reconciler or backfill spent paused because the database was under pressure",
+    ["mapping"],
+)
+BACKFILL_ROWS_COPIED: Final = Counter(
+    "dualwrite_backfill_rows_copied_total",
+    "Source keys the backfill has passed to sync_keys in this process",
+    ["mapping"],
+)
+BACKFILL_PROGRESS: Final = Gauge(
+    "dualwrite_backfill_progress_ratio",
+    "Backfill progress of the running process: rows done over the estimate (1 when done)",
+    ["mapping"],
+)

@@ -9,15 +9,21 @@ reverse, with the proxy draining open transactions first.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import asyncpg
 
+from compare.continuous import ContinuousReconciler
+from compare.reconciler import PassOptions, reconcile_mapping
+from compare.report.history import export_gauges, latest_runs
+from dualwrite import metrics
 from dualwrite.applier import Applier
 from dualwrite.catalog import resolve_unqualified, validate_all
 from dualwrite.config import Config
@@ -34,11 +40,16 @@ from dualwrite.control import (
 from dualwrite.errors import ConfigError
 from dualwrite.logs import get_logger
 from dualwrite.mapping import CompiledMapping, compile_all
-from proxy.admin import AdminHooks, AdminServer
+from proxy.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
 
 _log = get_logger("service")
+
+#: the reconcile and backfill gauges are re-read from the control schema at most this often
+GAUGE_REFRESH_SECONDS = 5.0
+#: runs one reconcile pass over a mapping: (mapping, requested_by)
+ReconcileRunner = Callable[[CompiledMapping, str], Awaitable[object]]
 
 
 async def upstream_reachable(config: Config) -> tuple[bool, str]:
@@ -151,6 +162,13 @@ class Sidecar:
         self._flusher: asyncio.Task[None] | None = None
         self._stopped = False
         self.validated = False
+        self.started_at = time.time()
+        #: what POST /actions/mappings/{name}/reconcile runs (None: not available here)
+        self.reconcile_runner: ReconcileRunner | None = self._reconcile_pass
+        self._reconciles: dict[str, asyncio.Task[None]] = {}
+        #: the continuous reconcile loop (only when reconcile.interval_seconds is set)
+        self.reconciler: ContinuousReconciler | None = None
+        self._gauges_refreshed = -GAUGE_REFRESH_SECONDS
 
     def _hooks(self) -> AdminHooks:
         return AdminHooks(
@@ -160,10 +178,13 @@ class Sidecar:
                 "applier": self._applier_ready,
             },
             status=self.status,
+            refresh=self._refresh_gauges,
             actions={
                 "/actions/mappings/{name}/pause": self._pause,
                 "/actions/mappings/{name}/resume": self._resume,
+                "/actions/mappings/{name}/reconcile": self._reconcile,
             },
+            audit=self._audit,
         )
 
     async def start(self) -> None:
@@ -194,6 +215,11 @@ class Sidecar:
                 await target_pools(self.mappings),
             )
             await self.applier.start()
+        if config.reconcile.interval_seconds is not None:
+            self.reconciler = ContinuousReconciler(
+                config, self.mappings, sidecar=self.recorder.sidecar
+            )
+            await self.reconciler.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_activity())
 
     async def stop(self, grace_seconds: float | None = None) -> None:
@@ -205,6 +231,9 @@ class Sidecar:
         await self.proxy.shutdown(grace)
         if self.applier is not None:
             await self.applier.stop()
+        await self._stop_reconciles()
+        if self.reconciler is not None:
+            await self.reconciler.stop()
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
@@ -253,22 +282,87 @@ class Sidecar:
     async def _set_paused(
         self, name: str, paused: bool, body: Mapping[str, Any]
     ) -> Mapping[str, Any]:
-        if name not in {m.name for m in self.mappings}:
-            raise KeyError(f"mapping {name}")
+        self._mapping_named(name)
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             await set_paused(conn, name, paused, by=str(body.get("by") or "admin-api"))
             self.states.update(await load_paused(conn))
         return {"mapping": name, "paused": paused}
 
+    async def _reconcile(
+        self, params: Mapping[str, str], body: Mapping[str, Any]
+    ) -> ActionResult:
+        """Start one reconcile pass of a mapping in the background (202), one at a time."""
+        mapping = self._mapping_named(params["name"])
+        if self.reconcile_runner is None:
+            return ActionResponse(501, {"error": "reconcile is not available in this sidecar"})
+        if self._reconcile_running(mapping.name):
+            return ActionResponse(409, {"mapping": mapping.name, "error": "a pass is running"})
+        by = str(body.get("by") or "admin-api")
+        task = asyncio.get_running_loop().create_task(
+            self._run_reconcile(mapping, by), name=f"reconcile-{mapping.name}"
+        )
+        self._reconciles[mapping.name] = task
+        return ActionResponse(202, {"mapping": mapping.name, "started": True, "by": by})
+
+    async def _reconcile_pass(self, mapping: CompiledMapping, by: str) -> None:
+        """One pass of compare's reconciler, recorded in reconcile_runs like any other."""
+        options = PassOptions(requested_by=by, sidecar=self.recorder.sidecar)
+        result = await reconcile_mapping(self.config, mapping, options)
+        _log.info(
+            "admin_reconcile_finished", mapping=mapping.name, status=result.status,
+            run_id=result.run_id, divergent=result.divergent,
+        )
+
+    async def _run_reconcile(self, mapping: CompiledMapping, by: str) -> None:
+        assert self.reconcile_runner is not None
+        try:
+            await self.reconcile_runner(mapping, by)
+        except Exception as exc:  # the pass records its own failure; keep the sidecar up
+            _log.exception("admin_reconcile_failed", mapping=mapping.name, error=str(exc))
+
+    def _reconcile_running(self, name: str) -> bool:
+        task = self._reconciles.get(name)
+        return task is not None and not task.done()
+
+    async def _stop_reconciles(self) -> None:
+        for task in self._reconciles.values():
+            task.cancel()
+        await asyncio.gather(*self._reconciles.values(), return_exceptions=True)
+        self._reconciles.clear()
+
+    def _mapping_named(self, name: str) -> CompiledMapping:
+        for mapping in self.mappings:
+            if mapping.name == name:
+                return mapping
+        raise KeyError(f"mapping {name}")
+
+    async def _audit(self, action: str, params: Mapping[str, Any], outcome: str) -> None:
+        """Record an admin action attempt in dualwrite.admin_actions (when mirroring is on)."""
+        if self.pool is None:
+            return  # no mappings, no control schema in use: the log line is the record
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO dualwrite.admin_actions (action, params, outcome, sidecar) "
+                "VALUES ($1, $2::jsonb, $3, $4)",
+                action,
+                json.dumps(dict(params), default=str),
+                outcome,
+                self.recorder.sidecar,
+            )
+
     async def status(self) -> dict[str, Any]:
-        figures: dict[str, dict[str, float]] = {}
+        figures: dict[str, dict[str, Any]] = {}
         if self.applier is not None:
             try:
                 figures = await self.applier.refresh_gauges()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                figures = {"error": {"message": str(exc)}}  # type: ignore[dict-item]
+                figures = {"error": {"message": str(exc)}}
+        runs = await self._reconcile_history()
+        since_start = metrics.counts_since_start()
         return {
+            "sidecar": self.recorder.sidecar,
+            "started_at": self.started_at,
             "proxy": self.proxy.status(),
             "mappings": {
                 m.name: {
@@ -277,10 +371,35 @@ class Sidecar:
                     "source": str(m.source),
                     "target": str(m.target),
                     **figures.get(m.name, {}),
+                    "reconcile_running": self._reconcile_running(m.name),
+                    **runs.get(m.name, {"last_reconcile": None, "last_clean_pass_at": None}),
+                    "since_start": since_start.get(m.name, {}),
                 }
                 for m in self.mappings
             },
         }
+
+    async def _refresh_gauges(self) -> None:
+        """Before a scrape: pause flags, and the reconcile and backfill gauges (from the
+        control schema, at most every GAUGE_REFRESH_SECONDS)."""
+        for mapping in self.mappings:
+            metrics.MAPPING_PAUSED.labels(mapping.name).set(self.states.is_paused(mapping.name))
+        now = time.monotonic()
+        if self.pool is None or now - self._gauges_refreshed < GAUGE_REFRESH_SECONDS:
+            return
+        self._gauges_refreshed = now
+        async with self.pool.acquire() as conn:
+            await export_gauges(conn, [m.name for m in self.mappings])
+
+    async def _reconcile_history(self) -> dict[str, dict[str, Any]]:
+        if self.pool is None:
+            return {}
+        try:
+            async with self.pool.acquire() as conn:
+                return await latest_runs(conn)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            _log.warning("status_history_failed", error=str(exc))
+            return {}
 
 
 async def run_until_signalled(sidecar: Sidecar) -> int:

@@ -1,12 +1,17 @@
 """The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /status and token-guarded actions.
 
 What the endpoints report and do is injected by the service wiring as plain callables, so this
-module knows nothing of the applier or compare/ (proxy/ never imports compare/).
+module knows nothing of the applier or compare/ (proxy/ never imports compare/). Read endpoints
+are open; every POST under /actions/ needs ``Authorization: Bearer <token>`` (the token is read
+from the environment variable named by ``admin.token_env`` on each request; unset: actions are
+refused), and every attempt, allowed or not, is logged and handed to the audit hook.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import ipaddress
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -15,6 +20,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from dualwrite import metrics
 from dualwrite.config import AdminConfig
 from dualwrite.logs import get_logger
 
@@ -22,8 +28,30 @@ _log = get_logger("admin")
 
 #: a readiness check: returns (ok, detail)
 Check = Callable[[], Awaitable[tuple[bool, str]]]
-#: an action: gets the request's JSON body and path parameters, returns a JSON-able result
-Action = Callable[[Mapping[str, str], Mapping[str, Any]], Awaitable[Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ActionResponse:
+    """An action's answer when it is not a plain 200 (202 accepted, 409 conflict...)."""
+
+    status: int
+    body: Mapping[str, Any]
+
+
+ActionResult = Mapping[str, Any] | ActionResponse
+#: an action: gets the path parameters and the request's JSON body, returns a JSON-able result
+Action = Callable[[Mapping[str, str], Mapping[str, Any]], Awaitable[ActionResult]]
+#: the audit hook: (action, params, outcome); action is the route's last segment (pause,
+#: resume, reconcile, or unknown); params hold the request path, the path parameters, the JSON
+#: body (secrets redacted) and the caller's address
+Audit = Callable[[str, Mapping[str, Any], str], Awaitable[None]]
+
+#: the route every unknown /actions/... POST is answered (and audited) under
+UNKNOWN_ACTION = "/actions/{unknown:.*}"
+#: how long /metrics waits for the refresh hook before serving the gauges it has
+REFRESH_TIMEOUT_SECONDS = 2.0
+#: body keys never copied into the audit trail
+_SECRET_BODY_KEYS = frozenset({"token", "password", "secret", "authorization"})
 
 
 @dataclass
@@ -32,10 +60,12 @@ class AdminHooks:
 
     checks: dict[str, Check] = field(default_factory=dict)
     status: Callable[[], Awaitable[Mapping[str, Any]]] | None = None
+    #: brings gauges read from the database up to date; awaited (bounded) before /metrics
+    refresh: Callable[[], Awaitable[None]] | None = None
     #: route ("/actions/mappings/{name}/pause") -> action
     actions: dict[str, Action] = field(default_factory=dict)
-    #: called after every action attempt with (route, params, outcome) for the audit trail
-    audit: Callable[[str, Mapping[str, str], str], Awaitable[None]] | None = None
+    #: called after every action attempt with (action, params, outcome) for the audit trail
+    audit: Audit | None = None
 
 
 class AdminServer:
@@ -51,6 +81,7 @@ class AdminServer:
         self.app.router.add_get("/status", self._status)
         for route, action in hooks.actions.items():
             self.app.router.add_post(route, self._guarded(route, action))
+        self.app.router.add_post(UNKNOWN_ACTION, self._guarded(UNKNOWN_ACTION, _unknown_action))
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = config.port
@@ -64,12 +95,24 @@ class AdminServer:
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
         _log.info("admin_listening", host=self.config.host, port=self.port)
+        if not _is_loopback(self.config.host):
+            _log.warning(
+                "admin_not_on_loopback",
+                host=self.config.host,
+                hint="/metrics and /status are readable by anyone who reaches this address",
+            )
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
 
     async def _metrics(self, _request: web.Request) -> web.Response:
+        if self.hooks.refresh is not None:
+            try:
+                async with asyncio.timeout(REFRESH_TIMEOUT_SECONDS):
+                    await self.hooks.refresh()
+            except Exception as exc:  # a slow or failing database must not fail the scrape
+                _log.warning("metrics_refresh_failed", error=f"{type(exc).__name__}: {exc}")
         body = generate_latest(REGISTRY)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -99,27 +142,56 @@ class AdminServer:
         self, route: str, action: Action
     ) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handler(request: web.Request) -> web.Response:
-            params = dict(request.match_info)
+            params: dict[str, Any] = {
+                "path": request.path[:200],
+                **request.match_info,
+                "remote": request.remote,
+            }
             if not self._authorized(request):
-                await self._audit(route, params, "unauthorized")
-                return web.json_response({"error": "missing or invalid bearer token"}, status=401)
+                return await self._refuse(route, params, 401, "unauthorized")
             try:
-                body = await request.json() if request.can_read_body else {}
+                body = await request.json() if request.body_exists else {}
             except ValueError:
-                return web.json_response({"error": "body must be JSON"}, status=400)
-            try:
-                result = await action(params, body if isinstance(body, dict) else {})
-            except KeyError as exc:
-                await self._audit(route, params, "not_found")
-                return web.json_response({"error": f"unknown {exc.args[0]}"}, status=404)
-            except Exception as exc:
-                await self._audit(route, params, f"failed: {type(exc).__name__}")
-                _log.exception("admin_action_failed", route=route)
-                return web.json_response({"error": str(exc)}, status=500)
-            await self._audit(route, params, "ok")
-            return web.json_response(dict(result))
+                return await self._refuse(route, params, 400, "bad_request")
+            if not isinstance(body, dict):
+                return await self._refuse(route, params, 400, "bad_request")
+            params["body"] = _without_secrets(body)
+            return await self._run(route, action, params, request.match_info, body)
 
         return handler
+
+    async def _run(
+        self,
+        route: str,
+        action: Action,
+        params: dict[str, Any],
+        path_params: Mapping[str, str],
+        body: Mapping[str, Any],
+    ) -> web.Response:
+        try:
+            result = await action(path_params, body)
+        except KeyError as exc:
+            return await self._refuse(route, params, 404, "not_found", f"unknown {exc.args[0]}")
+        except Exception as exc:
+            _log.exception("admin_action_failed", route=route)
+            await self._audit(route, params, f"failed: {type(exc).__name__}: {exc}"[:500])
+            return web.json_response({"error": str(exc)}, status=500)
+        status, answer = (
+            (result.status, result.body) if isinstance(result, ActionResponse) else (200, result)
+        )
+        await self._audit(route, params, _outcome_of(status))
+        return web.json_response(dict(answer), status=status)
+
+    async def _refuse(
+        self,
+        route: str,
+        params: Mapping[str, Any],
+        status: int,
+        outcome: str,
+        error: str | None = None,
+    ) -> web.Response:
+        await self._audit(route, params, outcome)
+        return web.json_response({"error": error or _REFUSALS[outcome]}, status=status)
 
     def _authorized(self, request: web.Request) -> bool:
         expected = os.environ.get(self.config.token_env, "")
@@ -129,7 +201,53 @@ class AdminServer:
         scheme, _, token = given.partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), expected.encode())
 
-    async def _audit(self, route: str, params: Mapping[str, str], outcome: str) -> None:
-        _log.info("admin_action", route=route, params=dict(params), outcome=outcome)
-        if self.hooks.audit is not None:
-            await self.hooks.audit(route, params, outcome)
+    async def _audit(self, route: str, params: Mapping[str, Any], outcome: str) -> None:
+        """Log the attempt and record it; a failing audit store is logged, never fatal."""
+        action = action_name(route)
+        metrics.ADMIN_ACTIONS.labels(action, outcome.split(":", 1)[0]).inc()
+        _log.info("admin_action", action=action, params=dict(params), outcome=outcome)
+        if self.hooks.audit is None:
+            return
+        try:
+            await self.hooks.audit(action, params, outcome)
+        except Exception as exc:  # the action's answer must still reach the caller
+            metrics.ADMIN_AUDIT_FAILURES.inc()
+            _log.error("admin_audit_failed", route=route, outcome=outcome, error=str(exc))
+
+
+_REFUSALS = {
+    "unauthorized": "missing or invalid bearer token",
+    "bad_request": "body must be a JSON object",
+    "not_found": "no such action",
+}
+
+
+async def _unknown_action(_params: Mapping[str, str], _body: Mapping[str, Any]) -> ActionResult:
+    raise KeyError("action")
+
+
+def _outcome_of(status: int) -> str:
+    if status < 300:
+        return "ok" if status == 200 else "accepted"
+    return "conflict" if status == 409 else f"refused_{status}"
+
+
+def action_name(route: str) -> str:
+    """The action a route performs: the last segment of its template (pause, resume...).
+
+    Routes come from code, so the set is bounded and it can be a metric label.
+    """
+    return "unknown" if route == UNKNOWN_ACTION else route.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _without_secrets(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ("[redacted]" if k.lower() in _SECRET_BODY_KEYS else v) for k, v in body.items()}
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,109 @@
+"""The Markdown report: plain tables and sparklines that paste into a ticket or a pull request."""
+
+from __future__ import annotations
+
+from compare.report.criteria import CLEAN_WINDOW_DEFINITION
+from compare.report.format import duration_text, number_text, sparkline, timestamp_text
+from compare.report.model import Criterion, MappingReport, Pass, Report
+from compare.report.render import history_passes, worst_pass_per_bucket
+
+
+def render_markdown(report: Report) -> str:
+    lines = [
+        f"# Cutover report: **{report.verdict}**",
+        "",
+        f"Generated {timestamp_text(report.generated_at)} from `{report.database}`. "
+        f"Criteria window: last {duration_text(report.window_span.total_seconds())} "
+        f"(since {timestamp_text(report.window_start)}); allowed gap between passes "
+        f"{duration_text(report.max_gap.total_seconds())}. History: last "
+        f"{duration_text(report.history_span.total_seconds())} in "
+        f"{duration_text(report.bucket.total_seconds())} buckets.",
+        "",
+        "| Mapping | Route | Mode | Verdict | Failing criteria |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {m.name} | `{m.source}` → `{m.target}` | {m.mode} | **{m.verdict}** | "
+            f"{', '.join(c.title for c in m.failed) or '—'} |"
+            for m in report.mappings
+        ),
+        "",
+    ]
+    if report.overall_criteria:
+        lines += ["## Deployment", "", *_criteria_table(report.overall_criteria), ""]
+    for mapping in report.mappings:
+        lines += _mapping(report, mapping)
+    lines += [f"_{CLEAN_WINDOW_DEFINITION}_", ""]
+    return "\n".join(lines)
+
+
+def _criteria_table(criteria: list[Criterion]) -> list[str]:
+    return [
+        "| Criterion | Measured | Threshold | Result | Detail |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {c.title} | {c.measured_text} | {_cell(c.threshold_text)} | "
+            f"{'PASS' if c.passed else '**FAIL**'} | {_cell(c.detail)} |"
+            for c in criteria
+        ),
+    ]
+
+
+def _mapping(report: Report, mapping: MappingReport) -> list[str]:
+    return [
+        f"## {mapping.name}: **{mapping.verdict}**",
+        "",
+        f"`{mapping.source}` → `{mapping.target}`, mode {mapping.mode}",
+        "",
+        *_criteria_table(mapping.criteria),
+        "",
+        *_history(report, mapping),
+        "",
+    ]
+
+
+def _history(report: Report, mapping: MappingReport) -> list[str]:
+    facts = mapping.facts
+    passes = history_passes(report, mapping)
+    clean = sum(p.clean for p in passes)
+    starts = [b.start for b in facts.activity]
+    last = worst_pass_per_bucket(passes, starts, report.bucket)
+    divergence = [float(p.divergent) if p else 0.0 for p in last]
+    activity = facts.activity
+    rows = [float(b.rows) for b in activity]
+    trouble = [float(b.failures + b.unmirrored) for b in activity]
+    return [
+        f"History, last {duration_text(report.history_span.total_seconds())} "
+        f"(one character per {duration_text(report.bucket.total_seconds())}, oldest left):",
+        "",
+        f"- Reconcile passes: {len(passes)} finished ({clean} clean, {len(passes) - clean} "
+        f"divergent), {facts.unfinished_passes} failed or interrupted",
+        f"- Divergent rows (worst pass per bucket): `{sparkline(divergence)}` max "
+        f"{number_text(max(divergence, default=0))}",
+        f"- Rows mirrored: `{sparkline(rows)}` total {number_text(sum(b.rows for b in activity))}"
+        f" in {number_text(sum(b.statements for b in activity))} statements",
+        f"- Mirror failures + unmirrored statements: `{sparkline(trouble)}` "
+        f"{number_text(sum(b.failures for b in activity))} failures, "
+        f"{number_text(sum(b.unmirrored for b in activity))} unmirrored",
+        *_recent(passes),
+    ]
+
+
+def _recent(passes: list[Pass], limit: int = 5) -> list[str]:
+    if not passes:
+        return []
+    return [
+        "",
+        "| Pass | Finished | Rows compared | Missing | Extra | Changed | Pending | Outcome |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| #{p.id} | {timestamp_text(p.finished_at)} | {number_text(p.rows_compared)} | "
+            f"{p.missing} | {p.extra} | {p.changed} | {p.pending} | "
+            f"{'clean' if p.clean else '**divergent**'}{'' if p.full else ' (one tenant)'} |"
+            for p in passes[:limit]
+        ),
+    ]
+
+
+def _cell(text: str) -> str:
+    """Table cells cannot hold a bare ``|``."""
+    return text.replace("|", "\\|")

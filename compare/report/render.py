@@ -1,0 +1,115 @@
+"""Writes a report as Markdown (tickets), HTML (one self-contained page) or JSON (pipelines)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from compare.report.model import Bucket, MappingReport, Pass, Report
+
+FORMATS = ("md", "html", "json")
+
+
+def render(report: Report, fmt: str) -> str:
+    """The report in ``fmt`` (one of :data:`FORMATS`)."""
+    if fmt == "json":
+        return json.dumps(to_json(report), indent=2, default=_json_default) + "\n"
+    if fmt == "md":
+        from compare.report.markdown import render_markdown  # noqa: PLC0415
+
+        return render_markdown(report)
+    if fmt == "html":
+        from compare.report.html_page import render_html  # noqa: PLC0415
+
+        return render_html(report)
+    raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+
+
+def history_passes(report: Report, mapping: MappingReport) -> list[Pass]:
+    """The finished passes inside the history window, newest first."""
+    return [p for p in mapping.facts.passes if p.finished_at >= report.history_start]
+
+
+def to_json(report: Report) -> dict[str, Any]:
+    """The report as plain data; every number is the measured value, not a rounded text."""
+    return {
+        "verdict": report.verdict,
+        "go": report.go,
+        "generated_at": report.generated_at,
+        "database": report.database,
+        "window": {
+            "criteria_start": report.window_start,
+            "history_start": report.history_start,
+            "max_gap_seconds": report.max_gap.total_seconds(),
+            "bucket_seconds": report.bucket.total_seconds(),
+        },
+        "thresholds": report.thresholds,
+        "overall_criteria": [asdict(c) for c in report.overall_criteria],
+        "mappings": [_mapping_json(report, m) for m in report.mappings],
+        "status_url": report.status_url,
+        "status": report.status,
+    }
+
+
+def _mapping_json(report: Report, mapping: MappingReport) -> dict[str, Any]:
+    facts = mapping.facts
+    return {
+        "name": mapping.name,
+        "source": mapping.source,
+        "target": mapping.target,
+        "mode": mapping.mode,
+        "verdict": mapping.verdict,
+        "go": mapping.go,
+        "criteria": [asdict(c) for c in mapping.criteria],
+        "figures": {
+            "dead_letters": facts.dead_letters,
+            "dead_letters_by_sqlstate": facts.dead_letters_by_sqlstate,
+            "outbox_depth": facts.outbox_depth,
+            "outbox_oldest_age_seconds": facts.outbox_oldest_age_seconds,
+            "unmirrored_in_window": facts.unmirrored_in_window,
+            "mirror_failures_in_window": facts.mirror_failures_in_window,
+            "paused": facts.paused,
+            "unfinished_passes": facts.unfinished_passes,
+            "backfill": asdict(facts.backfill) if facts.backfill else None,
+        },
+        "passes": [_pass_json(p) for p in history_passes(report, mapping)],
+        "activity": [_bucket_json(b) for b in facts.activity],
+        "live": mapping.live,
+    }
+
+
+def _pass_json(run: Pass) -> dict[str, Any]:
+    return {**asdict(run), "divergent": run.divergent, "clean": run.clean}
+
+
+def _bucket_json(bucket: Bucket) -> dict[str, Any]:
+    return asdict(bucket)
+
+
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def worst_pass_per_bucket(
+    passes: list[Pass], starts: list[datetime], bucket: timedelta
+) -> list[Pass | None]:
+    """For each bucket, the pass that finished in it with the most divergent rows (a clean
+    pass only when all of them were clean; None: no pass finished there)."""
+    found: list[Pass | None] = [None] * len(starts)
+    if not starts:
+        return found
+    for run in passes:
+        index = int((run.finished_at - starts[0]) / bucket)
+        if 0 <= index < len(starts) and _worse(run, found[index]):
+            found[index] = run
+    return found
+
+
+def _worse(run: Pass, than: Pass | None) -> bool:
+    if than is None:
+        return True
+    return (not run.clean, run.divergent) > (not than.clean, than.divergent)

@@ -1,0 +1,297 @@
+"""The reconciler's SQL: chunk diffs, re-checks and chunk hashes, composed from CompiledMapping.
+
+CompiledMapping supplies the row sources (expected rows from the source, actual rows from the
+target, by key range or key set); this module adds what only comparing needs: the FULL JOIN
+with ``IS DISTINCT FROM`` on normalised values, classification, redaction, the outbox check
+and the per-chunk hashes used across databases. Every statement is a single SELECT, so it runs
+in one snapshot whatever the session's isolation level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from compare.tolerance import ColumnForm, column_forms
+from dualwrite.mapping import CompiledMapping
+from dualwrite.sqltext import quote_ident, quote_literal
+
+#: what a column outside ``compare.reveal_columns`` shows in findings
+REDACTED = "<redacted>"
+#: jsonb_build_object takes at most 100 arguments; objects are built in slices of this many pairs
+_PAIRS_PER_CALL = 40
+_IN = quote_ident("__dw_in")
+_SIDES = ("source", "target")
+
+
+def _joined(side: str, alias: str) -> str:
+    """The name a value of side ``e`` (expected) or ``a`` (actual) has in the joined rows:
+    ``"__c1"`` of ``e`` is ``"e__c1"``."""
+    return quote_ident(side + alias.strip('"'))
+
+
+def _in_join(side: str) -> Callable[[str], str]:
+    """A reference maker for one side's values in the joined rows ``d``."""
+    return lambda alias: f"d.{_joined(side, alias)}"
+
+
+@dataclass
+class Params:
+    """Positional parameters of one statement, numbered as they are added."""
+
+    values: list[Any] = field(default_factory=list)
+
+    def add(self, value: Any, sql_type: str) -> str:
+        self.values.append(value)
+        return f"${len(self.values)}::{sql_type}"
+
+
+@dataclass(frozen=True)
+class Statement:
+    sql: str
+    args: tuple[Any, ...]
+
+
+class CompareSql:
+    """Builds the reconciler's statements for one bound mapping."""
+
+    def __init__(self, mapping: CompiledMapping) -> None:
+        _, _, catalog = mapping._need_bound()
+        self.mapping = mapping
+        self.forms: list[ColumnForm] = column_forms(
+            mapping.columns, catalog.target_types, mapping.config.compare.tolerances
+        )
+        self.keys = mapping.compare_key_aliases()
+        self.values = mapping.compare_column_aliases()
+        self.revealed = frozenset(mapping.config.compare.reveal_columns)
+        tenant = mapping.config.tenant_column
+        self.tenant_value = None if tenant is None else self.values[mapping.columns.index(tenant)]
+
+    # --- same database --------------------------------------------------------------------
+
+    def chunk(self, after: str | None, limit: int, tenant: str | None) -> Statement:
+        """The diff of the next keyset chunk after ``after`` (None: from the start).
+
+        The chunk ends at the smaller of the two sides' ``limit``-th keys (a walk of each key
+        index), or, when neither side has that many rows left, at the last key of both: never
+        more than ``limit`` rows per side. Both sides are then read by key range and joined
+        in key order; one row comes back (see :meth:`_diff`).
+        """
+        p = Params()
+        bound = None if after is None else p.add(after, "jsonb")
+        skip = p.add(limit - 1, "integer")
+        who = None if tenant is None else p.add(tenant, "text")
+        m = self.mapping
+        k = ", ".join(self.keys)
+        desc = ", ".join(f"{c} DESC" for c in self.keys)
+        nth = [f"({m.compare_keys_sql(s, after=bound, offset=skip, tenant=who)})" for s in _SIDES]
+        last = [f"({m.compare_keys_sql(s, after=bound, last=True, tenant=who)})" for s in _SIDES]
+        upto = "(" + ", ".join(f"(SELECT {c} FROM bound)" for c in self.keys) + ")"
+        ctes = (
+            f"hi AS (SELECT {k} FROM ({' UNION ALL '.join(nth)}) AS b ORDER BY {k} LIMIT 1), "
+            f"last AS (SELECT {k} FROM ({' UNION ALL '.join(last)}) AS b "
+            f"ORDER BY {desc} LIMIT 1), "
+            f"bound AS (SELECT {k} FROM hi UNION ALL "
+            f"(SELECT {k} FROM last WHERE NOT EXISTS (SELECT FROM hi)))"
+        )
+        expected = m.compare_source_rows_sql(after=bound, upto_row=upto, tenant=who)
+        actual = m.compare_target_rows_sql(after=bound, upto_row=upto, tenant=who)
+        hi = f"(SELECT jsonb_build_array({k})::text FROM hi)"
+        return Statement(self._diff(expected, actual, ctes, hi), tuple(p.values))
+
+    def recheck(self, keys: str) -> Statement:
+        """The same diff as :meth:`chunk` for a key set (a jsonb array of keys), fresh snapshot."""
+        p = Params()
+        param = p.add(keys, "jsonb")
+        m = self.mapping
+        expected = m.compare_source_rows_sql(keys=param)
+        actual = m.compare_target_rows_sql(keys=param)
+        return Statement(self._diff(expected, actual, None, "NULL::text"), tuple(p.values))
+
+    def _diff(self, expected: str, actual: str, ctes: str | None, hi_sql: str) -> str:
+        """One row: rows on each side, the chunk's end, and parallel arrays describing each
+        divergent key (key, class, columns as a JSON array, tenant, pending, both rows).
+
+        The join is projected once (OFFSET 0 keeps it a subquery) and the descriptions are
+        computed only for divergent rows (aggregate FILTER), so a clean chunk costs the join.
+        """
+        on = " AND ".join(f"e.{c} = a.{c}" for c in self.keys)
+        e_norm = ", ".join(self._each("e", ColumnForm.normalised))
+        a_norm = ", ".join(self._each("a", ColumnForm.normalised))
+        first = self.keys[0]
+        carried = ", ".join(
+            f"{side}.{c} AS {_joined(side, c)}"
+            for side in ("e", "a")
+            for c in (*self.keys, *self.values)
+        )
+        joined = (
+            f"SELECT {carried}, (e.{first} IS NULL OR a.{first} IS NULL OR "
+            f"ROW({e_norm}) IS DISTINCT FROM ROW({a_norm})) AS __div "
+            f"FROM (SELECT * FROM ({expected}) AS s WHERE {_IN}) AS e "
+            f"FULL JOIN ({actual}) AS a ON {on} OFFSET 0"
+        )
+        e, a = _in_join("e"), _in_join("a")
+        key = "jsonb_build_array(" + ", ".join(f"coalesce({e(c)}, {a(c)})" for c in self.keys) + ")"
+        has_e, has_a = f"{e(first)} IS NOT NULL", f"{a(first)} IS NOT NULL"
+        described = {
+            "keys": f"{key}::text",
+            "classes": f"CASE WHEN NOT {has_e} THEN 'extra' WHEN NOT {has_a} THEN 'missing' "
+            "ELSE 'changed' END",
+            "columns": f"CASE WHEN {has_e} AND {has_a} THEN {self._changed_columns()} END",
+            "tenants": self._tenant_sql(),
+            "pending": self._pending_sql(key),
+            "expected": f"CASE WHEN {has_e} THEN ({self._shown(e)})::text END",
+            "actual": f"CASE WHEN {has_a} THEN ({self._shown(a)})::text END",
+        }
+        arrays = ", ".join(
+            f"array_agg({sql}) FILTER (WHERE d.__div) AS {name}" for name, sql in described.items()
+        )
+        with_ = f"WITH {ctes} " if ctes else ""
+        return (
+            f"{with_}SELECT count({e(first)}) AS expected_rows, "
+            f"count({a(first)}) AS actual_rows, {hi_sql} AS hi, {arrays} "
+            f"FROM ({joined}) AS d"
+        )
+
+    def _changed_columns(self) -> str:
+        """The names of the columns that differ, as a JSON array text."""
+        e, a = _in_join("e"), _in_join("a")
+        checks = ", ".join(
+            f"CASE WHEN {f.normalised(e(v))} IS DISTINCT FROM {f.normalised(a(v))} "
+            f"THEN {quote_literal(c)} END"
+            for f, v, c in zip(self.forms, self.values, self.mapping.columns, strict=True)
+        )
+        return f"array_to_json(array_remove(ARRAY[{checks}]::text[], NULL))::text"
+
+    def _tenant_sql(self) -> str:
+        if self.tenant_value is None:
+            return "NULL::text"
+        value = self.tenant_value
+        return f"coalesce({_in_join('e')(value)}, {_in_join('a')(value)})::text"
+
+    def _pending_sql(self, key: str) -> str:
+        """Whether the key waits in the outbox or the dead letters (this snapshot)."""
+        name = quote_literal(self.mapping.name)
+        return (
+            f"({key} IN (SELECT o.key FROM dualwrite.outbox o WHERE o.mapping = {name}) "
+            f"OR {key} IN (SELECT l.key FROM dualwrite.dead_letters l WHERE l.mapping = {name}))"
+        )
+
+    def _shown(self, ref: Callable[[str], str]) -> str:
+        """A row as jsonb: values of revealed columns, ``REDACTED`` for every other column.
+
+        ``ref`` turns a value's alias (``"__c1"``) into a reference to it.
+        """
+        pairs = [
+            f"{quote_literal(c)}, "
+            + (ref(v) if c in self.revealed else f"{quote_literal(REDACTED)}::text")
+            for c, v in zip(self.mapping.columns, self.values, strict=True)
+        ]
+        calls = [
+            "jsonb_build_object(" + ", ".join(pairs[i : i + _PAIRS_PER_CALL]) + ")"
+            for i in range(0, len(pairs), _PAIRS_PER_CALL)
+        ]
+        return " || ".join(calls)
+
+    # --- across databases -------------------------------------------------------------------
+
+    def side_summary(
+        self,
+        side: str,
+        after: str | None,
+        upto: str | None,
+        limit: int | None,
+        tenant: str | None,
+    ) -> Statement:
+        """One side's chunk: rows scanned, last key scanned, included rows and their hash.
+
+        ``side`` is 'source' or 'target'. The hash is the md5 of the rows' canonical texts in
+        key order; should the two servers order keys differently (collations), chunks only
+        look different and are compared row by row, never wrongly equal.
+        """
+        p = Params()
+        rows = self._rows(side, p, after=after, upto=upto, limit=limit, tenant=tenant)
+        k = ", ".join(self.keys)
+        desc = ", ".join(f"{c} DESC" for c in self.keys)
+        sql = (
+            f"WITH r AS MATERIALIZED ({rows}) SELECT count(*) AS scanned, "
+            f"(SELECT jsonb_build_array({k})::text FROM "
+            f"(SELECT {k} FROM r ORDER BY {desc} LIMIT 1) AS l) AS last, "
+            f"count(*) FILTER (WHERE {_IN}) AS rows, "
+            f"coalesce(md5(string_agg({self._row_text('r')}, E'\\n' ORDER BY {k}) "
+            f"FILTER (WHERE {_IN})), '') AS hash FROM r"
+        )
+        return Statement(sql, tuple(p.values))
+
+    def side_row_hashes(
+        self, side: str, after: str | None, upto: str | None, tenant: str | None
+    ) -> Statement:
+        """(key, row hash) of every included row of one side in (``after``, ``upto``]."""
+        p = Params()
+        rows = self._rows(side, p, after=after, upto=upto, limit=None, tenant=tenant)
+        k = ", ".join(f"r.{c}" for c in self.keys)
+        sql = (
+            f"SELECT jsonb_build_array({k})::text AS key, md5({self._row_text('r')}) AS h "
+            f"FROM ({rows}) AS r WHERE r.{_IN}"
+        )
+        return Statement(sql, tuple(p.values))
+
+    def side_details(self, side: str, keys: str) -> Statement:
+        """Per key: row hash, per-column hashes, tenant and the redacted row (one side)."""
+        p = Params()
+        rows = self._rows(side, p, keys=p.add(keys, "jsonb"))
+        k = ", ".join(f"r.{c}" for c in self.keys)
+        columns = ", ".join(f"md5({t})" for t in self._each("r", ColumnForm.canonical_text))
+        tenant = "NULL::text" if self.tenant_value is None else f"r.{self.tenant_value}::text"
+        sql = (
+            f"SELECT jsonb_build_array({k})::text AS key, md5({self._row_text('r')}) AS h, "
+            f"ARRAY[{columns}]::text[] AS column_hashes, {tenant} AS tenant, "
+            f"({self._shown(lambda v: f'r.{v}')})::text AS shown FROM ({rows}) AS r "
+            f"WHERE r.{_IN}"
+        )
+        return Statement(sql, tuple(p.values))
+
+    def pending_keys(self, keys: str) -> Statement:
+        """Which of these keys wait in the outbox or the dead letters (run in the source db)."""
+        name = quote_literal(self.mapping.name)
+        sql = (
+            "SELECT value::text AS key FROM jsonb_array_elements($1::jsonb) "
+            f"WHERE value IN (SELECT o.key FROM dualwrite.outbox o WHERE o.mapping = {name}) "
+            f"OR value IN (SELECT l.key FROM dualwrite.dead_letters l WHERE l.mapping = {name})"
+        )
+        return Statement(sql, (keys,))
+
+    def key_at_or_before(self, a: str, b: str) -> Statement:
+        """Whether key ``a`` sorts at or before key ``b`` (in the connection's collation)."""
+        bound = self.mapping.key_bound_sql
+        return Statement(f"SELECT {bound('$1::jsonb')} <= {bound('$2::jsonb')}", (a, b))
+
+    def _rows(
+        self,
+        side: str,
+        p: Params,
+        *,
+        after: str | None = None,
+        upto: str | None = None,
+        limit: int | None = None,
+        keys: str | None = None,
+        tenant: str | None = None,
+    ) -> str:
+        kwargs = {
+            "after": None if after is None else p.add(after, "jsonb"),
+            "upto": None if upto is None else p.add(upto, "jsonb"),
+            "limit": None if limit is None else p.add(limit, "integer"),
+            "keys": keys,
+            "tenant": None if tenant is None else p.add(tenant, "text"),
+        }
+        if side == "source":
+            return self.mapping.compare_source_rows_sql(**kwargs)
+        return self.mapping.compare_target_rows_sql(**kwargs)
+
+    def _row_text(self, alias: str) -> str:
+        return f"ROW({', '.join(self._each(alias, ColumnForm.canonical_text))})::text"
+
+    def _each(self, alias: str, form: Callable[[ColumnForm, str], str]) -> list[str]:
+        """``form`` applied to every column value of the row ``alias``."""
+        return [form(f, f"{alias}.{v}") for f, v in zip(self.forms, self.values, strict=True)]

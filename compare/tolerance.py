@@ -1,0 +1,109 @@
+"""Per-column comparison forms: tolerance rules and canonical text, as SQL applied to both sides.
+
+A value is compared in its *normalised* form: the column's tolerance rules (config
+``compare.tolerances``) applied in a fixed order, and types without a usable equality made
+comparable (json as jsonb; xml and geometric types as text). Across databases values are
+hashed from their *canonical text*, which also folds encodings that compare equal but print
+differently (-0 and 0 in floats, 1.0 and 1.00 in numerics).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dualwrite.config import ToleranceRule
+from dualwrite.sqltext import quote_literal
+
+_TYPMOD = re.compile(r"\([^)]*\)")
+_FLOATS = frozenset({"real", "double precision"})
+_AS_TEXT = frozenset({"xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+_TIMESTAMP_UNITS = {
+    "second": "second",
+    "millisecond": "milliseconds",
+    "minute": "minute",
+    "hour": "hour",
+    "day": "day",
+}
+
+
+def base_type(sql_type: str) -> str:
+    """``numeric(10,2)`` -> ``numeric``; ``character(5)[]`` -> ``character[]``."""
+    return _TYPMOD.sub("", sql_type).strip()
+
+
+@dataclass(frozen=True)
+class ColumnForm:
+    """How one target column is compared: its normalised SQL and its canonical text."""
+
+    rule: ToleranceRule | None
+    sql_type: str
+
+    def normalised(self, ref: str) -> str:
+        """``ref`` (a column reference of this type) in the form both sides are compared in."""
+        value, kind = ref, base_type(self.sql_type)
+        if kind == "json":
+            value, kind = f"({value})::jsonb", "jsonb"
+        elif kind in _AS_TEXT:
+            value, kind = f"({value})::text", "text"
+        rule = self.rule
+        if rule is None:
+            return value
+        if rule.numeric_scale is not None:
+            value = f"round(({value})::numeric, {int(rule.numeric_scale)})"
+        if rule.timestamp_precision is not None:
+            unit = quote_literal(_TIMESTAMP_UNITS[rule.timestamp_precision])
+            value = f"date_trunc({unit}, {value})"
+        if rule.ignore_trailing_spaces:
+            value = f"rtrim(({value})::text, ' ')"
+        if rule.case_insensitive:
+            value = f"lower(({value})::text)"
+        if rule.null_equals_empty:
+            value = f"nullif(({value})::text, '')"
+        return value
+
+    def canonical_text(self, ref: str) -> str:
+        """The normalised value as text that is equal exactly when the values compare equal."""
+        value = self.normalised(ref)
+        if self._result_type() in _FLOATS:
+            value = f"(({value}) + 0)"  # -0 + 0 is +0: one spelling for both zeros
+        elif self._result_type() == "numeric":
+            value = f"trim_scale({value})"
+        return f"({value})::text"
+
+    def _result_type(self) -> str:
+        rule = self.rule
+        if rule is not None and (
+            rule.ignore_trailing_spaces or rule.case_insensitive or rule.null_equals_empty
+        ):
+            return "text"
+        if rule is not None and rule.numeric_scale is not None:
+            return "numeric"
+        return base_type(self.sql_type)
+
+
+def column_forms(
+    columns: Sequence[str], target_types: Sequence[str], rules: Sequence[ToleranceRule]
+) -> list[ColumnForm]:
+    """One form per target column (a column without a rule is compared as is)."""
+    by_column: dict[str, ToleranceRule] = {}
+    for rule in rules:
+        by_column[rule.column] = _merge(by_column.get(rule.column), rule)
+    return [ColumnForm(by_column.get(c), t) for c, t in zip(columns, target_types, strict=True)]
+
+
+def _merge(first: ToleranceRule | None, second: ToleranceRule) -> ToleranceRule:
+    """Two rules for one column act as one: flags add up, the later scale or unit wins."""
+    if first is None:
+        return second
+    return ToleranceRule(
+        column=second.column,
+        numeric_scale=second.numeric_scale
+        if second.numeric_scale is not None
+        else first.numeric_scale,
+        timestamp_precision=second.timestamp_precision or first.timestamp_precision,
+        null_equals_empty=first.null_equals_empty or second.null_equals_empty,
+        case_insensitive=first.case_insensitive or second.case_insensitive,
+        ignore_trailing_spaces=first.ignore_trailing_spaces or second.ignore_trailing_spaces,
+    )
