@@ -33,6 +33,8 @@ from dualwrite.sqltext import (
 SRC = "src"
 #: alias of the target row in every generated statement
 TGT = "tgt"
+#: column types without an equality operator: compared as text when deciding to update
+_NO_EQUALITY = frozenset({"xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
 
 
 @dataclass(frozen=True)
@@ -150,13 +152,25 @@ class CompiledMapping:
         if not others:
             return f"ON CONFLICT ({self.target_key_list()}) DO NOTHING"
         sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
-        current = ", ".join(f"{TGT}.{quote_ident(c)}" for c in others)
-        excluded = ", ".join(f"EXCLUDED.{quote_ident(c)}" for c in others)
+        current = ", ".join(self._comparable(f"{TGT}.{quote_ident(c)}", c) for c in others)
+        excluded = ", ".join(self._comparable(f"EXCLUDED.{quote_ident(c)}", c) for c in others)
         # Skip rows that would not change: no new row version, no WAL, no trigger work.
         return (
             f"ON CONFLICT ({self.target_key_list()}) DO UPDATE SET {sets} "
             f"WHERE ({current}) IS DISTINCT FROM ({excluded})"
         )
+
+    def _comparable(self, ref: str, column: str) -> str:
+        """``ref`` in a form with an equality operator (json, xml and geometry have none)."""
+        types = self.catalog.target_types if self.catalog is not None else ()
+        if not types:
+            return ref
+        base = types[self.columns.index(column)].partition("(")[0].strip()
+        if base == "json":
+            return f"{ref}::jsonb"
+        if base in _NO_EQUALITY:
+            return f"{ref}::text"
+        return ref
 
     def delete_from_sql(self, from_sql: str, *, only_filtered_out: bool) -> str:
         """DELETE the target rows keyed by ``from_sql``'s rows (only those the filter rejects)."""

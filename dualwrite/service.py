@@ -78,7 +78,9 @@ async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
         config.effective_service_dsn(),
         min_size=1,
         max_size=size,
-        server_settings={"application_name": "dualwrite"},
+        # The applier's statements are prepared once and run against tables that grow from
+        # empty: a generic plan made early would seq-scan the target forever after.
+        server_settings={"application_name": "dualwrite", "plan_cache_mode": "force_custom_plan"},
     )
     assert pool is not None
     return pool
