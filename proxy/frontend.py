@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from dualwrite import metrics
 from dualwrite.control import ActivityRecorder
@@ -81,9 +81,17 @@ class Portal:
 class Frontend:
     """The per-connection logic for client messages that expect a reply."""
 
-    def __init__(self, rewriter: Rewriter | None, recorder: ActivityRecorder | None) -> None:
+    def __init__(
+        self,
+        rewriter: Rewriter | None,
+        recorder: ActivityRecorder | None,
+        *,
+        statement_log: Any = None,
+    ) -> None:
         self.rewriter = rewriter
         self.recorder = recorder
+        #: a logger when statement text may be logged (debug level and log_statements only)
+        self.statement_log = statement_log
         self.codec = "utf-8"
         self.statements: dict[bytes, Prepared] = {}
         self.portals: dict[bytes, Portal] = {}
@@ -137,10 +145,17 @@ class Frontend:
         sql = m.parse_query(body)
         if self.rewriter is not None and self.rewriter.candidate(sql):
             return False
+        self._log_statement(sql)
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
         return True
 
+    def _log_statement(self, sql: bytes) -> None:
+        if self.statement_log is not None:
+            text = sql[:200].decode(self.codec, "replace")
+            self.statement_log.debug("statement", sql=text, truncated=len(sql) > 200)
+
     def _plan(self, sql: bytes) -> Rewritten | None:
+        self._log_statement(sql)
         rewriter = self.rewriter
         if rewriter is None or not rewriter.candidate(sql):
             return None

@@ -70,11 +70,14 @@ class _Side(asyncio.Protocol):
         on_pause: Callable[[], None],
         on_resume: Callable[[], None],
         on_made: Callable[[], None] | None = None,
+        on_eof: Callable[[], bool] | None = None,
     ) -> None:
         self.data_received = on_data  # type: ignore[method-assign,assignment]
         self.connection_lost = on_lost  # type: ignore[method-assign,assignment]
         self.pause_writing = on_pause  # type: ignore[method-assign]
         self.resume_writing = on_resume  # type: ignore[method-assign]
+        if on_eof is not None:
+            self.eof_received = on_eof  # type: ignore[method-assign]
         self._on_made = on_made
         self.transport: asyncio.Transport | None = None
 
@@ -99,15 +102,18 @@ class Session:
             self._client_full,
             self._client_drained,
             on_made=lambda: server.session_started(self),
+            on_eof=self._client_eof,
         )
         self.upstream = _Side(
             self._upstream_data, self._upstream_lost, self._upstream_full, self._upstream_drained
         )
         self.tracker = ResponseTracker()
         mirror = server.mirror
+        logging = server.config.logging
         self.frontend = Frontend(
             mirror.rewriter if mirror is not None else None,
             mirror.recorder if mirror is not None else None,
+            statement_log=self.log if logging.level == "debug" and logging.log_statements else None,
         )
         self.client_scan = FrameScanner(
             _CLIENT_TABLE, max_length=limits.max_message_bytes, streamable=_STREAMABLE_CLIENT
@@ -123,6 +129,10 @@ class Session:
         self._connect_task: asyncio.Task[None] | None = None
         self._calls = 0
         self._terminating = False
+        #: the server sent a FATAL (or PANIC) ErrorResponse: its close needs no error of ours
+        self._upstream_fatal = False
+        #: the client sent EOF (a half-close, or a close without Terminate): it sends no more
+        self._client_done = False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -178,7 +188,7 @@ class Session:
             self._connect_task.cancel()
         upstream = self.upstream.transport
         if upstream is not None and not upstream.is_closing():
-            if previous == READY and self.tracker.idle:
+            if previous == READY and self.tracker.idle and not self._client_done:
                 upstream.write(m.TERMINATE_MESSAGE)
             # Closing (not aborting) flushes what is queued; PostgreSQL rolls back an open
             # transaction when its connection ends.
@@ -226,6 +236,24 @@ class Session:
         if self.state != CLOSED:
             self.log.debug("client_disconnected", in_transaction=self.tracker.status != b"I")
         self.close()
+
+    def _client_eof(self) -> bool:
+        """The client sends no more but may still read: pass the EOF on, as a direct
+        connection would, and relay the server's replies until the server closes."""
+        self._client_done = True
+        if self.state == CONNECT:
+            return True  # _connect passes the EOF on after the bytes buffered meanwhile
+        upstream = self.upstream.transport
+        if (
+            self.state in (AUTH, READY)
+            and upstream is not None
+            and not upstream.is_closing()
+            and upstream.can_write_eof()
+        ):
+            upstream.write_eof()
+            return True
+        self.close()
+        return True
 
     def _client_full(self) -> None:
         if self.upstream.transport is not None:
@@ -301,7 +329,12 @@ class Session:
         if self.pending_client:
             pending = bytes(self.pending_client)
             self.pending_client.clear()
-            self._client_frames(pending)
+            self._client_data_checked(pending)
+        if self._client_done and self.state != CLOSED:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                self.close()
 
     def _startup_timed_out(self) -> None:
         if self.state in (STARTUP, CONNECT, AUTH):
@@ -398,6 +431,9 @@ class Session:
         buf, ready, kinds, starts, flags, readies, after, _ = self.server_scan.feed(data)
         if not ready:
             return
+        if kinds and kinds[-1] == m.ERROR_RESPONSE:
+            # A FATAL is the server's last message (pg_terminate_backend, a failed login...).
+            self._upstream_fatal = _is_fatal(buf, starts[-1])
         if flags & _PARAMETER:
             self._parameter_status(buf, kinds, starts)
         if self.state == READY:
@@ -413,7 +449,9 @@ class Session:
     def _upstream_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED:
             return
-        if self._terminating:
+        if self._terminating or self._upstream_fatal or self._client_done:
+            # The client asked for the close (Terminate or EOF), or the server's FATAL already
+            # told it why: another error of ours after that would not be what PostgreSQL sends.
             self.close()
             return
         self.log.warning("upstream_closed", in_transaction=self.tracker.status != b"I")
@@ -559,6 +597,13 @@ class Session:
             "transaction_status": self.tracker.status.decode(),
             "pending_cycles": self.tracker.cycles + len(self.tracker.queue or ()),
         }
+
+
+def _is_fatal(buf: bytes, start: int) -> bool:
+    """True when the ErrorResponse at ``start`` has severity FATAL or PANIC."""
+    fields = dict(m.parse_fields(buf[start + 5 : frame_end(buf, start)]))
+    severity = fields.get(m.FIELD_SEVERITY_NONLOCALIZED, fields.get(m.FIELD_SEVERITY, b""))
+    return severity in (b"FATAL", b"PANIC")
 
 
 _REPLY_KINDS: Final = frozenset(

@@ -1,0 +1,48 @@
+-- errors of several SQLSTATEs, with position, detail, hint, context, schema/table/constraint
+CREATE TABLE e (id int PRIMARY KEY, ref int, v text NOT NULL, n int CHECK (n < 10));
+CREATE TABLE e_ref (id int PRIMARY KEY);
+INSERT INTO e_ref VALUES (1);
+ALTER TABLE e ADD FOREIGN KEY (ref) REFERENCES e_ref (id);
+INSERT INTO e VALUES (1, 1, 'one', 1);
+SELEC 1;
+SELECT 1 +;
+SELECT * FROM nowhere;
+SELECT no_column FROM e;
+SELECT 1 / 0;
+SELECT 1.0 / 0;
+INSERT INTO e VALUES (1, NULL, 'dup', 2);
+INSERT INTO e VALUES (2, 99, 'fk', 2);
+INSERT INTO e VALUES (3, NULL, NULL, 2);
+INSERT INTO e VALUES (4, NULL, 'check', 20);
+SELECT 'abc'::int;
+SELECT 99999999999::int;
+SELECT lower(42);
+SELECT length(1, 2, 3);
+SELECT * FROM e WHERE id = 'x';
+SELECT date '2024-02-30';
+SELECT '{"a":'::jsonb;
+SELECT repeat('x', -1) || (SELECT v FROM e WHERE id > 0);
+SELECT (SELECT id FROM (VALUES (1), (2)) v (id));
+SELECT * FROM generate_series(1, 3) g GROUP BY 1 HAVING g > 'a';
+DELETE FROM e_ref WHERE id = 1;
+SET statement_timeout = '50ms';
+SELECT pg_sleep(5);
+RESET statement_timeout;
+SELECT 1 FROM pg_class WHERE relname = (SELECT relname FROM pg_class);
+CREATE FUNCTION fails(x int) RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  RETURN 10 / x;
+END $$;
+SELECT fails(0);
+SELECT fails(g) FROM generate_series(1, 0, -1) g;
+ALTER TABLE e ALTER COLUMN v TYPE int;
+SELECT pg_read_file('/no/such/file');
+SELECT * FROM pg_stat_activity, e WHERE false FOR UPDATE;
+VACUUM (FULL, ANALYSE, nonsense) e;
+BEGIN;
+VACUUM e;
+ROLLBACK;
+SELECT 'x' ~ '(';
+SELECT xmlparse(document '<unclosed>');
+SELECT numeric_in('1e99999', 0, -1);
+SELECT * FROM e ORDER BY id;

@@ -1,0 +1,22 @@
+-- LISTEN/NOTIFY: psql prints notifications after each command (the sender pid is normalised)
+LISTEN events;
+LISTEN "Mixed Case";
+NOTIFY events;
+NOTIFY events, 'with payload';
+SELECT pg_notify('Mixed Case', 'from pg_notify');
+BEGIN;
+NOTIFY events, 'delivered at commit';
+NOTIFY events, 'delivered at commit';
+NOTIFY events, 'second distinct';
+SELECT 'inside the transaction';
+COMMIT;
+BEGIN;
+NOTIFY events, 'rolled back: never delivered';
+ROLLBACK;
+SELECT pg_notify('events', repeat('p', 7999));
+UNLISTEN events;
+NOTIFY events, 'not listening any more';
+SELECT pg_notify('events', repeat('p', 8000));
+UNLISTEN *;
+NOTIFY "Mixed Case", 'nobody listens';
+SELECT 'done';

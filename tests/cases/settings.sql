@@ -1,0 +1,50 @@
+-- SET/SHOW/RESET and the ParameterStatus messages some settings produce
+SHOW application_name;
+SHOW work_mem;
+SHOW TimeZone;
+SHOW DateStyle;
+SET application_name = 'renamed in session';
+SHOW application_name;
+SET DateStyle = 'German';
+SELECT date '2024-02-29', timestamp '2024-02-29 13:14:15';
+SET DateStyle TO ISO, DMY;
+SELECT date '2024-02-29';
+SET TimeZone = 'America/New_York';
+SELECT timestamptz '2024-07-01 12:00:00+00';
+SET TIME ZONE LOCAL;
+SELECT timestamptz '2024-07-01 12:00:00+00';
+SET IntervalStyle = 'postgres_verbose';
+SELECT interval '1 day 2 hours 3 minutes';
+SET IntervalStyle = iso_8601;
+SELECT interval '1 day 2 hours 3 minutes';
+SET extra_float_digits = 0;
+SELECT 0.1::float8 + 0.2::float8;
+RESET extra_float_digits;
+SELECT 0.1::float8 + 0.2::float8;
+\echo :ENCODING
+SET client_encoding = 'LATIN1';
+\echo :ENCODING
+SELECT 'caf' || chr(233) AS latin1_text;
+SET client_encoding = 'UTF8';
+\echo :ENCODING
+SELECT chr(8364) AS euro;
+SET standard_conforming_strings = off;
+SELECT 'a\\b' AS escaped;
+RESET standard_conforming_strings;
+SELECT 'a\\b' AS literal;
+SET search_path = nowhere, public;
+SHOW search_path;
+SET no_such_setting = 1;
+SET work_mem = 'lots';
+SET statement_timeout = -5;
+SHOW no_such_setting;
+SET myapp.custom = 'custom value';
+SHOW myapp.custom;
+SELECT current_setting('myapp.custom'), current_setting('myapp.absent', true);
+SELECT set_config('application_name', 'via set_config', false);
+SHOW application_name;
+RESET ALL;
+SHOW application_name;
+SHOW DateStyle;
+SET SESSION AUTHORIZATION DEFAULT;
+SELECT current_user = session_user AS same_user;

@@ -1,0 +1,67 @@
+-- transactions, savepoints, errors inside them, deferred constraints, isolation
+CREATE TABLE acct (id int PRIMARY KEY, balance int NOT NULL CHECK (balance >= 0));
+INSERT INTO acct VALUES (1, 100), (2, 50);
+BEGIN;
+UPDATE acct SET balance = balance - 30 WHERE id = 1;
+UPDATE acct SET balance = balance + 30 WHERE id = 2;
+COMMIT;
+SELECT * FROM acct ORDER BY id;
+BEGIN;
+UPDATE acct SET balance = 0;
+ROLLBACK;
+SELECT * FROM acct ORDER BY id;
+-- savepoints
+BEGIN;
+INSERT INTO acct VALUES (3, 10);
+SAVEPOINT a;
+INSERT INTO acct VALUES (4, 20);
+SAVEPOINT b;
+INSERT INTO acct VALUES (4, 99);
+ROLLBACK TO SAVEPOINT b;
+INSERT INTO acct VALUES (5, 30);
+RELEASE SAVEPOINT a;
+SAVEPOINT c;
+UPDATE acct SET balance = -1 WHERE id = 5;
+ROLLBACK TO c;
+COMMIT;
+SELECT * FROM acct ORDER BY id;
+-- an error aborts the transaction until its end; COMMIT then reports ROLLBACK
+BEGIN;
+INSERT INTO acct VALUES (6, 60);
+SELECT * FROM missing_table;
+SELECT 1;
+SAVEPOINT too_late;
+COMMIT;
+SELECT count(*) FROM acct WHERE id = 6;
+ROLLBACK;
+COMMIT;
+RELEASE SAVEPOINT nope;
+-- deferred constraint failing at COMMIT
+CREATE TABLE parent (id int PRIMARY KEY);
+CREATE TABLE child (pid int REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+BEGIN;
+INSERT INTO child VALUES (42);
+SELECT 'still fine';
+COMMIT;
+SELECT count(*) FROM child;
+-- isolation levels, read only, SET LOCAL, SET TRANSACTION after a query
+BEGIN ISOLATION LEVEL SERIALIZABLE, READ ONLY;
+SHOW transaction_isolation;
+SET LOCAL statement_timeout = '5min';
+SHOW statement_timeout;
+INSERT INTO acct VALUES (7, 1);
+COMMIT;
+SHOW statement_timeout;
+BEGIN;
+SELECT 1;
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ;
+END;
+START TRANSACTION;
+DECLARE c CURSOR FOR SELECT g FROM generate_series(1, 10) g;
+FETCH 3 FROM c;
+MOVE 2 IN c;
+FETCH NEXT FROM c;
+FETCH BACKWARD 1 FROM c;
+CLOSE c;
+COMMIT;
+DECLARE outside CURSOR FOR SELECT 1;
