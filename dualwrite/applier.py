@@ -53,6 +53,7 @@ _OUTBOX_STATS = """
 SELECT mapping, count(*) AS depth, extract(epoch FROM now() - min(enqueued_at)) AS age
 FROM dualwrite.outbox GROUP BY mapping
 """
+_PENDING = "SELECT EXISTS (SELECT FROM dualwrite.outbox WHERE mapping = ANY($1::text[]))"
 _DEAD_LETTER_COUNTS = "SELECT mapping, count(*) AS n FROM dualwrite.dead_letters GROUP BY mapping"
 
 #: SQLSTATE classes and codes after which a batch is retried as is, not dead-lettered
@@ -298,8 +299,15 @@ class Applier:
         async with asyncio.timeout(within_seconds):
             while True:
                 claimed = 0
+                active = [m.name for m in self.mappings if not self.states.is_paused(m.name)]
                 for mapping in self.mappings:
-                    if not self.states.is_paused(mapping.name):
+                    if mapping.name in active:
                         claimed += (await self.apply_batch(mapping)).claimed
                 if claimed == 0:
-                    return
+                    # Nothing claimable; keys may still be claimed by another applier
+                    # (SKIP LOCKED passed them by): empty means empty, so wait for it.
+                    async with self.pool.acquire() as conn:
+                        pending = await conn.fetchval(_PENDING, active)
+                    if not pending:
+                        return
+                    await asyncio.sleep(self.config.poll_interval_seconds)

@@ -26,8 +26,10 @@ def repair_error(
     """An ErrorResponse with its position mapped back; counts failures of the mirror part."""
     fields = m.parse_fields(body)
     if reply is not None and reply.targets:
+        schema = next((v for c, v in fields if c == ord("s")), b"")
         table = next((v for c, v in fields if c == ord("t")), None)
-        if table is not None and table.decode("utf-8", "replace") in reply.targets:
+        where = (schema.decode("utf-8", "replace"), (table or b"").decode("utf-8", "replace"))
+        if table is not None and where in reply.targets:
             for name in reply.mappings:
                 metrics.MIRROR_FAILURES.labels(name, "statement").inc()
                 if recorder is not None:

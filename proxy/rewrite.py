@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from pglast import parser as pgparser
 
+from dualwrite import metrics
 from dualwrite.control import MappingStates
 from dualwrite.mapping import CompiledMapping, read_columns
 from dualwrite.sqltext import QualifiedName, quote_ident, utf8_literal
@@ -41,10 +42,16 @@ COLUMN_PREFIX: Final = "__dualwrite_c"
 
 PASS, REWRITE, UNMIRRORED, REJECT = "pass", "rewrite", "unmirrored", "reject"
 
+_CACHE_HIT: Final = metrics.REWRITE_CACHE.labels("hit")
+_CACHE_MISS: Final = metrics.REWRITE_CACHE.labels("miss")
+
 _WRITE_NODES: Final = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _TAGS: Final = {"InsertStmt": b"INSERT 0 ", "UpdateStmt": b"UPDATE ", "DeleteStmt": b"DELETE "}
 _OPERATIONS: Final = {"InsertStmt": "insert", "UpdateStmt": "update", "DeleteStmt": "delete"}
 _KEYWORDS: Final = {"InsertStmt": "INSERT", "UpdateStmt": "UPDATE", "DeleteStmt": "DELETE_P"}
+
+#: what PostgreSQL's scanner calls comments (they are kept as tokens by pglast's scan)
+_COMMENT_TOKENS: Final = frozenset({"C_COMMENT", "SQL_COMMENT"})
 
 _REASON_BY_OUTER: Final = {"PrepareStmt": "prepare", "ExplainStmt": "explain"}
 
@@ -75,8 +82,9 @@ class StatementReply:
     #: columns the rewrite appended to the application's RETURNING list
     extra_columns: int
     mappings: tuple[str, ...]
-    #: targets written in the same statement (sync mode): their errors are mirror failures
-    targets: frozenset[str]
+    #: (schema, table) of targets written in the same statement (sync mode): their errors
+    #: are mirror failures. Both parts: a target often has its source's table name.
+    targets: frozenset[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,16 @@ def _without_comments(text: str) -> str:
     """
     if "--" not in text and "/*" not in text:
         return text
-    return " ".join(text[t.start : t.end + 1] for t in pgparser.scan(text))
+    return " ".join(
+        text[t.start : t.end + 1] for t in pgparser.scan(text) if t.name not in _COMMENT_TOKENS
+    )
+
+
+def _needles(name: str) -> tuple[bytes, ...]:
+    """How a table name can appear in statement bytes, lower-cased the way ``candidate`` lowers
+    them (ASCII only): as is, and quoted, where a ``"`` in the name is written twice."""
+    raw = name.encode("utf-8")
+    return tuple({raw.lower(), raw.replace(b'"', b'""').lower()})
 
 
 def _explain_executes(fields: dict[str, Any]) -> bool:
@@ -200,7 +217,7 @@ class Rewriter:
         #: unqualified relation name -> the table it means under the configured search_path
         self.unqualified = unqualified
         #: lower-cased table names that make a statement worth a closer look
-        self.needles = tuple({s.name.lower().encode() for s in self.by_source})
+        self.needles = tuple({n for s in self.by_source for n in _needles(s.name)})
         self._shapes: OrderedDict[tuple[str, int], tuple[Template, ...] | None] = OrderedDict()
         self._texts: OrderedDict[tuple[str, int], Rewritten | None] = OrderedDict()
         self._cache_size = cache_size
@@ -221,6 +238,7 @@ class Rewriter:
         if cached is not False:
             self._texts.move_to_end(key)
             self.hits += 1
+            _CACHE_HIT.inc()
             return cached  # type: ignore[return-value]
         result = self._rewrite_uncached(text)
         self._remember(self._texts, key, result)
@@ -246,8 +264,10 @@ class Rewriter:
         if cached is not False:
             self._shapes.move_to_end(key)
             self.hits += 1
+            _CACHE_HIT.inc()
             return cached  # type: ignore[return-value]
         self.misses += 1
+        _CACHE_MISS.inc()
         tree = json.loads(pgparser.parse_sql_json(text))
         templates = tuple(self._analyze(s.get("stmt", {})) for s in tree.get("stmts", []))
         result = templates or None
@@ -260,11 +280,11 @@ class Rewriter:
             cache.popitem(last=False)
 
     def _unparseable(self, text: str) -> Template:
-        lowered = text.lower().encode()
+        lowered = text.encode("utf-8", "surrogateescape").lower()
         names = tuple(
             m.name
             for source, maps in self.by_source.items()
-            if source.name.lower().encode() in lowered
+            if any(needle in lowered for needle in _needles(source.name))
             for m in maps
         )
         return self._unsupported("unparseable", names)
@@ -389,10 +409,12 @@ class Rewriter:
             reply=reply,
         )
 
-    def _mirror_ctes(self, node: str, mappings: list[CompiledMapping]) -> tuple[str, set[str]]:
+    def _mirror_ctes(
+        self, node: str, mappings: list[CompiledMapping]
+    ) -> tuple[str, set[tuple[str, str]]]:
         """The CTEs after ``__dualwrite_src``; and the target tables written in-statement."""
         parts: list[str] = []
-        targets: set[str] = set()
+        targets: set[tuple[str, str]] = set()
         outbox: list[str] = []
         for mapping in mappings:
             sync = mapping.mode == "sync" and not self.states.is_paused(mapping.name)
@@ -400,7 +422,7 @@ class Rewriter:
                 outbox.append(mapping.outbox_rows_sql(SRC_CTE))
                 continue
             assert mapping.target is not None
-            targets.add(mapping.target.name)
+            targets.add((mapping.target.schema, mapping.target.name))
             n = len(parts)
             if node == "DeleteStmt":
                 parts.append(
@@ -421,9 +443,13 @@ class Rewriter:
     # --- splicing (per statement text) -------------------------------------------------------
 
     def _splice(self, text: str, templates: tuple[Template, ...]) -> Rewritten:
-        slices = pgparser.split(text, with_parser=True, only_slices=True)
+        try:
+            slices = pgparser.split(text, with_parser=True, only_slices=True)
+        except pgparser.ParseError:
+            slices = ()  # unparseable: the whole text is one unsupported statement
         if len(slices) != len(templates):
-            # Cannot happen with one parser; refuse to guess where statements are.
+            # Unparseable text, or (cannot happen with one parser) a disagreement about
+            # where statements are: never guess, apply the unsupported policy to all of it.
             template = self._unparseable(text)
             return Rewritten(
                 self._reject_sql(template) if template.action == REJECT else text,
