@@ -65,6 +65,8 @@ async def validate_mapping(
     mapping: CompiledMapping,
     search_path: Sequence[str],
     target_conn: asyncpg.Connection | None = None,
+    *,
+    require_functions: bool = True,
 ) -> CompiledMapping:
     """Check one mapping against the database; return it bound to the catalog.
 
@@ -137,6 +139,8 @@ async def validate_mapping(
     )
     if target_conn is None:
         await _prepare_generated_sql(conn, bound, fail)
+        if require_functions and mapping.mode == "sync":
+            await _check_delete_function(conn, bound, fail)
     else:
         await _prepare_cross_database_sql(conn, target_conn, bound, fail)
     return bound
@@ -175,7 +179,6 @@ async def _prepare_generated_sql(
             or "true",
         ),
         "upsert into target": mapping.upsert_from_sql(source.sql),
-        "delete from target": mapping.delete_from_sql(source.sql, only_filtered_out=True),
         "apply keys": mapping.apply_keys_sql("$1::jsonb", None),
         "apply keys (locked)": mapping.apply_keys_sql("$1::jsonb", "$2::jsonb"),
     }
@@ -184,6 +187,26 @@ async def _prepare_generated_sql(
             await conn.prepare(sql)
         except asyncpg.PostgresError as exc:
             raise fail(f"{what}: {exc}") from None
+
+
+async def _check_delete_function(
+    conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
+) -> None:
+    """The sync-mode delete function exists and matches this mapping (setup made it)."""
+    source, _, _ = mapping._need_bound()
+    body = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)",
+        f"{mapping.delete_function.sql}(jsonb)",
+    )
+    if body != mapping.delete_function_body():
+        state = "is missing" if body is None else "does not match the mapping"
+        raise fail(
+            f"function {mapping.delete_function} {state}: run `dualwrite setup --config FILE`"
+        )
+    try:
+        await conn.prepare(mapping.delete_call_sql(source.sql, only_filtered_out=True))
+    except asyncpg.PostgresError as exc:
+        raise fail(f"delete function call: {exc}") from None
 
 
 async def _prepare_cross_database_sql(
@@ -211,13 +234,22 @@ async def validate_all(
     mappings: Sequence[CompiledMapping],
     search_path: Sequence[str],
     connect_target: TargetConnector | None = None,
+    *,
+    require_functions: bool = True,
 ) -> list[CompiledMapping]:
-    """Validate every mapping; also refuse a table that is both a source and a target."""
+    """Validate every mapping; also refuse a table that is both a source and a target.
+
+    ``require_functions`` is false only for ``setup``, which creates them after this.
+    """
     bound = []
     for mapping in mappings:
         dsn = mapping.config.target_dsn
         if dsn is None:
-            bound.append(await validate_mapping(conn, mapping, search_path))
+            bound.append(
+                await validate_mapping(
+                    conn, mapping, search_path, require_functions=require_functions
+                )
+            )
             continue
         if connect_target is None:
             raise MappingValidationError(

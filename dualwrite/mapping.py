@@ -15,6 +15,7 @@ any key type, independent of the session's DateStyle.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -33,6 +34,8 @@ from dualwrite.sqltext import (
 SRC = "src"
 #: alias of the target row in every generated statement
 TGT = "tgt"
+#: parameter of the sync-mode delete functions (named so no target column can shadow it)
+DELETE_KEYS_PARAM = "_dualwrite_keys"
 #: column types without an equality operator: compared as text when deciding to update
 _NO_EQUALITY = frozenset({"xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
 
@@ -172,20 +175,47 @@ class CompiledMapping:
             return f"{ref}::text"
         return ref
 
-    def delete_from_sql(self, from_sql: str, *, only_filtered_out: bool) -> str:
-        """DELETE the target rows keyed by ``from_sql``'s rows (only those the filter rejects)."""
+    # A sync-mode statement deletes target rows through a function, not a DELETE in its own
+    # WITH list: every part of one statement shares one snapshot, and a DELETE there cannot
+    # see a target row that a concurrent transaction committed after that snapshot was taken
+    # (a move into the target, waited for on the source row's lock). A VOLATILE function's
+    # statements take a fresh snapshot under READ COMMITTED, so the delete sees that row.
+
+    @property
+    def delete_function(self) -> QualifiedName:
+        """The per-mapping function ``setup`` creates for sync-mode deletes."""
+        name = f"mirror_delete__{self.name}"
+        if len(name) > 63:
+            name = f"mirror_delete__{hashlib.sha256(self.name.encode()).hexdigest()[:16]}"
+        return QualifiedName("dualwrite", name)
+
+    def delete_function_body(self) -> str:
+        """The PL/pgSQL body of :attr:`delete_function` (compared by validation)."""
         _, target, _ = self._need_bound()
-        keys = ", ".join(
-            f"{expr} AS {quote_ident(f'k{i + 1}')}" for i, expr in enumerate(self.key_exprs())
-        )
-        cond = f"WHERE NOT {self.filter_sql()}" if only_filtered_out else ""
         return (
-            f"DELETE FROM {target.sql} AS {TGT} USING (SELECT {keys} FROM {from_sql} AS {SRC} "
-            f"{cond}) AS d WHERE ({self.target_key_list(TGT)}) = ({self._d_keys()})"
+            "\nDECLARE deleted bigint;\nBEGIN\n"
+            f"  DELETE FROM {target.sql} AS {TGT} WHERE ({self.target_key_list(TGT)}) IN "
+            f"({self.keys_from_json_sql(DELETE_KEYS_PARAM)});\n"
+            "  GET DIAGNOSTICS deleted = ROW_COUNT;\n  RETURN deleted;\nEND\n"
         )
 
-    def _d_keys(self) -> str:
-        return ", ".join(f"d.{quote_ident(f'k{i + 1}')}" for i in range(len(self.key)))
+    def delete_function_ddl(self) -> str:
+        """CREATE OR REPLACE of the mapping's delete function (idempotent)."""
+        return (
+            f"CREATE OR REPLACE FUNCTION {self.delete_function.sql}({DELETE_KEYS_PARAM} jsonb) "
+            "RETURNS bigint "
+            "LANGUAGE plpgsql VOLATILE SECURITY INVOKER "
+            "SET search_path = pg_catalog, pg_temp "
+            f"AS $dualwrite${self.delete_function_body()}$dualwrite$"
+        )
+
+    def delete_call_sql(self, from_sql: str, *, only_filtered_out: bool) -> str:
+        """One row: the target rows keyed by ``from_sql``'s rows deleted (filtered-out only)."""
+        cond = f"WHERE NOT {self.filter_sql()}" if only_filtered_out else ""
+        return (
+            f"SELECT {self.delete_function.sql}(coalesce(jsonb_agg({self.key_json_sql()}), "
+            f"'[]'::jsonb)) AS deleted FROM {from_sql} AS {SRC} {cond}"
+        )
 
     def outbox_rows_sql(self, from_sql: str) -> str:
         """``SELECT mapping, key`` rows to capture in the outbox for ``from_sql``'s rows."""

@@ -87,11 +87,13 @@ async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
 
 
 async def validated_mappings(
-    conn: asyncpg.Connection, config: Config
+    conn: asyncpg.Connection, config: Config, *, require_functions: bool = True
 ) -> tuple[list[CompiledMapping], dict[str, Any]]:
     """Compile, validate and bind every mapping; also resolve unqualified source names."""
     compiled = compile_all(config)
-    bound = await validate_all(conn, compiled, config.search_path, asyncpg.connect)
+    bound = await validate_all(
+        conn, compiled, config.search_path, asyncpg.connect, require_functions=require_functions
+    )
     names = sorted({m.source.name for m in bound if m.source is not None})
     unqualified = await resolve_unqualified(conn, names, config.search_path)
     return bound, unqualified
@@ -125,7 +127,10 @@ async def setup(config: Config) -> list[str]:
             if applied
             else "control schema: already current"
         ]
-        mappings, _ = await validated_mappings(conn, config)
+        mappings, _ = await validated_mappings(conn, config, require_functions=False)
+        for mapping in mappings:
+            if not mapping.cross_database:
+                await conn.execute(mapping.delete_function_ddl())
         lines += [f"mapping {m.name}: {m.source} -> {m.target} ({m.mode}) ok" for m in mappings]
         if config.app_role:
             for statement in await grant(conn, config.app_role, mappings):

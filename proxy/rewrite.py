@@ -382,8 +382,14 @@ class Rewriter:
         renames = ", ".join(
             f"{COLUMN_PREFIX}{i + 1} AS {quote_ident(c)}" for i, c in enumerate(columns)
         )
-        mirrors, targets = self._mirror_ctes(node, mappings)
-        outer = f"SELECT * FROM {CTE}" if returning else f"SELECT count(*) FROM {CTE}"
+        mirrors, targets, deletes = self._mirror_ctes(node, mappings)
+        # The one-row join makes the delete CTEs run; it changes neither rows nor count.
+        done = (
+            f", (SELECT 1 FROM {', '.join(deletes)}) AS {CTE}_done" if deletes else ""
+        )
+        outer = (
+            f"SELECT {CTE}.* FROM {CTE}{done}" if returning else f"SELECT count(*) FROM {CTE}{done}"
+        )
         has_with = bool(fields.get("withClause"))
         prefix = f",\n{CTE} AS (\n" if has_with else f"WITH {CTE} AS (\n"
         suffix = (
@@ -411,11 +417,14 @@ class Rewriter:
 
     def _mirror_ctes(
         self, node: str, mappings: list[CompiledMapping]
-    ) -> tuple[str, set[tuple[str, str]]]:
-        """The CTEs after ``__dualwrite_src``; and the target tables written in-statement."""
+    ) -> tuple[str, set[tuple[str, str]], list[str]]:
+        """The CTEs after ``__dualwrite_src``; the target tables written in-statement; and the
+        names of the CTEs that delete through a function (the outer query must read them,
+        or PostgreSQL would not run them)."""
         parts: list[str] = []
         targets: set[tuple[str, str]] = set()
         outbox: list[str] = []
+        deletes: list[str] = []
         for mapping in mappings:
             sync = mapping.mode == "sync" and not self.states.is_paused(mapping.name)
             if not sync:
@@ -425,20 +434,17 @@ class Rewriter:
             targets.add((mapping.target.schema, mapping.target.name))
             n = len(parts)
             if node == "DeleteStmt":
-                parts.append(
-                    f"{CTE}_m{n} AS ({mapping.delete_from_sql(SRC_CTE, only_filtered_out=False)})"
-                )
+                deletes.append(mapping.delete_call_sql(SRC_CTE, only_filtered_out=False))
                 continue
             parts.append(f"{CTE}_m{n} AS ({mapping.upsert_from_sql(SRC_CTE)})")
             if mapping.filter is not None:
-                parts.append(
-                    f"{CTE}_m{n + 1} AS "
-                    f"({mapping.delete_from_sql(SRC_CTE, only_filtered_out=True)})"
-                )
+                deletes.append(mapping.delete_call_sql(SRC_CTE, only_filtered_out=True))
         if outbox:
             rows = " UNION ALL ".join(outbox)
             parts.append(f"{CTE}_o AS (INSERT INTO dualwrite.outbox (mapping, key) {rows})")
-        return "".join(f",\n{p}" for p in parts), targets
+        names = [f"{CTE}_d{i}" for i in range(len(deletes))]
+        parts += [f"{name} AS ({sql})" for name, sql in zip(names, deletes, strict=True)]
+        return "".join(f",\n{p}" for p in parts), targets, names
 
     # --- splicing (per statement text) -------------------------------------------------------
 

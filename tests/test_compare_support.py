@@ -1,8 +1,8 @@
 """Helpers shared by the tests/test_compare_* files (this module holds no tests).
 
-A test builds its tables with SQL, a config dict for them, installs the control schema with
-``dualwrite.control.install`` and binds its mappings with ``dualwrite.service.validated_mappings``,
-exactly what ``dualwrite setup`` does.
+A test builds its tables with SQL and a config dict for them, runs ``dualwrite.service.setup``
+(what ``dualwrite setup`` runs) and binds its mappings with
+``dualwrite.service.validated_mappings``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import yaml
 
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
 from dualwrite.config import Config, parse_config
-from dualwrite.control import install
 from dualwrite.mapping import CompiledMapping
-from dualwrite.service import validated_mappings
+from dualwrite.service import setup, validated_mappings
 
 
 def config_data(dsn: str, mappings: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
@@ -43,9 +42,9 @@ def config_data(dsn: str, mappings: list[dict[str, Any]], **sections: Any) -> di
 async def prepare(data: dict[str, Any]) -> tuple[Config, dict[str, CompiledMapping]]:
     """``dualwrite setup`` for a config dict: install the control schema, bind the mappings."""
     config = parse_config(data)
+    await setup(config)
     conn = await asyncpg.connect(config.service_dsn)
     try:
-        await install(conn)
         mappings, _ = await validated_mappings(conn, config)
     finally:
         await conn.close()

@@ -76,13 +76,12 @@ def check_tally(tally: pos.WorkloadTally) -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "outbox"])
 def test_concurrent_clients_leave_every_target_equal_to_the_mapping(db, sidecar, mode):
-    """In sync mode each client moves and deletes only its own users: two transactions moving
-    the same user at once leave a stale row in sync mode (the xfail test below); every other
-    statement, and in outbox mode every statement, hits rows of all clients."""
+    """Every client moves, updates and deletes rows of all clients, in both modes (two
+    transactions moving the same user at once: see the racing test below)."""
     config = prepare(db, mode)
     handle = sidecar({**config, "applier": {"poll_interval_seconds": 0.05, "workers": 2}})
     workload = pos.Workload(
-        lambda: handle.dsn(user=pos.APP_ROLE), clients=12, shared=mode == "outbox"
+        lambda: handle.dsn(user=pos.APP_ROLE), clients=12, shared=True
     ).start()
     try:
         for _ in range(4):
@@ -104,19 +103,7 @@ def test_concurrent_clients_leave_every_target_equal_to_the_mapping(db, sidecar,
 
 @pytest.mark.parametrize(
     "mode",
-    [
-        pytest.param(
-            "sync",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="sync mode, READ COMMITTED: the mirror's DELETE of a key moved out of "
-                "(or deleted from) a filtered target runs on the statement's snapshot; a row "
-                "that a concurrent transaction moved into that target after the snapshot is "
-                "invisible to it and stays behind",
-            ),
-        ),
-        "outbox",
-    ],
+    ["sync", "outbox"],
 )
 def test_a_move_racing_a_concurrent_move_of_the_same_user(db, sidecar, mode):
     """A moves a user into customers and holds the lock; B, whose snapshot is older, waits on
