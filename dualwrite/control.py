@@ -235,6 +235,12 @@ async def grant(
         f"GRANT INSERT ON {SCHEMA}.outbox TO {who}",
     ]
     for mapping in mappings:
+        if mapping.source is not None and mapping.catalog is not None:
+            # The rewrite adds RETURNING of the columns the mapping reads: an insert-only
+            # role (an audit writer) needs SELECT on exactly those columns.
+            columns = ", ".join(quote_ident(c) for c in mapping.catalog.source_columns_read)
+            if columns:
+                statements.append(f"GRANT SELECT ({columns}) ON {mapping.source.sql} TO {who}")
         if mapping.mode == "sync" and mapping.target is not None:
             # A sync-mode statement writes the target as the application's own role.
             statements.append(

@@ -231,6 +231,11 @@ class Session:
             metrics.PROTOCOL_ERRORS.labels("malformed").inc()
             self.log.warning("protocol_violation", reason=str(exc))
             self.refuse(exc.sqlstate, str(exc), None)
+        except Exception:
+            # A bug of ours: the connection's protocol state is unknown now, so end it the
+            # way PostgreSQL ends a session it cannot continue, rather than dropping it.
+            self.log.exception("internal_error")
+            self.refuse("XX000", "dualwrite: internal error; the connection was closed", None)
 
     def _client_lost(self, exc: Exception | None) -> None:
         if self.state != CLOSED:
