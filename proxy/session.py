@@ -490,6 +490,8 @@ class Session:
         client = self.client.transport
         if client is None or client.is_closing():
             return
+        if m.AUTHENTICATION in kinds and self._upstream_tls():
+            buf, ready, kinds, starts = self._without_channel_binding(buf, ready, kinds, starts)
         for typ, start in zip(kinds, starts, strict=True):
             if typ == m.BACKEND_KEY_DATA:
                 end = frame_end(buf, start)
@@ -505,6 +507,33 @@ class Session:
                     self._send_after_auth(buf[end:ready])
                 return
         client.write(buf if ready == len(buf) else buf[:ready])
+
+    def _upstream_tls(self) -> bool:
+        upstream = self.upstream.transport
+        return upstream is not None and upstream.get_extra_info("ssl_object") is not None
+
+    def _without_channel_binding(
+        self, buf: bytes, ready: int, kinds: bytes, starts: list[int]
+    ) -> tuple[bytes, int, bytes, list[int]]:
+        """Drop SCRAM-SHA-256-PLUS from the server's offer.
+
+        Over a TLS upstream the server offers channel binding, but the client's own connection
+        (to the proxy) is plain text: libpq rightly refuses a -PLUS offer there as a downgrade.
+        Without it the client binds nothing and says so ('n'), which the server accepts.
+        """
+        pieces: list[bytes] = []
+        run = 0
+        for typ, start in zip(kinds, starts, strict=True):
+            end = frame_end(buf, start)
+            if typ == m.AUTHENTICATION and m.auth_code(buf[start + 5 : end]) == m.AUTH_SASL:
+                pieces += [buf[run:start], m.sasl_without_plus(buf[start + 5 : end])]
+                run = end
+        if not pieces:
+            return buf, ready, kinds, starts
+        # Only whole frames (buf[:ready]) are rebuilt; what follows stays in the scanner.
+        rebuilt = b"".join([*pieces, buf[run:ready]])
+        found = FrameScanner(_SERVER_TABLE).feed(rebuilt)
+        return rebuilt, len(rebuilt), found[2], found[3]
 
     def _send_after_auth(self, rest: bytes) -> None:
         scanner = FrameScanner(_SERVER_TABLE)

@@ -62,6 +62,14 @@ SSL_REQUEST_CODE: Final = 80877103
 GSSENC_REQUEST_CODE: Final = 80877104
 
 AUTH_OK: Final = 0
+AUTH_SASL: Final = 10
+
+
+def sasl_without_plus(body: bytes) -> bytes:
+    """An AuthenticationSASL frame offering only the mechanisms without channel binding."""
+    mechanisms = [name for name in body[4:].split(b"\x00") if name]
+    kept = [name for name in mechanisms if not name.endswith(b"-PLUS")]
+    return frame(b"R", body[:4] + b"".join(name + b"\x00" for name in kept) + b"\x00")
 
 _INT16 = struct.Struct("!h")
 _INT32 = struct.Struct("!i")
