@@ -39,6 +39,9 @@ def session_settings(config: Config, *, read_only: bool, role: str) -> dict[str,
     if read_only:
         settings["default_transaction_isolation"] = "repeatable read"
         settings["default_transaction_read_only"] = "on"
+        # The chunk statement's plan does not depend on its key bounds (index range scans
+        # and a merge join): plan it once instead of once per chunk (~5% of a chunk).
+        settings["plan_cache_mode"] = "force_generic_plan"
     else:
         # sync_keys' statements are prepared once per session while a backfill grows the
         # target from empty: a generic plan made when it was empty would seq-scan it forever.
