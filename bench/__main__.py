@@ -12,6 +12,8 @@ import sys
 #: benchmark name -> module holding its ``main(argv)``; imported only when chosen
 BENCHMARKS: dict[str, str] = {
     "relay": "bench.relay",
+    "mirror": "bench.mirror",
+    "compare": "bench.compare",
 }
 
 
