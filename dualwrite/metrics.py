@@ -8,7 +8,7 @@ bounded however many clients, users or databases connect.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily
@@ -54,6 +54,7 @@ class HotCounters(Collector):
         self.bytes_client_to_upstream = 0
         self.bytes_upstream_to_client = 0
         self.statements = {"read": 0, "write": 0, "other": 0}
+        self.rewrite_cache = {"hit": 0, "miss": 0}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         traffic = CounterMetricFamily(
@@ -72,6 +73,26 @@ class HotCounters(Collector):
         for kind, count in self.statements.items():
             statements.add_metric([kind], count)
         yield statements
+        cache = CounterMetricFamily(
+            "dualwrite_rewrite_cache",
+            "Statement analyses answered from the shape cache or computed",
+            labels=["result"],
+        )
+        for result, count in self.rewrite_cache.items():
+            cache.add_metric([result], count)
+        yield cache
+
+
+_CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once: labels() takes a lock on every call."""
+    key = (id(metric), labels)
+    found = _CHILDREN.get(key)
+    if found is None:
+        found = _CHILDREN[key] = metric.labels(*labels)
+    return found
 
 
 HOT: Final = HotCounters()
@@ -119,11 +140,6 @@ REJECTED_STATEMENTS: Final = Counter(
     "dualwrite_rejected_statements_total",
     "Writes to a mapped table refused (policy reject)",
     ["mapping", "reason"],
-)
-REWRITE_CACHE: Final = Counter(
-    "dualwrite_rewrite_cache_total",
-    "Statement analyses answered from the shape cache or computed",
-    ["result"],  # hit, miss
 )
 MAPPING_PAUSED: Final = Gauge(
     "dualwrite_mapping_paused", "1 while a mapping is paused, else 0", ["mapping"]

@@ -154,13 +154,13 @@ class Frontend:
             text = sql[:200].decode(self.codec, "replace")
             self.statement_log.debug("statement", sql=text, truncated=len(sql) > 200)
 
-    def _plan(self, sql: bytes) -> Rewritten | None:
+    def _plan(self, sql: bytes, *, prepared: bool) -> Rewritten | None:
         self._log_statement(sql)
         rewriter = self.rewriter
         if rewriter is None or not rewriter.candidate(sql):
             return None
         text = sql.decode(self.codec, "surrogateescape")
-        return rewriter.rewrite(text)
+        return rewriter.rewrite(text, remember_text=prepared)
 
     def _encode(self, text: str) -> bytes:
         return text.encode(self.codec, "surrogateescape")
@@ -180,7 +180,7 @@ class Frontend:
     def _query(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         sql = m.parse_query(body)
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
-        rewritten = self._plan(sql)
+        rewritten = self._plan(sql, prepared=False)
         if rewritten is None:
             return None, [m.QUERY]
         self._record_unmirrored(rewritten)
@@ -192,7 +192,7 @@ class Frontend:
     def _parse(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         parse = m.parse_parse(body)
         _STATEMENT_COUNTS[statement_kind(parse.sql)] += 1
-        rewritten = self._plan(parse.sql)
+        rewritten = self._plan(parse.sql, prepared=True)
         if rewritten is None or len(rewritten.statements) != 1:
             self.statements.pop(parse.name, None)
             return None, [m.PARSE]
@@ -225,7 +225,7 @@ class Frontend:
         rewriter = self.rewriter
         if rewriter is None or prepared.version == rewriter.states.version:
             return prepared, b"", []
-        rewritten = self._plan(prepared.sql)
+        rewritten = self._plan(prepared.sql, prepared=True)
         if rewritten is None or len(rewritten.statements) != 1:
             return prepared, b"", []
         fresh = Prepared(

@@ -60,9 +60,9 @@ def _count_value(value: bytes | None, binary: bool) -> int:
 
 def _record_success(reply: StatementReply, rows: int, recorder: ActivityRecorder | None) -> None:
     for name in reply.mappings:
-        metrics.STATEMENTS_REWRITTEN.labels(name, reply.operation).inc()
+        metrics.child(metrics.STATEMENTS_REWRITTEN, name, reply.operation).inc()
         if rows:
-            metrics.ROWS_MIRRORED.labels(name, reply.operation).inc(rows)
+            metrics.child(metrics.ROWS_MIRRORED, name, reply.operation).inc(rows)
         if recorder is not None:
             recorder.mirrored(name, reply.operation, rows)
 

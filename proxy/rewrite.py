@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pglast import parser as pgparser
@@ -35,6 +35,7 @@ from dualwrite import metrics
 from dualwrite.control import MappingStates
 from dualwrite.mapping import CompiledMapping, read_columns
 from dualwrite.sqltext import QualifiedName, quote_ident, utf8_literal
+from proxy.classify import READ, first_keyword, statement_kind
 
 CTE: Final = "__dualwrite"
 SRC_CTE: Final = "__dualwrite_src"
@@ -42,8 +43,7 @@ COLUMN_PREFIX: Final = "__dualwrite_c"
 
 PASS, REWRITE, UNMIRRORED, REJECT = "pass", "rewrite", "unmirrored", "reject"
 
-_CACHE_HIT: Final = metrics.REWRITE_CACHE.labels("hit")
-_CACHE_MISS: Final = metrics.REWRITE_CACHE.labels("miss")
+_CACHE_COUNTS: Final = metrics.HOT.rewrite_cache
 
 _WRITE_NODES: Final = frozenset({"InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"})
 _TAGS: Final = {"InsertStmt": b"INSERT 0 ", "UpdateStmt": b"UPDATE ", "DeleteStmt": b"DELETE "}
@@ -87,9 +87,9 @@ class StatementReply:
     targets: frozenset[tuple[str, str]]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Template:
-    """The cached analysis of one statement shape."""
+    """The cached analysis of one statement shape (treated as immutable once built)."""
 
     action: str
     reason: str | None = None
@@ -100,9 +100,18 @@ class Template:
     prefix: str = ""
     suffix: str = ""
     reply: StatementReply | None = None
+    #: the plan every statement of this shape gets (built once, not per statement)
+    plan: StatementPlan = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.plan = StatementPlan(self.action, self)
 
 
-@dataclass(frozen=True)
+# Built per statement on the hot path: plain slotted classes (a frozen dataclass's __init__
+# goes through object.__setattr__ for every field).
+
+
+@dataclass(slots=True)
 class Insertion:
     """Text the rewrite inserted: at ``at`` (index into the rewritten text), ``length`` chars."""
 
@@ -110,7 +119,7 @@ class Insertion:
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StatementPlan:
     """What happens to one statement of a Query or Parse."""
 
@@ -118,7 +127,7 @@ class StatementPlan:
     template: Template
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Rewritten:
     """The result for one Query or Parse text."""
 
@@ -140,6 +149,30 @@ class Rewritten:
                 return None  # inside text the rewrite added
             shift += insertion.length
         return position - shift
+
+
+def _statement_slices(text: str, statements: int) -> tuple[slice, ...]:
+    """Where each statement of ``text`` starts and ends (without the ``;`` and blanks).
+
+    One statement without comments needs no parser: it spans the text minus surrounding
+    blanks and semicolons (a statement cannot end in a bare ``;`` of its own). Anything else
+    is split by PostgreSQL's parser.
+    """
+    if statements == 1 and "--" not in text and "/*" not in text:
+        stop = len(text.rstrip(" \t\r\n\f\v;"))
+        start = len(text) - len(text.lstrip(" \t\r\n\f\v"))
+        if start < stop:
+            return (slice(start, stop),)
+    return tuple(pgparser.split(text, with_parser=True, only_slices=True))
+
+
+def _single_read(sql: bytes) -> bool:
+    """True for one statement that begins with a read-only keyword (not WITH)."""
+    if statement_kind(sql) != READ or first_keyword(sql) == b"with":
+        return False
+    # A ';' before the end may start a second statement (or sit in a literal: then the
+    # full analysis decides, which is only slower).
+    return b";" not in sql.rstrip(b" \t\r\n;")
 
 
 def _without_comments(text: str) -> str:
@@ -227,21 +260,34 @@ class Rewriter:
     # --- entry points -------------------------------------------------------------------
 
     def candidate(self, sql: bytes) -> bool:
-        """Cheap pre-filter: could this text touch a mapped table at all?"""
+        """Cheap pre-filter: could this text write a mapped table at all?
+
+        A single statement that starts with SELECT, VALUES, TABLE, SHOW or FETCH writes
+        nothing (what functions it calls may, but no rewrite could see that); only text that
+        names a mapped table is looked at further.
+        """
+        if _single_read(sql):
+            return False
         lowered = sql.lower()
         return any(needle in lowered for needle in self.needles)
 
-    def rewrite(self, text: str) -> Rewritten | None:
-        """Plan a Query's or Parse's SQL text; None when nothing in it concerns a mapping."""
+    def rewrite(self, text: str, *, remember_text: bool = True) -> Rewritten | None:
+        """Plan a Query's or Parse's SQL text; None when nothing in it concerns a mapping.
+
+        ``remember_text``: keep the result under the exact text too. Worth it for prepared
+        statements (the same text again and again), not for simple queries whose literals
+        differ each time (they would only churn the cache; their shape is cached anyway).
+        """
         key = (text, self.states.version)
         cached = self._texts.get(key, False)
         if cached is not False:
             self._texts.move_to_end(key)
             self.hits += 1
-            _CACHE_HIT.inc()
+            _CACHE_COUNTS["hit"] += 1
             return cached  # type: ignore[return-value]
         result = self._rewrite_uncached(text)
-        self._remember(self._texts, key, result)
+        if remember_text:
+            self._remember(self._texts, key, result)
         return result
 
     def _rewrite_uncached(self, text: str) -> Rewritten | None:
@@ -264,10 +310,10 @@ class Rewriter:
         if cached is not False:
             self._shapes.move_to_end(key)
             self.hits += 1
-            _CACHE_HIT.inc()
+            _CACHE_COUNTS["hit"] += 1
             return cached  # type: ignore[return-value]
         self.misses += 1
-        _CACHE_MISS.inc()
+        _CACHE_COUNTS["miss"] += 1
         tree = json.loads(pgparser.parse_sql_json(text))
         templates = tuple(self._analyze(s.get("stmt", {})) for s in tree.get("stmts", []))
         result = templates or None
@@ -450,7 +496,7 @@ class Rewriter:
 
     def _splice(self, text: str, templates: tuple[Template, ...]) -> Rewritten:
         try:
-            slices = pgparser.split(text, with_parser=True, only_slices=True)
+            slices = _statement_slices(text, len(templates))
         except pgparser.ParseError:
             slices = ()  # unparseable: the whole text is one unsupported statement
         if len(slices) != len(templates):
@@ -468,7 +514,7 @@ class Rewriter:
         written = 0  # length of the rewritten text so far
         cursor = 0
         for span, template in zip(slices, templates, strict=True):
-            plans.append(StatementPlan(template.action, template))
+            plans.append(template.plan)
             if template.action in (PASS, UNMIRRORED):
                 continue
             start, stop = span.start, span.stop

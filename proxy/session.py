@@ -395,7 +395,7 @@ class Session:
         if ready > run:
             out.append(memoryview(buf)[run:ready])
         if out:
-            upstream.writelines(out)
+            upstream.write(b"".join(out))
         self.client_scan.table = (
             _CLIENT_TABLE_ALL
             if frontend.discarding
@@ -590,7 +590,7 @@ class Session:
         else:
             if ready > run:
                 out.append(memoryview(buf)[run:ready])
-            client.writelines(out)
+            client.write(b"".join(out))
         if tracker.settle():
             self.server_scan.table = _SERVER_TABLE
         if self.shutdown_requested and self._quiescent():
