@@ -28,10 +28,15 @@ _log = get_logger("applier")
 
 _CLAIM = """
 DELETE FROM dualwrite.outbox WHERE id IN (
-    SELECT id FROM dualwrite.outbox WHERE mapping = $1 ORDER BY id LIMIT $2
+    SELECT id FROM dualwrite.outbox WHERE mapping = $1 AND id > $3 ORDER BY id LIMIT $2
     FOR UPDATE SKIP LOCKED
-) RETURNING key::text
+) RETURNING id, key::text
 """
+#: a claim starts after the last id it took (so it does not walk the dead index entries of
+#: everything already claimed); every this many batches, and whenever it reaches the end of
+#: the queue, the next claim starts from the beginning again, to take ids of transactions
+#: that committed late
+_FULL_SCAN_EVERY = 32
 _DEAD_LETTER = """
 INSERT INTO dualwrite.dead_letters AS d (mapping, key, error, sqlstate, next_attempt_at)
 VALUES ($1, $2::jsonb, $3, $4, now() + make_interval(secs => $5))
@@ -94,6 +99,11 @@ class Applier:
         self.config = config
         self.states = states
         self._tasks: list[asyncio.Task[None]] = []
+        #: per mapping: the id the next claim starts after, and batches since a full scan
+        self._cursor: dict[str, tuple[int, int]] = {}
+        #: mappings that have (or may have) dead letters: only then is a batch's success
+        #: checked against the dead-letter table
+        self._dead_lettered: set[str] = set()
         self.running = False
         self.last_error: str | None = None
 
@@ -140,21 +150,26 @@ class Applier:
         """Claim up to batch_size keys of one mapping and apply them, in one transaction."""
         started = time.perf_counter()
         outcome = BatchOutcome()
+        after, batches = self._cursor.get(mapping.name, (0, 0))
+        if batches >= _FULL_SCAN_EVERY:
+            after, batches = 0, 0
         async with self.pool.acquire() as conn, conn.transaction():
             await self._set_timeouts(conn)
-            claimed = [
-                r["key"] for r in await conn.fetch(_CLAIM, mapping.name, self.config.batch_size)
-            ]
-            outcome.claimed = len(claimed)
-            if not claimed:
+            rows = await conn.fetch(_CLAIM, mapping.name, self.config.batch_size, after)
+            outcome.claimed = len(rows)
+            if len(rows) < self.config.batch_size:
+                self._cursor[mapping.name] = (0, 0)  # the end: next time from the start
+            else:
+                self._cursor[mapping.name] = (max(r["id"] for r in rows), batches + 1)
+            if not rows:
                 return outcome
-            keys = list(dict.fromkeys(claimed))
+            keys = list(dict.fromkeys(r["key"] for r in rows))
             outcome.applied, failed = await self._apply(conn, mapping, keys)
             for key, exc in failed:
                 await self._dead_letter(conn, mapping, key, exc)
             outcome.dead_lettered = len(failed)
             done = [k for k in keys if k not in {f for f, _ in failed}]
-            if done:
+            if done and mapping.name in self._dead_lettered:
                 await conn.execute(_CLEAR_DEAD_LETTERS, mapping.name, "[" + ", ".join(done) + "]")
         self._record(mapping, outcome, time.perf_counter() - started)
         return outcome
@@ -218,6 +233,7 @@ class Applier:
             float(self.config.retry_base_seconds),
             float(self.config.retry_max_seconds),
         )
+        self._dead_lettered.add(mapping.name)
         metrics.DEAD_LETTERED_TOTAL.labels(mapping.name).inc()
         metrics.MIRROR_FAILURES.labels(mapping.name, "applier").inc()
         _log.warning(
@@ -284,6 +300,10 @@ class Applier:
             depth = float(row["depth"]) if row else 0.0
             age = float(row["age"] or 0.0) if row else 0.0
             dead_letters = float(dead.get(mapping.name, 0))
+            if dead_letters:
+                self._dead_lettered.add(mapping.name)
+            else:
+                self._dead_lettered.discard(mapping.name)
             metrics.OUTBOX_DEPTH.labels(mapping.name).set(depth)
             metrics.OUTBOX_OLDEST_AGE.labels(mapping.name).set(age)
             metrics.DEAD_LETTERS.labels(mapping.name).set(dead_letters)
