@@ -202,7 +202,7 @@ class PressureConfig(Strict):
 class ReconcileConfig(Strict):
     """The reconciler (``dualwrite reconcile`` and the continuous pass in ``run``)."""
 
-    chunk_rows: Annotated[int, Field(ge=10, le=1_000_000)] = 10_000
+    chunk_rows: Annotated[int, Field(ge=10, le=1_000_000)] = 50_000
     #: throttle: rows compared per second (None: as fast as the database allows)
     rows_per_second: Annotated[int, Field(ge=1)] | None = None
     statement_timeout_ms: Annotated[int, Field(ge=100)] = 60_000
