@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -891,17 +891,6 @@ def report(
 # --------------------------------------------------------------------------- options, main
 
 
-def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}")
-        return names
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench compare",
@@ -923,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds")
     p.add_argument(
         "--tools",
-        type=_csv(list(TOOLS)),
+        type=common.csv_choices(list(TOOLS)),
         default=list(TOOLS),
         help=f"comma-separated, from {','.join(TOOLS)} (default all)",
     )

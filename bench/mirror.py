@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -296,17 +296,6 @@ class Run:
 # --------------------------------------------------------------------------- options
 
 
-def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}")
-        return names
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench mirror",
@@ -349,20 +338,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workloads",
-        type=_csv(WORKLOAD_NAMES),
+        type=common.csv_choices(WORKLOAD_NAMES),
         default=list(WORKLOAD_NAMES),
         help="comma-separated: tpcb,bulk (default both)",
     )
     p.add_argument(
         "--modes",
-        type=_csv(MODES),
+        type=common.csv_choices(MODES),
         default=list(DEFAULT_MODES),
         help="comma-separated: none,trigger,sync,outbox,relay (default none,trigger,sync,outbox;"
         " relay is the sidecar with no mappings, to separate the hop from the mirror)",
     )
     p.add_argument(
         "--protocols",
-        type=_csv(common.PROTOCOLS),
+        type=common.csv_choices(common.PROTOCOLS),
         default=["simple", "prepared"],
         help="comma-separated pgbench -M modes: simple,extended,prepared (default simple,prepared)",
     )

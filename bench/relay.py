@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -48,17 +48,6 @@ class Run:
 # --------------------------------------------------------------------------- options
 
 
-def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
-    def parse(text: str) -> list[str]:
-        names = [name.strip() for name in text.split(",") if name.strip()]
-        unknown = [name for name in names if name not in choices]
-        if unknown or not names:
-            raise argparse.ArgumentTypeError(f"choose from {','.join(choices)}")
-        return names
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench relay",
@@ -86,19 +75,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workloads",
-        type=_csv(list(common.WORKLOADS)),
+        type=common.csv_choices(list(common.WORKLOADS)),
         default=["select", "tpcb"],
         help="comma-separated: select,tpcb (default both)",
     )
     p.add_argument(
         "--protocols",
-        type=_csv(common.PROTOCOLS),
+        type=common.csv_choices(common.PROTOCOLS),
         default=["simple", "prepared"],
         help="comma-separated pgbench -M modes: simple,extended,prepared (default simple,prepared)",
     )
     p.add_argument(
         "--targets",
-        type=_csv(TARGETS),
+        type=common.csv_choices(TARGETS),
         default=list(TARGETS),
         help="comma-separated: direct,pgbouncer,dualwrite (default all three)",
     )
