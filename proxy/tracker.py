@@ -31,6 +31,8 @@ EXPECTS_REPLY: Final = frozenset(
 )
 #: messages whose reply ends with ReadyForQuery
 CYCLE_END: Final = frozenset({m.QUERY, m.SYNC, m.FUNCTION_CALL})
+#: messages that are a cycle of their own (unlike Sync, which ends a batch of others)
+SIMPLE_CYCLE: Final = frozenset({m.QUERY, m.FUNCTION_CALL})
 #: replies that may arrive at any time and never answer a particular message
 ASYNCHRONOUS: Final = frozenset({m.NOTICE_RESPONSE, m.NOTIFICATION_RESPONSE, m.PARAMETER_STATUS})
 #: messages that end an extended-protocol Execute
@@ -153,6 +155,8 @@ class ResponseTracker:
         ``ends`` is how many of them end a cycle and ``after_last_end`` the index just past
         the last one (both as reported by the frame scanner).
         """
+        if self.queue is None and ends and self._query_inside_batch(kinds):
+            self._become_precise()
         if self.queue is not None:
             if self.skipping:
                 kinds = self._skip_until_sync(kinds)
@@ -169,6 +173,8 @@ class ResponseTracker:
     def expect(self, entry: int | Pending) -> None:
         """Record one message sent; a Pending entry makes the tracker precise."""
         if type(entry) is int:
+            if self.queue is None and self.open and entry in SIMPLE_CYCLE:
+                self._become_precise()
             if self.queue is not None:
                 if not self.skipping or self._skip_until_sync(bytes((entry,))):
                     self.queue.append(entry)
@@ -190,6 +196,26 @@ class ResponseTracker:
             self.injections += 1
         self.queue.append(entry)
         self.unsynced = entry.kind not in CYCLE_END
+
+    def _query_inside_batch(self, kinds: bytes) -> bool:
+        """FAST mode: does this run send a Query or FunctionCall before an unsynced batch ends?
+
+        Such a message ends a cycle of its own, unless an earlier message of the batch fails:
+        then the server skips it with the rest up to the Sync, and one ReadyForQuery answers
+        both. FAST mode cannot tell which will happen, so the caller becomes precise. Clients
+        do not mix the protocols like this in practice; the checks are two C scans for a read
+        of simple Queries and one for a read of extended messages.
+        """
+        if m.QUERY not in kinds and m.FUNCTION_CALL not in kinds:
+            return False
+        if not self.open and kinds.count(m.QUERY) + kinds.count(m.FUNCTION_CALL) == len(kinds):
+            return False
+        previous = self.open[-1:] or b"S"
+        for typ in kinds:
+            if typ in SIMPLE_CYCLE and previous[0] not in CYCLE_END:
+                return True
+            previous = bytes((typ,))
+        return False
 
     def _skip_until_sync(self, kinds: bytes) -> bytes:
         """Drop the messages the server ignores while skipping; a Sync ends the skip."""

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from support import free_port, wait_for_port, wait_until
+from support import free_port, needs_tools, wait_for_port, wait_until
 
 from dualwrite.config import parse_config
 from dualwrite.service import setup
@@ -24,15 +24,12 @@ from dualwrite.service import setup
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "config" / "prometheus-alerts.yml"
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
-PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+PROMETHEUS = shutil.which("prometheus") or "prometheus"
 #: its own name: counters live in the test process's registry, shared with other tests
 MAPPING = "prom_items"
 GRAFANA_VARIABLES = {"$__rate_interval": "15s", "$job": "dualwrite", "$mapping": ".+"}
 
-pytestmark = pytest.mark.skipif(
-    not Path(PROMETHEUS).exists(),
-    reason="prometheus not installed (Debian: apt-get install prometheus)",
-)
+pytestmark = needs_tools("prometheus")
 
 
 class Prometheus:

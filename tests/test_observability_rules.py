@@ -10,17 +10,15 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
+from support import needs_tools
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "config" / "prometheus-alerts.yml"
 DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
 PROMTOOL = shutil.which("promtool")
 
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None, reason="promtool not installed (Debian: apt-get install prometheus)"
-)
+needs_promtool = needs_tools("promtool")
 
 #: Grafana's variables, as a query run over "All" would expand them
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$job": ".+", "$mapping": ".+"}

@@ -970,11 +970,38 @@ def test_simple_query_copy_in_keeps_every_sync() -> None:
     assert relay.tracker.idle
 
 
-@pytest.mark.xfail(
-    strict=True, reason="FAST mode counts a Query skipped after an extended-protocol error"
-)
 def test_fast_query_skipped_after_an_extended_error() -> None:
+    # The server skips the Query with the rest of the failed batch: one ReadyForQuery for both.
     relay = Relay()
     relay.client(parse(), bind(), execute(), query(b"SELECT 2"), SYNC)
     relay.server(PARSE_COMPLETE, BIND_COMPLETE, ERROR, ready())
+    assert relay.tracker.idle
+
+
+def test_fast_query_inside_a_batch_that_succeeds_is_a_cycle_of_its_own() -> None:
+    relay = Relay()
+    relay.client(parse(), bind(), execute(), query(b"SELECT 2"), SYNC)
+    relay.server(PARSE_COMPLETE, BIND_COMPLETE, complete(b"SELECT 1"))
+    relay.server(complete(b"SELECT 1"), ready(b"T"), ready())
+    assert relay.tracker.idle
+    # plain traffic afterwards returns the tracker to FAST mode
+    relay.client(query(b"SELECT 3"))
+    relay.server(complete(b"SELECT 1"), ready())
+    assert relay.tracker.idle
+    assert not relay.tracker.precise
+
+
+def test_fast_query_sent_in_a_later_read_than_its_unsynced_batch() -> None:
+    relay = Relay()
+    relay.client(parse(), bind(), execute())
+    relay.client(query(b"SELECT 2"), SYNC)
+    relay.server(PARSE_COMPLETE, BIND_COMPLETE, ERROR, ready())
+    assert relay.tracker.idle
+
+
+def test_fast_reads_of_plain_queries_stay_fast() -> None:
+    relay = Relay()
+    relay.client(query(b"SELECT 1"), query(b"SELECT 2"))
+    assert not relay.tracker.precise
+    relay.server(complete(b"SELECT 1"), ready(), complete(b"SELECT 1"), ready())
     assert relay.tracker.idle

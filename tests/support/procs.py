@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -10,6 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
+
+import pytest
 
 from dualwrite.embedded import find_client_bin_dir, free_tcp_port
 
@@ -123,4 +126,18 @@ def run_pgbench(
         env=_client_env(env),
         timeout=timeout,
         check=check,
+    )
+
+
+def needs_tools(*names: str) -> pytest.MarkDecorator:
+    """Skip a test whose OS tools (Debian packages) are missing, except where they must exist.
+
+    .ci/run installs them and sets DUALWRITE_REQUIRE_TOOLS=1; there a missing tool is a
+    collection error, so a broken install cannot pass as a skipped test.
+    """
+    missing = [name for name in names if shutil.which(name) is None]
+    if missing and os.environ.get("DUALWRITE_REQUIRE_TOOLS") == "1":
+        raise RuntimeError(f"DUALWRITE_REQUIRE_TOOLS=1 but not on PATH: {', '.join(missing)}")
+    return pytest.mark.skipif(
+        bool(missing), reason=f"not installed: {', '.join(missing)} (Debian: apt-get install …)"
     )
