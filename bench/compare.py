@@ -22,6 +22,7 @@ import yaml
 
 from bench import common
 from bench.common import BenchError, Server
+from dualwrite.config import ReconcileConfig
 
 DEFAULT_ROWS, QUICK_ROWS = 10_000_000, 1_000_000
 DEFAULT_ROUNDS = 3
@@ -1014,7 +1015,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
         "reladiff_version": common.tool_version([reladiff, "--version"]),
         "pg_settings": pg_settings(source_db),
         "session_settings": {"build only": BUILD_SETTINGS, "measured sessions": "none"},
-        "chunk_rows": args.chunk_rows or 10_000,
+        "chunk_rows": args.chunk_rows or ReconcileConfig().chunk_rows,
         "table_sizes": table_sizes(source_db, target_db),
         "build": build,
         "dualwrite_config": config,
