@@ -283,10 +283,13 @@ class CompiledMapping:
                 f"DO NOTHING RETURNING 1)"
             )
         key_row = self.target_key_list(TGT)
+        # Only keys without an expected row are looked up in the target: when every source
+        # row is there (the common case) the delete probes nothing.
+        names = self.key_tuple_names()
         gone = (
             f"del AS (DELETE FROM {self._target_sql()} AS {TGT} WHERE ({key_row}) "
-            f"IN ({self.keys_from_json_sql(keys_param)}) AND jsonb_build_array("
-            f"{key_row}) NOT IN (SELECT __dw_key FROM e) RETURNING 1)"
+            f"IN (SELECT {names} FROM ({self.keys_from_json_sql(keys_param)}) AS g "
+            f"WHERE jsonb_build_array({names}) NOT IN (SELECT __dw_key FROM e)) RETURNING 1)"
         )
         inserted = "(SELECT count(*) FROM up)" + (
             " + (SELECT count(*) FROM ins)" if locked_param is not None else ""

@@ -9,6 +9,8 @@ import pytest
 from prometheus_client import REGISTRY
 from test_compare_support import config_data, findings, keys_of, prepare, reconcile
 
+from compare.commands import reconcile_command
+
 _SOURCE = """
 CREATE TABLE accounts (
     id int PRIMARY KEY, tenant text NOT NULL, role text NOT NULL, name text, note text,
@@ -235,3 +237,7 @@ async def test_keys_of_every_kind_across_chunk_boundaries(db, kind):
     assert keys_of(rows, "extra") == extra
     assert keys_of(rows, "changed") == changed
     assert result.tally.compared == 95 + 4  # every source key, plus the extras
+    # repair (sync_keys: upsert, and delete where no source row is expected) makes t equal s
+    assert await reconcile_command(config, repair=True, say=lambda _: None) == 0
+    assert db.sql(f"SELECT {key}, val FROM t EXCEPT SELECT {key}, val FROM s") == []
+    assert db.sql(f"SELECT {key}, val FROM s EXCEPT SELECT {key}, val FROM t") == []
