@@ -155,7 +155,13 @@ class ResponseTracker:
         ``ends`` is how many of them end a cycle and ``after_last_end`` the index just past
         the last one (both as reported by the frame scanner).
         """
-        if self.queue is None and ends and self._query_inside_batch(kinds):
+        # (a run of nothing but cycle ends after a cycle end cannot hide a Query in a batch)
+        if (
+            self.queue is None
+            and ends
+            and (self.open or len(kinds) > ends)
+            and self._query_inside_batch(kinds)
+        ):
             self._become_precise()
         if self.queue is not None:
             if self.skipping:
