@@ -206,8 +206,9 @@ class CompareSql:
     ) -> Statement:
         """One side's chunk: rows scanned, last key scanned, included rows and their hash.
 
-        ``side`` is 'source' or 'target'. The hash is the md5 of the rows' canonical texts in
-        key order; should the two servers order keys differently (collations), chunks only
+        ``side`` is 'source' or 'target'. The hash is the md5 of the rows' canonical bytes in
+        the order the materialised, key-ordered ``r`` is scanned (no second sort for the
+        aggregate). Should the two servers order keys differently (collations), chunks only
         look different and are compared row by row, never wrongly equal.
         """
         p = Params()
@@ -219,7 +220,7 @@ class CompareSql:
             f"(SELECT jsonb_build_array({k})::text FROM "
             f"(SELECT {k} FROM r ORDER BY {desc} LIMIT 1) AS l) AS last, "
             f"count(*) FILTER (WHERE {_IN}) AS rows, "
-            f"coalesce(md5(string_agg({self._row_text('r')}, E'\\n' ORDER BY {k}) "
+            f"coalesce(md5(string_agg({self._row_bytes('r')}, ''::bytea) "
             f"FILTER (WHERE {_IN})), '') AS hash FROM r"
         )
         return Statement(sql, tuple(p.values))
@@ -288,6 +289,9 @@ class CompareSql:
         if side == "source":
             return self.mapping.compare_source_rows_sql(**kwargs)
         return self.mapping.compare_target_rows_sql(**kwargs)
+
+    def _row_bytes(self, alias: str) -> str:
+        return " || ".join(self._each(alias, ColumnForm.canonical_bytes))
 
     def _row_text(self, alias: str) -> str:
         return f"ROW({', '.join(self._each(alias, ColumnForm.canonical_text))})::text"

@@ -4,7 +4,8 @@ A value is compared in its *normalised* form: the column's tolerance rules (conf
 ``compare.tolerances``) applied in a fixed order, and types without a usable equality made
 comparable (json as jsonb; xml and geometric types as text). Across databases values are
 hashed from their *canonical text*, which also folds encodings that compare equal but print
-differently (-0 and 0 in floats, 1.0 and 1.00 in numerics).
+differently (-0 and 0 in floats, 1.0 and 1.00 in numerics); chunk hashes use the equivalent
+*canonical bytes*, which are cheaper to build.
 """
 
 from __future__ import annotations
@@ -19,6 +20,22 @@ from dualwrite.sqltext import quote_literal
 _TYPMOD = re.compile(r"\([^)]*\)")
 _FLOATS = frozenset({"real", "double precision"})
 _AS_TEXT = frozenset({"xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+#: binary send functions whose output is fixed-width or carries its own length, and does not
+#: depend on session settings (timestamps are microseconds since 2000-01-01 UTC)
+_SEND = {
+    "smallint": "int2send",
+    "integer": "int4send",
+    "bigint": "int8send",
+    "boolean": "boolsend",
+    "real": "float4send",
+    "double precision": "float8send",
+    "numeric": "numeric_send",
+    "date": "date_send",
+    "time without time zone": "time_send",
+    "timestamp without time zone": "timestamp_send",
+    "timestamp with time zone": "timestamptz_send",
+    "uuid": "uuid_send",
+}
 _TIMESTAMP_UNITS = {
     "second": "second",
     "millisecond": "milliseconds",
@@ -70,7 +87,32 @@ class ColumnForm:
             value = f"(({value}) + 0)"  # -0 + 0 is +0: one spelling for both zeros
         elif self._result_type() == "numeric":
             value = f"trim_scale({value})"
+        elif self._result_type() == "interval":
+            # '1 day' = '24 hours' and '1 mon' = '30 days' (interval_eq): one spelling
+            value = f"justify_interval({value})"
         return f"({value})::text"
+
+    def canonical_bytes(self, ref: str) -> str:
+        """The normalised value as self-delimiting bytes, equal exactly when the canonical
+        texts are: the type's binary send form where it is fixed-width or self-delimiting and
+        independent of session settings, else the canonical text with a length prefix; NULL
+        is one zero byte. For chunk hashes: building these costs about half of building the
+        row text (measured on bigint, integer, numeric, text, timestamptz and uuid columns).
+        """
+        kind = self._result_type()
+        send = _SEND.get(kind)
+        if send is None:
+            text = self.canonical_text(ref)
+            return (
+                f"coalesce('\\x01'::bytea || int4send(octet_length({text})) "
+                f"|| textsend({text}), '\\x00'::bytea)"
+            )
+        value = self.normalised(ref)
+        if kind in _FLOATS:
+            value = f"(({value}) + 0)"
+        elif kind == "numeric":
+            value = f"trim_scale({value})"
+        return f"coalesce('\\x01'::bytea || {send}({value}), '\\x00'::bytea)"
 
     def _result_type(self) -> str:
         rule = self.rule
