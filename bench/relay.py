@@ -1,4 +1,4 @@
-"""Relay overhead: pgbench straight to PostgreSQL, through pgbouncer and through dualwrite."""
+"""Relay overhead: pgbench direct, through pgbouncer, a bare uvloop forwarder and dualwrite."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from bench import common
 from bench.common import BenchError, Server, Target, Workload
 
-TARGETS = ("direct", "pgbouncer", "dualwrite")
+TARGETS = ("direct", "pgbouncer", "bare", "dualwrite")
 DEFAULT_SECONDS, QUICK_SECONDS = 15, 5
 DEFAULT_WARMUP, QUICK_WARMUP = 5, 2
 
@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--targets",
         type=common.csv_choices(TARGETS),
         default=list(TARGETS),
-        help="comma-separated: direct,pgbouncer,dualwrite (default all three)",
+        help=(
+            "comma-separated: direct,pgbouncer,bare,dualwrite (default all; bare is a "
+            "uvloop TCP forwarder that parses nothing, the floor for any Python relay)"
+        ),
     )
     return p
 
@@ -127,6 +130,9 @@ def start_targets(
         elif name == "pgbouncer":
             common.progress("starting pgbouncer")
             targets.append(common.start_pgbouncer(stack, server))
+        elif name == "bare":
+            common.progress("starting the bare uvloop forwarder (bench/bare_relay.py)")
+            targets.append(start_bare_relay(stack, server))
         else:
             common.progress("starting dualwrite run (plain relay, no mappings)")
             targets.append(common.start_sidecar(stack, server))
@@ -134,6 +140,18 @@ def start_targets(
         pid = f", pid {target.process.pid}" if target.process else ""
         common.progress(f"  {target.name}: {target.server.host}:{target.server.port}{pid}")
     return targets
+
+
+def start_bare_relay(stack: contextlib.ExitStack, server: Server) -> Target:
+    """bench/bare_relay.py on a free port, forwarding to ``server``."""
+    workdir = common.temp_dir(stack, "dwbench-bare-")
+    port = common.free_port()
+    argv = [sys.executable, "-m", "bench.bare_relay", str(port), server.host, str(server.port)]
+    process = common.start_process(stack, "bare", argv, workdir / "bare.log", cwd=common.REPO_ROOT)
+    common.wait_for_port(process, "127.0.0.1", port)
+    target = Target("bare", server.at("127.0.0.1", port), process)
+    common.wait_until_answers(target.server, "bare")
+    return target
 
 
 def measure(
@@ -232,6 +250,8 @@ def summarise(cell: Cell, runs: Sequence[Run], names: Sequence[str]) -> dict[str
         "dualwrite_vs_direct": common.ratio(tps_of.get("dualwrite"), tps_of.get("direct")),
         "dualwrite_vs_pgbouncer_paired": paired_ratio(runs, "dualwrite", "pgbouncer"),
         "dualwrite_vs_direct_paired": paired_ratio(runs, "dualwrite", "direct"),
+        "bare_vs_pgbouncer_paired": paired_ratio(runs, "bare", "pgbouncer"),
+        "dualwrite_vs_bare_paired": paired_ratio(runs, "dualwrite", "bare"),
     }
 
 
@@ -251,7 +271,10 @@ def _column(summary: dict[str, Any], target: str, key: str) -> float | None:
 
 def table(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     headers = ["workload", "-M", *(f"{n} TPS" for n in names)]
-    headers += ["dualwrite / pgbouncer", "dualwrite / direct", *(f"{n} ms" for n in names)]
+    bare = "bare" in names
+    headers += ["dualwrite / pgbouncer", "dualwrite / direct"]
+    headers += ["bare / pgbouncer", "dualwrite / bare"] if bare else []
+    headers += [f"{n} ms" for n in names]
     cpu_names = [n for n in names if n != "direct"]
     headers += [f"{n} CPU µs/txn" for n in cpu_names]
     rows = []
@@ -260,6 +283,9 @@ def table(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
         row += [common.fmt(_column(s, n, "median_tps")) for n in names]
         row += [common.fmt(s["dualwrite_vs_pgbouncer_paired"], ".2f", "x")]
         row += [common.fmt(s["dualwrite_vs_direct_paired"], ".2f", "x")]
+        if bare:
+            row += [common.fmt(s["bare_vs_pgbouncer_paired"], ".2f", "x")]
+            row += [common.fmt(s["dualwrite_vs_bare_paired"], ".2f", "x")]
         row += [common.fmt(_column(s, n, "median_latency_ms"), ".3f") for n in names]
         row += [common.fmt(_column(s, n, "median_cpu_us_per_txn"), ".1f") for n in cpu_names]
         rows.append(row)
@@ -286,7 +312,7 @@ def report(
     order = " → ".join(args.targets)
     rounds = f"{args.rounds} interleaved round{'s' if args.rounds > 1 else ''}"
     lines = [
-        "### Relay overhead: direct PostgreSQL, pgbouncer, dualwrite",
+        "### Relay overhead: direct PostgreSQL, pgbouncer, a bare Python relay, dualwrite",
         "",
         f"- Command: `{meta['command']}`",
         f"- Date: {meta['date']}",
@@ -295,7 +321,13 @@ def report(
         f"-j {args.jobs}, {args.duration} s per run, {rounds} "
         f"({order}), medians shown; all over TCP on 127.0.0.1, server: {meta['server_origin']}",
         f"- Targets: pgbouncer {machine.get('pgbouncer', 'n/a')} in session pooling; "
-        f"dualwrite {machine['dualwrite_commit']} as a plain relay (no mappings)",
+        f"dualwrite {machine['dualwrite_commit']} as a plain relay (no mappings)"
+        + (
+            "; bare = `bench/bare_relay.py`, a uvloop TCP forwarder that parses nothing "
+            "(the floor for any asyncio relay)"
+            if "bare" in args.targets
+            else ""
+        ),
         f"- Load average (1 min) at start / end: {meta['load_start']:.2f} / {meta['load_end']:.2f}",
         "",
         table(summaries, args.targets),
