@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "relay": "bench.relay",
     "mirror": "bench.mirror",
     "compare": "bench.compare",
+    "drain": "bench.drain",
 }
 
 
