@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib.util
+import locale
 import os
 import pwd
 import re
@@ -28,6 +29,22 @@ from typing import Self
 from urllib.parse import quote
 
 SERVER_PROGRAMS = ("initdb", "postgres", "pg_ctl")
+
+
+def _utf8_ctype() -> str | None:
+    """The OS's C.UTF-8 locale under the name it has, or None (then initdb uses plain C)."""
+    for name in ("C.UTF-8", "C.utf8"):
+        try:
+            previous = locale.setlocale(locale.LC_CTYPE)
+            locale.setlocale(locale.LC_CTYPE, name)
+        except locale.Error:
+            continue
+        locale.setlocale(locale.LC_CTYPE, previous)
+        return name
+    return None
+
+
+_UTF8_CTYPE = _utf8_ctype()
 CLIENT_PROGRAMS = ("psql", "pgbench")
 
 #: server settings that make a disposable cluster fast; callers' settings override these
@@ -410,6 +427,9 @@ class EmbeddedPostgres:
                 self.user,
                 "--encoding=UTF8",
                 "--locale=C",
+                # C sorting, but Unicode-aware upper()/lower() where the OS has C.UTF-8, as
+                # the Debian and Docker servers that users run have
+                *([f"--lc-ctype={_UTF8_CTYPE}"] if _UTF8_CTYPE else []),
                 "--no-sync",
             ],
             timeout=120,

@@ -15,7 +15,9 @@ from typing import Any, Final
 
 from dualwrite import metrics
 from dualwrite.control import ActivityRecorder
+from dualwrite.errors import ProtocolViolation
 from dualwrite.wire import messages as m
+from dualwrite.wire.frames import frame_end
 from proxy.classify import statement_kind
 from proxy.repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
 from proxy.rewrite import (
@@ -147,6 +149,40 @@ class Frontend:
             return False
         self._log_statement(sql)
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
+        return True
+
+    def plain_extended(self, buf: bytes, kinds: bytes, starts: list[int]) -> bool:
+        """Fast path for a read of Bind/Describe/Execute/Close/Sync/Flush: True if none of
+        them names a rewritten statement or portal (nothing to repair, nothing to expect
+        beyond the reply counts); False means the full path must handle the read.
+
+        A Bind of a plain statement still forgets the portal it replaces, as the full path
+        does; doing that here and again on the full path is harmless.
+        """
+        if self.discarding:
+            return False
+        statements, portals = self.statements, self.portals
+        for typ, start in zip(kinds, starts, strict=True):
+            if typ == m.SYNC:
+                continue
+            end = frame_end(buf, start)
+            if typ == m.BIND:
+                portal, statement = m.bind_names(buf, start + 5, end)
+                if statement in statements:
+                    return False
+                if portals:
+                    portals.pop(portal, None)
+            elif typ == m.EXECUTE:
+                if portals and m.cstring_at(buf, start + 5, end) in portals:
+                    return False
+            elif typ == m.DESCRIBE or typ == m.CLOSE:
+                if end <= start + 5:
+                    raise ProtocolViolation("invalid Describe/Close message")
+                name = m.cstring_at(buf, start + 6, end)
+                if name in (statements if buf[start + 5] == ord("S") else portals):
+                    return False
+            else:
+                return False  # not one of the above: the full path decides
         return True
 
     def _log_statement(self, sql: bytes) -> None:

@@ -356,10 +356,15 @@ class Session:
         if upstream is None or upstream.is_closing():
             return
         if kinds and self.state == READY:
-            if flags & _INSPECT and not (
-                # the commonest inspected read: one simple Query that concerns no mapping
-                kinds == _ONE_QUERY and self.frontend.plain_query(buf[starts[0] + 5 : ready])
-            ):
+            if flags & _INSPECT:
+                if not (
+                    # the commonest inspected read: one simple Query that concerns no mapping
+                    kinds == _ONE_QUERY and self.frontend.plain_query(buf[starts[0] + 5 : ready])
+                ):
+                    self._client_inspect(upstream, buf, ready, starts[0])
+                    return
+            elif flags & _NAMED and not self.frontend.plain_extended(buf, kinds, starts):
+                # Bind/Describe/Execute/Close naming a rewritten statement or portal
                 self._client_inspect(upstream, buf, ready, starts[0])
                 return
             self.tracker.sent(kinds, ends, after)
@@ -653,12 +658,16 @@ _PARAMETER: Final = 8
 _CLIENT_TABLE: Final = type_table(
     _REPLY_KINDS, mark=CYCLE_END, flag_4={m.QUERY, m.PARSE, m.TERMINATE}
 )
+#: table bit: Bind/Describe/Execute/Close, which may name a rewritten statement or portal
+_NAMED: Final = 16
 #: the same once statements of this session were rewritten: Bind, Describe, Execute and Close
-#: then name statements and portals whose replies may need repair
+#: then name statements and portals whose replies may need repair. A read of them that names
+#: none is recognised by Frontend.plain_extended and takes the fast path all the same.
 _CLIENT_TABLE_REWRITING: Final = type_table(
     _REPLY_KINDS,
     mark=CYCLE_END,
-    flag_4={m.QUERY, m.PARSE, m.TERMINATE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE},
+    flag_4={m.QUERY, m.PARSE, m.TERMINATE},
+    flag_16={m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE},
 )
 #: every client frame inspected: while a refused pipeline is being discarded
 _CLIENT_TABLE_ALL: Final = type_table(range(256), mark=CYCLE_END, flag_4=range(256))

@@ -796,3 +796,64 @@ def test_rewritten_statements_are_cached_by_shape_whatever_their_comments(twin):
     assert rewriter.misses == misses
     pos.drain(twin.mapped.proxy)
     assert pos.divergence(twin.mapped.db, ["customers"]) == {}
+
+
+def test_prepared_statements_alternate_on_one_portal_rewritten_and_plain(twin):
+    """asyncpg binds every statement to the unnamed portal: a plain statement bound after a
+    rewritten one must lose the rewritten portal's repair (the proxy's fast path for reads
+    naming no rewritten statement forgets it), and the rewritten one must get it back."""
+
+    async def observe_async(side: Side) -> list[Any]:
+        conn = await asyncpg.connect(side.dsn)
+        seen: list[Any] = []
+        try:
+            insert = await conn.prepare(
+                INS_USER + "($1, $2, 'Al', 'T', 'customer') RETURNING id, email"
+            )
+            update = await conn.prepare("UPDATE users SET phone = $1 WHERE email = $2")
+            count = await conn.prepare("SELECT count(*), max(email) FROM users")
+            plain_update = await conn.prepare("UPDATE tenants SET name = name WHERE id = $1")
+            for i in range(6):
+                seen.append([tuple(r) for r in await insert.fetch(1, f"alt{i}@x")])
+                seen.append(tuple(await count.fetchrow()))
+                await update.fetch(f"+{i}", f"alt{i}@x")
+                seen.append(update.get_statusmsg())
+                await plain_update.fetch(1)
+                seen.append(plain_update.get_statusmsg())
+                seen.append(tuple(await count.fetchrow()))
+        finally:
+            await conn.close()
+        return seen
+
+    twin.observe(lambda side: asyncio.run(observe_async(side)))
+    twin.check_databases(mirrored=("customers",))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        frame(b"B", b"no-terminator"),  # portal name without its NUL
+        frame(b"B", b"\0stmt-without-nul"),  # statement name without its NUL
+        frame(b"E", b"portal-without-nul"),
+        frame(b"D", b""),  # Describe with no kind byte
+    ],
+    ids=["bind-portal", "bind-statement", "execute", "describe"],
+)
+def test_a_malformed_extended_message_after_a_rewrite_is_refused_and_writes_nothing(twin, bad):
+    """Once a session has rewritten statements, Bind/Execute/Describe are read for names: a
+    malformed one is a 08P01 protocol violation and a closed connection, and the statement
+    prepared before it never runs."""
+    side = twin.mapped
+    before = side.db.scalar("SELECT count(*) FROM users")
+    with side.raw() as client:
+        sql = (INS_USER + "(1, 'bad@x', 'B', 'D', 'customer')").encode()
+        client.send(frame(b"P", b"ins\0" + sql + b"\0\0\0") + frame(b"S"))
+        assert [m.typ for m in client.until_ready()] == [b"1", b"Z"]
+        client.send(
+            bad + frame(b"B", b"\0ins\0\0\0\0\0\0\0") + frame(b"E", b"\0\0\0\0\0") + frame(b"S")
+        )
+        messages = client.until_closed()
+    errors = [m.fields() for m in messages if m.typ == b"E"]
+    assert errors, messages
+    assert errors[0]["C"] == "08P01"
+    assert side.db.scalar("SELECT count(*) FROM users") == before

@@ -129,6 +129,10 @@ class ScriptedFrontend:
         if raw[0] not in (m.QUERY, m.PARSE):
             self.inspects_extended = True
 
+    def plain_extended(self, buf: bytes, starts: list[int]) -> bool:
+        """Like Frontend.plain_extended: no frame of the read has a script."""
+        return not any(self.script.get(buf[at : frame_end(buf, at)]) for at in starts)
+
     def message(self, raw: bytes) -> tuple[bytes | None, list[int | Pending]]:
         scripted = self.script.get(raw)
         if scripted:
@@ -159,7 +163,9 @@ class Relay:
         if not ready_:
             return
         if kinds:
-            if flags & s._INSPECT:
+            if flags & s._INSPECT or (
+                flags & s._NAMED and not self.frontend.plain_extended(buf, starts)
+            ):
                 self._client_inspect(buf, ready_, starts[0])
                 return
             self.tracker.sent(kinds, ends, after)

@@ -84,6 +84,23 @@ def _cstring(body: bytes, pos: int) -> tuple[bytes, int]:
     return body[pos:nul], nul + 1
 
 
+def cstring_at(buf: bytes, pos: int, end: int) -> bytes:
+    """The NUL-terminated string at ``pos`` of a frame that ends at ``end``."""
+    nul = buf.find(b"\x00", pos, end)
+    if nul < 0:
+        raise ProtocolViolation("unterminated string in message")
+    return buf[pos:nul]
+
+
+def bind_names(buf: bytes, pos: int, end: int) -> tuple[bytes, bytes]:
+    """(portal, statement) of the Bind whose body starts at ``pos`` and ends at ``end``."""
+    nul = buf.find(b"\x00", pos, end)
+    after = buf.find(b"\x00", nul + 1, end) if nul >= 0 else -1
+    if after < 0:
+        raise ProtocolViolation("unterminated string in message")
+    return buf[pos:nul], buf[nul + 1 : after]
+
+
 def _int16(body: bytes, pos: int) -> int:
     if pos + 2 > len(body):
         raise ProtocolViolation("message too short")
