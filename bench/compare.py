@@ -295,8 +295,13 @@ def dualwrite_config(
         "logging": {"level": "info", "format": "json"},
         "mappings": mappings,
     }
+    reconcile: dict[str, Any] = {}
     if args.chunk_rows:
-        config["reconcile"] = {"chunk_rows": args.chunk_rows}
+        reconcile["chunk_rows"] = args.chunk_rows
+    if args.workers:
+        reconcile["workers"] = args.workers
+    if reconcile:
+        config["reconcile"] = reconcile
     return config
 
 
@@ -846,7 +851,8 @@ def report(
         f"{meta['build']}",
         f"- Runs: {args.rounds} interleaved rounds (order reversed every other round), medians; "
         "every run a fresh process (`dualwrite reconcile --mapping`, `reladiff --stats --json`); "
-        f"dualwrite reconcile.chunk_rows={meta['chunk_rows']}, reladiff "
+        f"dualwrite reconcile.chunk_rows={meta['chunk_rows']}, "
+        f"reconcile.workers={meta['workers']} (same-DB), reladiff "
         f"{'-j ' + str(args.reladiff_threads) if args.reladiff_threads else 'defaults (-j 1)'}",
         f"- Load average (1 min) at start / end: {meta['load_start']:.2f} / "
         f"{meta['load_end']:.2f}; before each run {min(loads):.2f} to {max(loads):.2f}; "
@@ -921,6 +927,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-rows", type=int, help="dualwrite reconcile.chunk_rows (default: the config's)"
     )
     p.add_argument("--reladiff-threads", type=int, help="reladiff -j (default: reladiff's own, 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="dualwrite reconcile.workers, same-database sessions side by side (default: config's)",
+    )
     p.add_argument(
         "--code",
         choices=("tree", "head"),
@@ -1016,6 +1027,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
         "pg_settings": pg_settings(source_db),
         "session_settings": {"build only": BUILD_SETTINGS, "measured sessions": "none"},
         "chunk_rows": args.chunk_rows or ReconcileConfig().chunk_rows,
+        "workers": args.workers or ReconcileConfig().workers,
         "table_sizes": table_sizes(source_db, target_db),
         "build": build,
         "dualwrite_config": config,
@@ -1041,7 +1053,16 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
-    keys = ("rows", "rounds", "tools", "chunk_rows", "reladiff_threads", "database", "code")
+    keys = (
+        "rows",
+        "rounds",
+        "tools",
+        "chunk_rows",
+        "workers",
+        "reladiff_threads",
+        "database",
+        "code",
+    )
     return {key: getattr(args, key) for key in (*keys, "target_database", "rebuild")}
 
 

@@ -7,12 +7,12 @@ before it counts; keys queued in the outbox or dead letters are pending.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
 
-from compare.findings import Chunk, Divergence, Recheck
+from compare.findings import Chunk, Divergence, Recheck, in_order
 from compare.statements import CompareSql, Statement
 from dualwrite.keysync import keys_payload
 from dualwrite.mapping import CompiledMapping
@@ -76,6 +76,10 @@ class CrossDatabaseDiffer:
         pending = await self._pending(differing)
         suspects = [k for k in differing if k not in pending]
         return Chunk(upto, len(keys), suspects, len(differing) - len(suspects))
+
+    def chunks(self, after: str | None) -> AsyncGenerator[Chunk, None]:
+        """Every chunk after ``after``, one after the other (both servers already work at once)."""
+        return in_order(self.chunk, after)
 
     async def _align(
         self, after: str | None, source: _Side, target: _Side

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,3 +86,15 @@ class Tally:
             "by_tenant": self.by_tenant,
             "by_column": self.by_column,
         }
+
+
+async def in_order(
+    chunk: Callable[[str | None], Awaitable[Chunk]], after: str | None
+) -> AsyncGenerator[Chunk, None]:
+    """Chunks one after the other from ``after`` until the last (``upto`` None)."""
+    while True:
+        found = await chunk(after)
+        yield found
+        if found.upto is None:
+            return
+        after = found.upto

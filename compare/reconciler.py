@@ -7,11 +7,12 @@ cron jobs can ask for them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,7 +48,7 @@ class Differ(Protocol):
     method: str
     recheck_delay: float
 
-    async def chunk(self, after: str | None) -> Chunk: ...
+    def chunks(self, after: str | None) -> AsyncGenerator[Chunk, None]: ...
 
     async def recheck(self, keys: Sequence[str]) -> Recheck: ...
 
@@ -101,7 +102,9 @@ def make_differ(
 ) -> Differ:
     chunk_rows = config.reconcile.chunk_rows
     if sessions.target is None:
-        return SameDatabaseDiffer(mapping, sessions.source, chunk_rows, tenant)
+        return SameDatabaseDiffer(
+            mapping, sessions.source, chunk_rows, tenant, readers=sessions.readers
+        )
     return CrossDatabaseDiffer(
         mapping,
         sessions.source,
@@ -123,7 +126,12 @@ async def reconcile_mapping(
     """Run one pass over ``mapping`` (repairing if asked); the result is also recorded."""
     options = options or PassOptions()
     writes = options.repair and not options.dry_run
-    async with open_sessions(config, mapping, role="reconcile", writes_target=writes) as sessions:
+    # across databases both servers already work at once: one session each
+    workers = 1 if mapping.cross_database else config.reconcile.workers
+    readers = workers if workers > 1 else 0
+    async with open_sessions(
+        config, mapping, role="reconcile", writes_target=writes, readers=readers
+    ) as sessions:
         if not await try_lock(sessions.control, "reconcile", mapping.name):
             _log.info("reconcile_busy", mapping=mapping.name)
             method = "cross_database" if mapping.cross_database else "same_database"
@@ -243,18 +251,18 @@ class _Pass:
         return int(estimate) if estimate and estimate > 0 else None
 
     async def _scan(self) -> None:
-        after: str | None = None
-        while True:
-            await self.throttle.wait_for_calm()
-            chunk = await self.differ.chunk(after)
-            self._count(chunk)
-            await self._recheck_due(wait=False)
-            self.checkpoint = chunk.upto or self.checkpoint
-            await self._record_progress()
-            await self.throttle.pace(chunk.compared)
-            if chunk.upto is None:
-                break
-            after = chunk.upto
+        # With reconcile.workers > 1 (same database) up to that many chunks are compared while
+        # this loop records, re-checks and paces; a pause for pressure begins after them.
+        await self.throttle.wait_for_calm()
+        # aclosing: an error here stops the chunks still being compared, not at GC time
+        async with contextlib.aclosing(self.differ.chunks(None)) as chunks:
+            async for chunk in chunks:
+                self._count(chunk)
+                await self._recheck_due(wait=False)
+                self.checkpoint = chunk.upto or self.checkpoint
+                await self._record_progress()
+                await self.throttle.pace(chunk.compared)
+                await self.throttle.wait_for_calm()
         await self._recheck_due(wait=True)
 
     def _count(self, chunk: Chunk) -> None:

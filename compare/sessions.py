@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -69,6 +69,8 @@ class Sessions:
     target: asyncpg.Connection | None = None
     #: read-write session in the target database (cross-database repair/backfill), else None
     target_writer: asyncpg.Connection | None = None
+    #: more read-only sessions of the source database, comparing chunks side by side
+    readers: list[asyncpg.Connection] = field(default_factory=list)
 
     @property
     def reading(self) -> list[asyncpg.Connection]:
@@ -77,9 +79,16 @@ class Sessions:
 
 @asynccontextmanager
 async def open_sessions(
-    config: Config, mapping: CompiledMapping, *, role: str, writes_target: bool, reads: bool = True
+    config: Config,
+    mapping: CompiledMapping,
+    *,
+    role: str,
+    writes_target: bool,
+    reads: bool = True,
+    readers: int = 0,
 ) -> AsyncIterator[Sessions]:
-    """Open the sessions a pass (``reads``) or backfill/repair (``writes_target``) needs."""
+    """Open the sessions a pass (``reads``, plus ``readers`` more source readers) or a
+    backfill/repair (``writes_target``) needs."""
     service = config.effective_service_dsn()
     target_dsn = mapping.config.target_dsn
     async with AsyncExitStack() as stack:
@@ -93,6 +102,8 @@ async def open_sessions(
         control = await opened(service, False, "service_dsn")
         source = await opened(service, True, "service_dsn") if reads else control
         sessions = Sessions(control=control, source=source)
+        for _ in range(readers):
+            sessions.readers.append(await opened(service, True, "service_dsn"))
         if target_dsn is not None:
             where = f"mappings[{mapping.name}].target_dsn"
             if reads:

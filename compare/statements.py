@@ -80,6 +80,51 @@ class CompareSql:
         """
         p = Params()
         bound = None if after is None else p.add(after, "jsonb")
+        ctes, who = self._bound_ctes(p, bound, limit, tenant)
+        m = self.mapping
+        k = ", ".join(self.keys)
+        upto = "(" + ", ".join(f"(SELECT {c} FROM bound)" for c in self.keys) + ")"
+        expected = m.compare_source_rows_sql(after=bound, upto_row=upto, tenant=who)
+        actual = m.compare_target_rows_sql(after=bound, upto_row=upto, tenant=who)
+        hi = f"(SELECT jsonb_build_array({k})::text FROM hi)"
+        return Statement(self._diff(expected, actual, ctes, hi), tuple(p.values))
+
+    def chunk_bound(self, after: str | None, limit: int, tenant: str | None) -> Statement:
+        """Where the chunk :meth:`chunk` would compare ends, without comparing it.
+
+        Returns ``upto`` (the chunk's last key as jsonb text; NULL when no row is left) and
+        ``hi`` (the same, or NULL when this is the last chunk), so that chunks can be handed
+        to several sessions with :meth:`chunk_between` while the bounds are walked in order.
+        """
+        p = Params()
+        bound = None if after is None else p.add(after, "jsonb")
+        ctes, _ = self._bound_ctes(p, bound, limit, tenant)
+        k = ", ".join(self.keys)
+        sql = (
+            f"WITH {ctes} SELECT (SELECT jsonb_build_array({k})::text FROM bound) AS upto, "
+            f"(SELECT jsonb_build_array({k})::text FROM hi) AS hi"
+        )
+        return Statement(sql, tuple(p.values))
+
+    def chunk_between(
+        self, after: str | None, upto: str, hi: str | None, tenant: str | None
+    ) -> Statement:
+        """The diff of the chunk (``after``, ``upto``] found by :meth:`chunk_bound`; the row
+        it returns is the one :meth:`chunk` returns for that chunk (``hi`` passed through)."""
+        p = Params()
+        bound = None if after is None else p.add(after, "jsonb")
+        end = p.add(upto, "jsonb")
+        who = None if tenant is None else p.add(tenant, "text")
+        m = self.mapping
+        expected = m.compare_source_rows_sql(after=bound, upto=end, tenant=who)
+        actual = m.compare_target_rows_sql(after=bound, upto=end, tenant=who)
+        return Statement(self._diff(expected, actual, None, p.add(hi, "text")), tuple(p.values))
+
+    def _bound_ctes(
+        self, p: Params, bound: str | None, limit: int, tenant: str | None
+    ) -> tuple[str, str | None]:
+        """CTEs ``hi`` (the smaller ``limit``-th key of the two sides), ``last`` (the greater
+        last key) and ``bound`` (hi, or last when neither side has ``limit`` rows left)."""
         skip = p.add(limit - 1, "integer")
         who = None if tenant is None else p.add(tenant, "text")
         m = self.mapping
@@ -87,7 +132,6 @@ class CompareSql:
         desc = ", ".join(f"{c} DESC" for c in self.keys)
         nth = [f"({m.compare_keys_sql(s, after=bound, offset=skip, tenant=who)})" for s in _SIDES]
         last = [f"({m.compare_keys_sql(s, after=bound, last=True, tenant=who)})" for s in _SIDES]
-        upto = "(" + ", ".join(f"(SELECT {c} FROM bound)" for c in self.keys) + ")"
         ctes = (
             f"hi AS (SELECT {k} FROM ({' UNION ALL '.join(nth)}) AS b ORDER BY {k} LIMIT 1), "
             f"last AS (SELECT {k} FROM ({' UNION ALL '.join(last)}) AS b "
@@ -95,10 +139,7 @@ class CompareSql:
             f"bound AS (SELECT {k} FROM hi UNION ALL "
             f"(SELECT {k} FROM last WHERE NOT EXISTS (SELECT FROM hi)))"
         )
-        expected = m.compare_source_rows_sql(after=bound, upto_row=upto, tenant=who)
-        actual = m.compare_target_rows_sql(after=bound, upto_row=upto, tenant=who)
-        hi = f"(SELECT jsonb_build_array({k})::text FROM hi)"
-        return Statement(self._diff(expected, actual, ctes, hi), tuple(p.values))
+        return ctes, who
 
     def recheck(self, keys: str) -> Statement:
         """The same diff as :meth:`chunk` for a key set (a jsonb array of keys), fresh snapshot."""

@@ -204,6 +204,9 @@ class ReconcileConfig(Strict):
     """The reconciler (``dualwrite reconcile`` and the continuous pass in ``run``)."""
 
     chunk_rows: Annotated[int, Field(ge=10, le=1_000_000)] = 50_000
+    #: same-database passes: sessions comparing chunks side by side (each chunk is still one
+    #: statement in one snapshot); 1 keeps a pass to one session, one core of the server
+    workers: Annotated[int, Field(ge=1, le=16)] = 1
     #: throttle: rows compared per second (None: as fast as the database allows)
     rows_per_second: Annotated[int, Field(ge=1)] | None = None
     statement_timeout_ms: Annotated[int, Field(ge=100)] = 60_000

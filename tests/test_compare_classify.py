@@ -10,6 +10,8 @@ from prometheus_client import REGISTRY
 from test_compare_support import config_data, findings, keys_of, prepare, reconcile
 
 from compare.commands import reconcile_command
+from compare.reconciler import PassOptions, reconcile_mapping
+from compare.samedb import SameDatabaseDiffer
 
 _SOURCE = """
 CREATE TABLE accounts (
@@ -137,6 +139,42 @@ async def test_each_class_is_found_exactly_and_equivalent_encodings_are_not(seed
     assert result.tally.by_column == {c[0]: 1 for c in CHANGED.values()}
 
 
+@pytest.mark.parametrize("workers", [2, 5])
+async def test_sessions_side_by_side_find_exactly_what_one_session_finds(db, workers, monkeypatch):
+    """reconcile.workers: chunk bounds walked in order, chunks compared on several sessions;
+    the findings, counts and checkpoints are those of a single-session pass."""
+    db.sql(_SOURCE + _TARGET)
+    one_config, one = await prepare(
+        config_data(db.dsn, [_mapping()], reconcile={"chunk_rows": 10, "workers": 1})
+    )
+    single = await reconcile(one_config, one["accounts"])
+    config, mappings = await prepare(
+        config_data(db.dsn, [_mapping()], reconcile={"chunk_rows": 10, "workers": workers})
+    )
+    used: set[int] = set()
+    between = SameDatabaseDiffer._between
+
+    async def counting(self, reader, *args):
+        used.add(id(reader))
+        return await between(self, reader, *args)
+
+    monkeypatch.setattr(SameDatabaseDiffer, "_between", counting)
+    several = await reconcile(config, mappings["accounts"])
+    assert len(used) == workers  # every session compared chunks
+    assert several.tally.counts == single.tally.counts == {"missing": 2, "extra": 2, "changed": 6}
+    assert several.tally.compared == single.tally.compared
+    rows = await findings(db.dsn, several.run_id)
+    assert {r["key"]: r["columns"] for r in rows if r["class"] == "changed"} == CHANGED
+    assert keys_of(rows, "missing") == {"[6]", "[7]"}
+    assert keys_of(rows, "extra") == {"[25]", "[1001]"}
+    checkpoint = db.scalar(
+        "SELECT checkpoint FROM dualwrite.reconcile_runs WHERE id = %s", several.run_id
+    )
+    assert checkpoint == db.scalar(
+        "SELECT checkpoint FROM dualwrite.reconcile_runs WHERE id = %s", single.run_id
+    )
+
+
 async def test_tenant_breakdown_and_a_single_tenant_pass(seeded):
     dsn, extra = seeded
     config, mappings = await prepare(config_data(dsn, [_mapping(**extra)]))
@@ -241,3 +279,36 @@ async def test_keys_of_every_kind_across_chunk_boundaries(db, kind):
     assert await reconcile_command(config, repair=True, say=lambda _: None) == 0
     assert db.sql(f"SELECT {key}, val FROM t EXCEPT SELECT {key}, val FROM s") == []
     assert db.sql(f"SELECT {key}, val FROM s EXCEPT SELECT {key}, val FROM t") == []
+
+
+async def test_a_chunk_that_fails_on_one_of_several_sessions_fails_the_pass_cleanly(db):
+    """An error in one chunk (here a mapping expression dividing by zero for one row) ends a
+    pass with several sessions as 'failed', with the error recorded, and leaves no session
+    behind."""
+    db.sql(
+        "CREATE TABLE s (id int PRIMARY KEY, qty int); CREATE TABLE t (id int PRIMARY KEY, r int);"
+        "INSERT INTO s SELECT g, g FROM generate_series(1, 200) AS g;"
+        "INSERT INTO t SELECT g, 1000 / (g - 150) FROM generate_series(1, 200) AS g WHERE g <> 150"
+    )
+    mapping = {
+        "name": "failing",
+        "source": "s",
+        "target": "t",
+        "key": ["id"],
+        "columns": {"id": "id", "r": "1000 / (qty - 150)"},
+    }
+    config, mappings = await prepare(
+        config_data(db.dsn, [mapping], reconcile={"chunk_rows": 10, "workers": 3})
+    )
+    result = await reconcile_mapping(config, mappings["failing"], PassOptions())
+    assert result.status == "failed"
+    assert "division by zero" in (result.error or "")
+    assert db.sql("SELECT status FROM dualwrite.reconcile_runs WHERE id = %s", result.run_id) == [
+        ("failed",)
+    ]
+    assert (
+        db.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dualwrite-reconcile'"
+        )
+        == 0
+    )

@@ -94,10 +94,16 @@ class Writer:
             conn.execute("DELETE FROM items WHERE id = %s", (some,))
 
 
-@pytest.mark.parametrize("mode", ["outbox", "sync"])
-async def test_clean_database_reconciles_to_zero_under_write_load(db, sidecar, mode):
+@pytest.mark.parametrize(
+    ("mode", "workers"),
+    [("outbox", 1), ("sync", 1), ("outbox", 3)],
+    ids=["outbox", "sync", "outbox-3-workers"],
+)
+async def test_clean_database_reconciles_to_zero_under_write_load(db, sidecar, mode, workers):
     db.sql(_TABLES + _TARGET)
-    data = config_data(db.dsn, [_mapping(mode=mode)], reconcile={"chunk_rows": 25})
+    data = config_data(
+        db.dsn, [_mapping(mode=mode)], reconcile={"chunk_rows": 25, "workers": workers}
+    )
     config, mappings = await prepare(data)
     handle = sidecar({"mappings": data["mappings"], "applier": {"poll_interval_seconds": 0.05}})
     with psycopg.connect(handle.dsn(), autocommit=True) as conn:
