@@ -388,6 +388,33 @@ def dualwrite_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "dualwrite"]
 
 
+def dualwrite_setup(
+    config_path: Path,
+    server: Server,
+    *,
+    command: Sequence[str] | None = None,
+    cwd: Path = REPO_ROOT,
+    what: str = "dualwrite setup",
+) -> list[str]:
+    """Run ``dualwrite setup --config`` (control schema, mappings validated); its output lines.
+
+    ``command`` is how dualwrite is started (default: this checkout's, see dualwrite_command).
+    """
+    argv = [*(command or dualwrite_command()), "setup", "--config", str(config_path)]
+    done = subprocess.run(
+        argv,
+        env=server.env(),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"{what} failed:\n{done.stderr}{done.stdout}")
+    return done.stdout.strip().splitlines()
+
+
 def sidecar_config(
     upstream: Server, port: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:

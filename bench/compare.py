@@ -334,22 +334,6 @@ def dualwrite_code(stack: contextlib.ExitStack, which: str) -> Code:
     return Code((sys.executable, "-m", "dualwrite"), where, f"{head} (HEAD, exported)")
 
 
-def dualwrite_setup(code: Code, config_path: Path, server: Server) -> list[str]:
-    argv = [*code.argv, "setup", "--config", str(config_path)]
-    done = subprocess.run(
-        argv,
-        env=server.env(),
-        cwd=code.cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if done.returncode != 0:
-        raise BenchError(f"dualwrite setup failed:\n{done.stderr}{done.stdout}")
-    return done.stdout.strip().splitlines()
-
-
 def reladiff_binary(install: bool) -> str:
     """The venv's reladiff, pip-installing ``reladiff[postgresql]`` first if it is missing."""
     found = Path(sys.executable).with_name("reladiff")
@@ -1010,7 +994,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     common.progress("dualwrite setup (control schema, mapping validation)")
     code = dualwrite_code(stack, args.code)
     common.progress(f"dualwrite: {code.label}, run from {code.cwd}")
-    for line in dualwrite_setup(code, config_path, source_db):
+    for line in common.dualwrite_setup(config_path, source_db, command=code.argv, cwd=code.cwd):
         common.progress(f"  {line}")
     logs.mkdir(parents=True, exist_ok=True)
     ctx = Context(

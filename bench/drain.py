@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -127,16 +125,6 @@ def queued(server: Server) -> int:
     )
 
 
-def dualwrite_setup(path: Path, server: Server) -> None:
-    """``dualwrite setup``: the control schema, and the mapping validated."""
-    argv = [*common.dualwrite_command(), "setup", "--config", str(path)]
-    done = subprocess.run(
-        argv, env=server.env(), capture_output=True, text=True, check=False, cwd=common.REPO_ROOT
-    )
-    if done.returncode != 0:
-        raise BenchError(f"dualwrite setup failed:\n{done.stderr}{done.stdout}")
-
-
 def drain_once(
     stack: contextlib.ExitStack, server: Server, batch: int, workers: int, keys: int, timeout: float
 ) -> dict[str, Any]:
@@ -200,7 +188,7 @@ def main(argv: Sequence[str]) -> int:
             setup = stack.enter_context(contextlib.ExitStack())
             workdir = common.temp_dir(setup, "dwbench-drain-setup-")
             (workdir / "setup.yaml").write_text(yaml.safe_dump(config_for(server, 500, 1)))
-            dualwrite_setup(workdir / "setup.yaml", server)
+            common.dualwrite_setup(workdir / "setup.yaml", server)
             runs: list[dict[str, Any]] = []
             for round_ in range(1, rounds + 1):
                 for batch, count in cells if round_ % 2 else reversed(cells):

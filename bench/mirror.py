@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import subprocess
 import sys
 import threading
 import time
@@ -620,13 +619,7 @@ def dualwrite_setup(server: Server, extra: dict[str, Any], workdir: Path, mode: 
     """``dualwrite setup --config``: installs the control schema and validates the mappings."""
     path = workdir / f"setup-{mode}.yaml"
     path.write_text(yaml.safe_dump(common.sidecar_config(server, 0, extra)))
-    argv = [*common.dualwrite_command(), "setup", "--config", str(path)]
-    done = subprocess.run(
-        argv, env=server.env(), capture_output=True, text=True, check=False, cwd=common.REPO_ROOT
-    )
-    if done.returncode != 0:
-        raise BenchError(f"dualwrite setup ({mode}) failed:\n{done.stderr}{done.stdout}")
-    for line in done.stdout.strip().splitlines():
+    for line in common.dualwrite_setup(path, server, what=f"dualwrite setup ({mode})"):
         common.progress(f"  setup {mode}: {line}")
 
 
