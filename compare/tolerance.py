@@ -82,15 +82,19 @@ class ColumnForm:
 
     def canonical_text(self, ref: str) -> str:
         """The normalised value as text that is equal exactly when the values compare equal."""
-        value = self.normalised(ref)
-        if self._result_type() in _FLOATS:
-            value = f"(({value}) + 0)"  # -0 + 0 is +0: one spelling for both zeros
-        elif self._result_type() == "numeric":
-            value = f"trim_scale({value})"
-        elif self._result_type() == "interval":
+        return f"({self._one_spelling(ref)})::text"
+
+    def _one_spelling(self, ref: str) -> str:
+        """The normalised value, with encodings that compare equal folded into one."""
+        value, kind = self.normalised(ref), self._result_type()
+        if kind in _FLOATS:
+            return f"(({value}) + 0)"  # -0 + 0 is +0: one spelling for both zeros
+        if kind == "numeric":
+            return f"trim_scale({value})"
+        if kind == "interval":
             # '1 day' = '24 hours' and '1 mon' = '30 days' (interval_eq): one spelling
-            value = f"justify_interval({value})"
-        return f"({value})::text"
+            return f"justify_interval({value})"
+        return value
 
     def canonical_bytes(self, ref: str) -> str:
         """The normalised value as self-delimiting bytes, equal exactly when the canonical
@@ -99,20 +103,14 @@ class ColumnForm:
         is one zero byte. For chunk hashes: building these costs about half of building the
         row text (measured on bigint, integer, numeric, text, timestamptz and uuid columns).
         """
-        kind = self._result_type()
-        send = _SEND.get(kind)
+        send = _SEND.get(self._result_type())
         if send is None:
             text = self.canonical_text(ref)
             return (
                 f"coalesce('\\x01'::bytea || int4send(octet_length({text})) "
                 f"|| textsend({text}), '\\x00'::bytea)"
             )
-        value = self.normalised(ref)
-        if kind in _FLOATS:
-            value = f"(({value}) + 0)"
-        elif kind == "numeric":
-            value = f"trim_scale({value})"
-        return f"coalesce('\\x01'::bytea || {send}({value}), '\\x00'::bytea)"
+        return f"coalesce('\\x01'::bytea || {send}({self._one_spelling(ref)}), '\\x00'::bytea)"
 
     def _result_type(self) -> str:
         rule = self.rule

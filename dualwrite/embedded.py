@@ -43,8 +43,6 @@ def _utf8_ctype() -> str | None:
         return name
     return None
 
-
-_UTF8_CTYPE = _utf8_ctype()
 CLIENT_PROGRAMS = ("psql", "pgbench")
 
 #: server settings that make a disposable cluster fast; callers' settings override these
@@ -429,7 +427,7 @@ class EmbeddedPostgres:
                 "--locale=C",
                 # C sorting, but Unicode-aware upper()/lower() where the OS has C.UTF-8, as
                 # the Debian and Docker servers that users run have
-                *([f"--lc-ctype={_UTF8_CTYPE}"] if _UTF8_CTYPE else []),
+                *([f"--lc-ctype={ctype}"] if (ctype := _utf8_ctype()) else []),
                 "--no-sync",
             ],
             timeout=120,

@@ -15,7 +15,6 @@ from typing import Any, Final
 
 from dualwrite import metrics
 from dualwrite.control import ActivityRecorder
-from dualwrite.errors import ProtocolViolation
 from dualwrite.wire import messages as m
 from dualwrite.wire.frames import frame_end
 from proxy.classify import statement_kind
@@ -176,10 +175,8 @@ class Frontend:
                 if portals and m.cstring_at(buf, start + 5, end) in portals:
                     return False
             elif typ == m.DESCRIBE or typ == m.CLOSE:
-                if end <= start + 5:
-                    raise ProtocolViolation("invalid Describe/Close message")
-                name = m.cstring_at(buf, start + 6, end)
-                if name in (statements if buf[start + 5] == ord("S") else portals):
+                kind, name = m.parse_describe_or_close(buf[start + 5 : end])
+                if name in (statements if kind == ord("S") else portals):
                     return False
             else:
                 return False  # not one of the above: the full path decides

@@ -76,9 +76,10 @@ _INT32 = struct.Struct("!i")
 _UINT32 = struct.Struct("!I")
 
 
-def _cstring(body: bytes, pos: int) -> tuple[bytes, int]:
-    """Read a NUL-terminated string at ``pos``; return it and the position after the NUL."""
-    nul = body.find(b"\x00", pos)
+def _cstring(body: bytes, pos: int, end: int | None = None) -> tuple[bytes, int]:
+    """Read a NUL-terminated string at ``pos`` (before ``end``, when the frame ends there
+    inside a larger buffer); return it and the position after the NUL."""
+    nul = body.find(b"\x00", pos, end)
     if nul < 0:
         raise ProtocolViolation("unterminated string in message")
     return body[pos:nul], nul + 1
@@ -86,19 +87,13 @@ def _cstring(body: bytes, pos: int) -> tuple[bytes, int]:
 
 def cstring_at(buf: bytes, pos: int, end: int) -> bytes:
     """The NUL-terminated string at ``pos`` of a frame that ends at ``end``."""
-    nul = buf.find(b"\x00", pos, end)
-    if nul < 0:
-        raise ProtocolViolation("unterminated string in message")
-    return buf[pos:nul]
+    return _cstring(buf, pos, end)[0]
 
 
 def bind_names(buf: bytes, pos: int, end: int) -> tuple[bytes, bytes]:
     """(portal, statement) of the Bind whose body starts at ``pos`` and ends at ``end``."""
-    nul = buf.find(b"\x00", pos, end)
-    after = buf.find(b"\x00", nul + 1, end) if nul >= 0 else -1
-    if after < 0:
-        raise ProtocolViolation("unterminated string in message")
-    return buf[pos:nul], buf[nul + 1 : after]
+    portal, after = _cstring(buf, pos, end)
+    return portal, _cstring(buf, after, end)[0]
 
 
 def _int16(body: bytes, pos: int) -> int:
