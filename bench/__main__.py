@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "mirror": "bench.mirror",
     "compare": "bench.compare",
     "drain": "bench.drain",
+    "replay": "bench.replay",
 }
 
 

@@ -1,0 +1,271 @@
+"""The proxy's own Python per transaction: pgbench's TPC-B replayed in process, no sockets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import asyncpg
+import yaml
+from prometheus_client import REGISTRY
+
+from bench import common, mirror
+from bench.common import BenchError, Server
+from dualwrite.config import Config, parse_config
+from dualwrite.control import ActivityRecorder, MappingStates
+from dualwrite.service import validated_mappings
+from dualwrite.wire import messages as m
+from dualwrite.wire.frames import frame
+from proxy.rewrite import Rewriter
+from proxy.server import MirrorContext, ProxyServer
+from proxy.session import READY, Session
+
+MODES = ("relay", "sync", "outbox")
+PROTOCOLS = ("simple", "prepared")
+#: pgbench's built-in TPC-B, one transaction: (statement, parameters, is it a mapped write)
+TPCB: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("BEGIN", (), False),
+    (
+        "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+        ("-1234", "56789"),
+        True,
+    ),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = $1", ("56789",), False),
+    ("UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2", ("-1234", "42"), False),
+    ("UPDATE pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2", ("-1234", "5"), False),
+    (
+        "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) "
+        "VALUES ($1, $2, $3, $4, CURRENT_TIMESTAMP)",
+        ("42", "5", "56789", "-1234"),
+        True,
+    ),
+    ("END", (), False),
+)
+
+
+class _Transport:
+    """Takes what the session writes and drops it (the replay measures the session only)."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def _cstr(text: bytes) -> bytes:
+    return text + b"\0"
+
+
+def _row_description(column: bytes) -> bytes:
+    fields = _cstr(column) + (0).to_bytes(4, "big") + (0).to_bytes(2, "big")
+    fields += (20).to_bytes(4, "big") + (8).to_bytes(2, "big", signed=True)
+    fields += (-1).to_bytes(4, "big", signed=True) + (0).to_bytes(2, "big")
+    return frame(b"T", (1).to_bytes(2, "big") + fields)
+
+
+def _data_row(value: bytes) -> bytes:
+    return frame(b"D", (1).to_bytes(2, "big") + len(value).to_bytes(4, "big") + value)
+
+
+def _tag(sql: str) -> bytes:
+    word = sql.split(maxsplit=1)[0]
+    return {
+        "BEGIN": b"BEGIN",
+        "END": b"COMMIT",
+        "SELECT": b"SELECT 1",
+        "INSERT": b"INSERT 0 1",
+    }.get(word, b"UPDATE 1")
+
+
+def _literal(sql: str, params: Sequence[str]) -> str:
+    for index in range(len(params), 0, -1):  # $10 before $1
+        sql = sql.replace(f"${index}", params[index - 1])
+    return sql
+
+
+class Replay:
+    """One session and the byte streams of one TPC-B transaction in one protocol."""
+
+    def __init__(self, session: Session, protocol: str, mirrored: bool) -> None:
+        self.session = session
+        self.steps: list[tuple[bytes, bytes]] = []
+        for number, (sql, params, write) in enumerate(TPCB):
+            rewritten = mirrored and write
+            last = number == len(TPCB) - 1
+            ready = m.ready_for_query(b"I" if last else b"T")
+            if rewritten:  # the rewritten statement answers with its count(*) row
+                rows = (
+                    _row_description(b"count") + _data_row(b"1") + m.command_complete(b"SELECT 1")
+                )
+            elif sql.startswith("SELECT"):
+                rows = (
+                    _row_description(b"abalance")
+                    + _data_row(b"1234")
+                    + m.command_complete(b"SELECT 1")
+                )
+            else:
+                rows = m.command_complete(_tag(sql))
+            if protocol == "simple":
+                self.steps.append((m.build_query(_literal(sql, params).encode()), rows + ready))
+                continue
+            name = f"P0_{number}".encode()
+            session._client_data(m.build_parse(name, sql.encode(), ()) + m.SYNC_MESSAGE)
+            session._upstream_data(frame(b"1", b"") + m.ready_for_query(b"I"))
+            values = b"".join(len(v).to_bytes(4, "big") + v.encode() for v in params)
+            bind = frame(
+                b"B",
+                _cstr(b"")
+                + _cstr(name)
+                + b"\0\0"
+                + len(params).to_bytes(2, "big")
+                + values
+                + b"\0\0",
+            )
+            client = bind + frame(b"D", b"P\0") + m.build_execute(b"") + m.SYNC_MESSAGE
+            if not rows.startswith(b"T"):
+                rows = frame(b"n", b"") + rows
+            self.steps.append((client, frame(b"2", b"") + rows + ready))
+
+    def transaction(self) -> None:
+        session = self.session
+        for client, server in self.steps:
+            session._client_data(client)
+            session._upstream_data(server)
+
+
+async def _session(config: Config, mirrored: bool) -> Session:
+    mirror_context = None
+    if mirrored:
+        conn = await asyncpg.connect(config.effective_service_dsn())
+        try:
+            mappings, unqualified = await validated_mappings(conn, config)
+        finally:
+            await conn.close()
+        rewriter = Rewriter(mappings, unqualified=unqualified, states=MappingStates())
+        mirror_context = MirrorContext(rewriter, ActivityRecorder("bench-replay"))
+    session = Session(ProxyServer(config, mirror_context), 1)
+    session.client.transport = _Transport()  # type: ignore[assignment]
+    session.upstream.transport = _Transport()  # type: ignore[assignment]
+    session.state = READY
+    return session
+
+
+def _rewritten() -> float:
+    """dualwrite_statements_rewritten_total, summed over its series."""
+    return sum(
+        sample.value
+        for family in REGISTRY.collect()
+        if family.name == "dualwrite_statements_rewritten"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    )
+
+
+def _check(session: Session, mode: str, transactions: int, rewritten: float) -> None:
+    """The replay is a conversation the session understood: every reply matched, nothing
+    owed after a transaction, and (when mirroring) the two mapped writes of each rewritten."""
+    tracker = session.tracker
+    if tracker.unexpected or not tracker.idle:
+        raise BenchError(f"{mode}: the session did not follow the replay ({tracker!r})")
+    expected = 0 if mode == "relay" else 2 * transactions
+    if rewritten != expected:
+        raise BenchError(f"{mode}: {rewritten:.0f} statements rewritten, expected {expected}")
+
+
+def _time(run: Callable[[], None], transactions: int) -> float:
+    """µs per transaction."""
+    started = time.perf_counter()
+    for _ in range(transactions):
+        run()
+    return (time.perf_counter() - started) / transactions * 1e6
+
+
+async def _measure(server: Server, args: argparse.Namespace) -> list[dict[str, Any]]:
+    results = []
+    for mode in MODES:
+        extra = (
+            {}
+            if mode == "relay"
+            else {"mappings": [s.config(mode) for s in mirror.specs_of("tpcb")]}
+        )
+        config = parse_config(
+            {**common.sidecar_config(server, 0, extra), "applier": {"enabled": False}}
+        )
+        for protocol in PROTOCOLS:
+            replay = Replay(await _session(config, mode != "relay"), protocol, mode != "relay")
+            before, warm = _rewritten(), args.transactions // 10
+            for _ in range(warm):  # warm the caches
+                replay.transaction()
+            _check(replay.session, mode, warm, _rewritten() - before)
+            best = min(_time(replay.transaction, args.transactions) for _ in range(args.rounds))
+            results.append({"mode": mode, "protocol": protocol, "us_per_txn": best})
+            common.progress(f"{mode:7} {protocol:9} {best:7.1f} µs/txn")
+    return results
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench replay",
+        description=(
+            "pgbench's TPC-B transaction (prepared: Bind/Describe/Execute/Sync; simple: Query), "
+            "with the replies PostgreSQL sends, fed through a real proxy Session whose sockets "
+            "are replaced by no-op transports: the Python cost of relaying and of mirroring, "
+            "with no kernel, network or PostgreSQL time in it. Mappings as in `bench mirror` "
+            "(accounts and history), validated against its database."
+        ),
+    )
+    parser.add_argument("--dsn", help=f"server (default ${common.DSN_ENV}, then local)")
+    parser.add_argument("--database", default="dwbench_mirror", help="bench mirror's database")
+    parser.add_argument("--transactions", type=int, default=20_000, help="per round")
+    parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
+    args = parser.parse_args(list(argv))
+    with contextlib.ExitStack() as stack:
+        try:
+            root, _ = common.resolve_server(stack, args.dsn)
+            server = common.ensure_database(root, args.database)
+            common.init_pgbench(server, 10)
+            common.psql(server, *mirror.SCHEMA_SQL)
+            workdir = common.temp_dir(stack, "dwbench-replay-")
+            for mode in ("sync", "outbox"):
+                path = workdir / f"{mode}.yaml"
+                extra = {"mappings": [s.config(mode) for s in mirror.specs_of("tpcb")]}
+                path.write_text(yaml.safe_dump(common.sidecar_config(server, 0, extra)))
+                common.dualwrite_setup(path, server)
+            results = asyncio.run(_measure(server, args))
+            machine = common.machine_info(server)
+        except BenchError as exc:
+            print(f"bench replay: {exc}", file=sys.stderr)
+            return 1
+    relay = {r["protocol"]: r["us_per_txn"] for r in results if r["mode"] == "relay"}
+    rows = [
+        [
+            r["mode"],
+            r["protocol"],
+            common.fmt(r["us_per_txn"], ".1f"),
+            common.fmt(common.ratio(r["us_per_txn"], relay[r["protocol"]]), ".1f", "x"),
+        ]
+        for r in results
+    ]
+    print("### The proxy's Python per TPC-B transaction, in process")
+    print()
+    print(f"- Command: `{common.command_line('replay', argv)}`")
+    print(f"- Machine: {common.machine_line(machine)}; dualwrite {machine['dualwrite_commit']}")
+    print(f"- {args.transactions:,} transactions a round, best of {args.rounds}")
+    print()
+    print(common.markdown_table(["mode", "-M", "µs/txn", "vs relay"], rows))
+    return 0
