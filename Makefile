@@ -38,4 +38,4 @@ clean:
 	rm -f $(STAMP)
 
 distclean: clean
-	rm -rf $(VENV) .demo
+	rm -rf $(VENV) .demo dualwrite-demo
