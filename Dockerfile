@@ -11,6 +11,8 @@ COPY pyproject.toml setup.py README.md ./
 COPY dualwrite ./dualwrite
 COPY proxy ./proxy
 COPY compare ./compare
+COPY mirror ./mirror
+COPY core ./core
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:${PYTHON_VERSION}-slim AS runtime

@@ -34,7 +34,7 @@ demo: venv
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache .import_linter_cache reports
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -print0 | xargs -0 rm -rf
-	find dualwrite -name '*.so' -delete
+	find proxy -name '*.so' -delete
 	rm -f $(STAMP)
 
 distclean: clean

@@ -5,6 +5,6 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         # optional: without a compiler the pure-Python loop in frames.py is used instead
-        Extension("dualwrite.wire._speedups", ["dualwrite/wire/_speedups.c"], optional=True)
+        Extension("proxy.wire._speedups", ["proxy/wire/_speedups.c"], optional=True)
     ]
 )

@@ -22,7 +22,7 @@ import yaml
 
 from bench import common
 from bench.common import BenchError, Server
-from dualwrite.config import ReconcileConfig
+from core.config import ReconcileConfig
 
 DEFAULT_ROWS, QUICK_ROWS = 10_000_000, 1_000_000
 DEFAULT_ROUNDS = 3

@@ -1032,7 +1032,7 @@ def report(
 def describe_run(
     started: datetime, argv: Sequence[str], server: Server, origin: str, args: argparse.Namespace
 ) -> dict[str, Any]:
-    from dualwrite.config import ApplierConfig  # noqa: PLC0415
+    from core.config import ApplierConfig  # noqa: PLC0415
 
     defaults = ApplierConfig()
     applier = {

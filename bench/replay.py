@@ -16,14 +16,14 @@ from prometheus_client import REGISTRY
 
 from bench import common, mirror
 from bench.common import BenchError, Server
-from dualwrite.config import Config, parse_config
-from dualwrite.control import ActivityRecorder, MappingStates
+from core.config import Config, parse_config
+from core.control import ActivityRecorder, MappingStates
 from dualwrite.service import validated_mappings
-from dualwrite.wire import messages as m
-from dualwrite.wire.frames import frame
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
 from proxy.session import READY, Session
+from proxy.wire import messages as m
+from proxy.wire.frames import frame
 
 MODES = ("relay", "sync", "outbox")
 PROTOCOLS = ("simple", "prepared")

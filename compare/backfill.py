@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from compare.connections import Sessions, open_sessions
 from compare.findings import Tally
-from compare.keyapply import apply_keys, batches
 from compare.progress import Progress
 from compare.reconciler import default_requester
 from compare.recording import (
@@ -30,13 +30,13 @@ from compare.recording import (
     try_lock,
     unlock,
 )
-from compare.sessions import Sessions, open_sessions
+from compare.resync import apply_keys, batches
 from compare.statements import Params
 from compare.throttle import Throttle
-from dualwrite import metrics
-from dualwrite.config import Config
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
+from core import metrics
+from core.config import Config
+from core.logs import get_logger
+from core.mapping import CompiledMapping
 
 _log = get_logger("backfill")
 

@@ -15,14 +15,14 @@ from typing import Any, TypeVar
 import asyncpg
 
 from compare.backfill import BackfillResult, backfill_mapping
+from compare.connections import connect
 from compare.progress import Progress, format_table
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
-from compare.sessions import connect
-from dualwrite.catalog import validate_all
-from dualwrite.config import Config
-from dualwrite.control import ensure_current
-from dualwrite.errors import ConfigError
-from dualwrite.mapping import CompiledMapping, compile_all
+from core.catalog import validate_all
+from core.config import Config
+from core.control import ensure_current
+from core.errors import ConfigError
+from core.mapping import CompiledMapping, compile_all
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 

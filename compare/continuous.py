@@ -10,11 +10,11 @@ import asyncio
 import time
 from collections.abc import Sequence
 
+from compare.connections import connect
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
-from compare.sessions import connect
-from dualwrite.config import Config
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
+from core.config import Config
+from core.logs import get_logger
+from core.mapping import CompiledMapping
 
 _log = get_logger("reconcile")
 

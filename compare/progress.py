@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from dualwrite.logs import get_logger
+from core.logs import get_logger
 
 _BAR_WIDTH = 24
 

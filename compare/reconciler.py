@@ -16,9 +16,9 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from compare.connections import Sessions, open_sessions
 from compare.crossdb import CrossDatabaseDiffer
 from compare.findings import Chunk, Recheck, Tally
-from compare.keyapply import batches
 from compare.progress import Progress
 from compare.recording import (
     RunInfo,
@@ -30,13 +30,13 @@ from compare.recording import (
     unlock,
 )
 from compare.repair import Repairer, RepairTally
+from compare.resync import batches
 from compare.samedb import SameDatabaseDiffer
-from compare.sessions import Sessions, open_sessions
 from compare.throttle import Throttle
-from dualwrite import metrics
-from dualwrite.config import Config
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
+from core import metrics
+from core.config import Config
+from core.logs import get_logger
+from core.mapping import CompiledMapping
 
 _log = get_logger("reconcile")
 

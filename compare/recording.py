@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 
 from compare.findings import Divergence, Tally
-from dualwrite.control import LOCK_CLASS
+from core.control import LOCK_CLASS
 
 #: classid of the session advisory locks held for a whole pass or backfill (the xact-level
 #: per-key locks of sync_keys use LOCK_CLASS; a different class keeps the two apart)

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from compare.connections import Sessions
 from compare.findings import Divergence, Recheck
-from compare.keyapply import MAX_KEYS_PER_TRANSACTION, apply_keys
 from compare.recording import RepairRecord, record_repair
-from compare.sessions import Sessions
-from dualwrite import metrics
-from dualwrite.keysync import SyncResult
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
+from compare.resync import MAX_KEYS_PER_TRANSACTION, apply_keys
+from core import metrics
+from core.logs import get_logger
+from core.mapping import CompiledMapping
+from mirror.keysync import SyncResult
 
 _log = get_logger("repair")
 

@@ -16,8 +16,8 @@ import asyncpg
 
 from compare.findings import Chunk, Divergence, Recheck, in_order
 from compare.statements import CompareSql
-from dualwrite.keysync import keys_payload
-from dualwrite.mapping import CompiledMapping
+from core.mapping import CompiledMapping
+from mirror.keysync import keys_payload
 
 
 class SameDatabaseDiffer:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compare.tolerance import ColumnForm, column_forms
-from dualwrite.mapping import CompiledMapping
-from dualwrite.sqltext import quote_ident, quote_literal
+from core.mapping import CompiledMapping
+from core.sqltext import quote_ident, quote_literal
 
 #: what a column outside ``compare.reveal_columns`` shows in findings
 REDACTED = "<redacted>"

@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 
 import asyncpg
 
-from dualwrite import metrics
-from dualwrite.config import PressureConfig
-from dualwrite.logs import get_logger
+from core import metrics
+from core.config import PressureConfig
+from core.logs import get_logger
 
 _log = get_logger("throttle")
 

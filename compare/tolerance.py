@@ -14,8 +14,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dualwrite.config import ToleranceRule
-from dualwrite.sqltext import quote_literal
+from core.config import ToleranceRule
+from core.sqltext import quote_literal
 
 _TYPMOD = re.compile(r"\([^)]*\)")
 _FLOATS = frozenset({"real", "double precision"})

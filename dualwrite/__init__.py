@@ -1,3 +1,6 @@
-"""dualwrite: the shared core (config, errors, metrics, logs, wire codec, mapping) and the CLI."""
+"""dualwrite: the application layer: the command line, the service wiring, the admin HTTP server,
+the demo and the embedded-cluster helper. It may import every other package."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -11,11 +11,11 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from core.config import Config, load_config
+from core.errors import DualwriteError
+from core.logs import configure_logging
+from core.mapping import compile_all
 from dualwrite import __version__
-from dualwrite.config import Config, load_config
-from dualwrite.errors import DualwriteError
-from dualwrite.logs import configure_logging
-from dualwrite.mapping import compile_all
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 

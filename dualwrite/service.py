@@ -23,11 +23,10 @@ import asyncpg
 from compare.continuous import ContinuousReconciler
 from compare.reconciler import PassOptions, reconcile_mapping
 from compare.report.history import export_gauges, latest_runs
-from dualwrite import metrics
-from dualwrite.applier import Applier
-from dualwrite.catalog import resolve_unqualified, validate_all
-from dualwrite.config import Config
-from dualwrite.control import (
+from core import metrics
+from core.catalog import resolve_unqualified, validate_all
+from core.config import Config
+from core.control import (
     ActivityRecorder,
     MappingStates,
     StateWatcher,
@@ -37,10 +36,11 @@ from dualwrite.control import (
     load_paused,
     set_paused,
 )
-from dualwrite.errors import ConfigError
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping, compile_all
-from proxy.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
+from core.errors import ConfigError
+from core.logs import get_logger
+from core.mapping import CompiledMapping, compile_all
+from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
+from mirror.applier import Applier
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
 

@@ -12,12 +12,12 @@ import asyncio
 import weakref
 from typing import TYPE_CHECKING
 
-from dualwrite import metrics
-from dualwrite.config import UpstreamConfig
-from dualwrite.errors import UpstreamUnavailable
-from dualwrite.logs import get_logger
-from dualwrite.wire.messages import CancelKey, build_cancel_request
+from core import metrics
+from core.config import UpstreamConfig
+from core.errors import UpstreamUnavailable
+from core.logs import get_logger
 from proxy.upstream import connect_upstream
+from proxy.wire.messages import CancelKey, build_cancel_request
 
 if TYPE_CHECKING:
     from proxy.session import Session

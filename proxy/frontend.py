@@ -13,12 +13,10 @@ import codecs
 from dataclasses import dataclass
 from typing import Any, Final
 
-from dualwrite import metrics
-from dualwrite.control import ActivityRecorder
-from dualwrite.wire import messages as m
-from dualwrite.wire.frames import frame_end
+from core import metrics
+from core.control import ActivityRecorder
 from proxy.classify import statement_kind
-from proxy.repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
+from proxy.reply_repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
 from proxy.rewrite import (
     REJECT,
     REJECT_HINT,
@@ -30,6 +28,8 @@ from proxy.rewrite import (
     reject_message,
 )
 from proxy.tracker import Pending
+from proxy.wire import messages as m
+from proxy.wire.frames import frame_end
 
 #: PostgreSQL encoding names whose Python codec name differs
 _ENCODINGS: Final = {

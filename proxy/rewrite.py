@@ -31,10 +31,10 @@ from typing import Any, Final
 
 from pglast import parser as pgparser
 
-from dualwrite import metrics
-from dualwrite.control import MappingStates
-from dualwrite.mapping import CompiledMapping, read_columns
-from dualwrite.sqltext import QualifiedName, quote_ident, utf8_literal
+from core import metrics
+from core.control import MappingStates
+from core.mapping import CompiledMapping, read_columns
+from core.sqltext import QualifiedName, quote_ident, utf8_literal
 from proxy.classify import READ, first_keyword, statement_kind
 
 CTE: Final = "__dualwrite"

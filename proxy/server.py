@@ -7,10 +7,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from dualwrite import metrics
-from dualwrite.config import Config
-from dualwrite.control import ActivityRecorder
-from dualwrite.logs import get_logger
+from core import metrics
+from core.config import Config
+from core.control import ActivityRecorder
+from core.logs import get_logger
 from proxy.cancel import CancelRegistry
 from proxy.rewrite import Rewriter
 from proxy.session import Session

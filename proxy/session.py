@@ -22,20 +22,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from dualwrite import metrics
-from dualwrite.errors import (
+from core import metrics
+from core.errors import (
     DualwriteError,
     MessageTooLarge,
     ProtocolViolation,
     StartupTimeout,
     UpstreamUnavailable,
 )
-from dualwrite.logs import get_logger
-from dualwrite.wire import messages as m
-from dualwrite.wire.frames import FrameScanner, frame_end, type_table
+from core.logs import get_logger
 from proxy.frontend import Frontend
 from proxy.tracker import CYCLE_END, Pending, ResponseTracker
 from proxy.upstream import connect_upstream
+from proxy.wire import messages as m
+from proxy.wire.frames import FrameScanner, frame_end, type_table
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Final, Protocol
 
-from dualwrite.wire import messages as m
+from proxy.wire import messages as m
 
 # The client messages that get a reply, by their type byte.
 EXPECTS_REPLY: Final = frozenset(

@@ -6,9 +6,9 @@ import asyncio
 import ssl
 from typing import TypeVar
 
-from dualwrite.config import UpstreamConfig, UpstreamTLSConfig
-from dualwrite.errors import UpstreamUnavailable
-from dualwrite.wire.messages import build_ssl_request
+from core.config import UpstreamConfig, UpstreamTLSConfig
+from core.errors import UpstreamUnavailable
+from proxy.wire.messages import build_ssl_request
 
 P = TypeVar("P", bound=asyncio.Protocol)
 

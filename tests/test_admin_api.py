@@ -15,8 +15,8 @@ import pytest
 import yaml
 from support import free_port, wait_until
 
-from dualwrite import metrics
-from dualwrite.config import AdminConfig, parse_config
+from core import metrics
+from core.config import AdminConfig, parse_config
 from dualwrite.service import setup
 
 TOKEN_ENV = "DW_TEST_ADMIN_TOKEN"

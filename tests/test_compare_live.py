@@ -17,8 +17,8 @@ from test_compare_support import config_data, prepare, reconcile
 
 from compare import throttle as throttle_module
 from compare.throttle import Throttle
-from dualwrite.config import PressureConfig
-from dualwrite.control import set_paused
+from core.config import PressureConfig
+from core.control import set_paused
 
 _TABLES = """
 CREATE TABLE items (id serial PRIMARY KEY, tenant int NOT NULL, qty int, label text);

@@ -18,8 +18,8 @@ import asyncpg
 import yaml
 
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
-from dualwrite.config import Config, parse_config
-from dualwrite.mapping import CompiledMapping
+from core.config import Config, parse_config
+from core.mapping import CompiledMapping
 from dualwrite.service import setup, validated_mappings
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dualwrite.config import load_config
-from dualwrite.mapping import compile_all
+from core.config import load_config
+from core.mapping import compile_all
 from dualwrite.service import check_live, setup
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from dualwrite import metrics
-from dualwrite.config import Config, MappingConfig
+from core import metrics
+from core.config import Config, MappingConfig
 
 REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
@@ -35,7 +35,7 @@ def test_every_config_key_is_in_the_readme_reference() -> None:
 
 
 def test_every_metric_is_in_the_readme() -> None:
-    source = (REPO / "dualwrite" / "metrics.py").read_text(encoding="utf-8")
+    source = (REPO / "core" / "metrics.py").read_text(encoding="utf-8")
     names = set(re.findall(r'"dualwrite_([a-z_]+)"', source))
     assert names, "no metric names found in metrics.py"
     assert metrics.HOT is not None

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import pos, wait_until
 
-from dualwrite.applier import Applier
+from mirror.applier import Applier
 
 FAST_APPLIER = {
     "poll_interval_seconds": 0.05,

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support import wait_until
 
-from dualwrite.config import parse_config
+from core.config import parse_config
 from dualwrite.service import setup
 
 ROOT = Path(__file__).resolve().parent.parent

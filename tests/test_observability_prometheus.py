@@ -18,7 +18,7 @@ import pytest
 import yaml
 from support import free_port, needs_tools, wait_for_port, wait_until
 
-from dualwrite.config import parse_config
+from core.config import parse_config
 from dualwrite.service import setup
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: what the Dockerfile's build stage copies
-COPIED = ("pyproject.toml", "setup.py", "README.md", "dualwrite", "proxy", "compare")
+COPIED = (
+    "pyproject.toml", "setup.py", "README.md", "dualwrite", "proxy", "compare", "mirror", "core"
+)
 HAVE_COMPILER = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 
 
@@ -69,11 +71,11 @@ def run_installed(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_wheel_holds_the_packages_their_data_and_the_c_scanner(wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
-    for package in ("dualwrite", "proxy", "compare"):
+    for package in ("dualwrite", "proxy", "compare", "mirror", "core"):
         assert f"{package}/__init__.py" in names
         assert f"{package}/py.typed" in names
     assert {"dualwrite/demo/pos_v1.sql", "dualwrite/demo/pos_v2.sql"} <= set(names)
-    has_scanner = any(n.startswith("dualwrite/wire/_speedups") and n.endswith(".so") for n in names)
+    has_scanner = any(n.startswith("proxy/wire/_speedups") and n.endswith(".so") for n in names)
     assert has_scanner == HAVE_COMPILER
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
@@ -85,17 +87,18 @@ def test_the_installed_files_import_and_run_on_their_own(installed: Path):
     probe = run_installed(
         installed,
         "-c",
-        "import dualwrite, proxy, compare\n"
-        "from dualwrite.wire import frames\n"
+        "import dualwrite, proxy, compare, mirror, core\n"
+        "from proxy.wire import frames\n"
         "from dualwrite.demo import run\n"
-        "print(dualwrite.__file__, proxy.__file__, compare.__file__, frames.ACCELERATED)\n"
+        "print(dualwrite.__file__, proxy.__file__, compare.__file__, mirror.__file__,"
+        " core.__file__, frames.ACCELERATED)\n"
         "print(len(run._sql('pos_v1.sql')))",
     )
     assert probe.returncode == 0, probe.stderr
     first = probe.stdout.splitlines()[0].split()
-    assert all(path.startswith(str(installed)) for path in first[:3]), first
+    assert all(path.startswith(str(installed)) for path in first[:5]), first
     # without a C compiler the wheel carries the pure-Python scanner only, and still works
-    assert first[3] == str(HAVE_COMPILER), "C frame scanner built: expected exactly with a compiler"
+    assert first[5] == str(HAVE_COMPILER), "C frame scanner built: expected exactly with a compiler"
     assert int(probe.stdout.splitlines()[1]) > 1000  # the demo's schema, read as package data
 
 

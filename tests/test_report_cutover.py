@@ -15,9 +15,9 @@ import pytest
 import yaml
 from support import free_port
 
+from core.control import install
+from core.logs import configure_logging
 from dualwrite.cli import main
-from dualwrite.control import install
-from dualwrite.logs import configure_logging
 
 MAPPING = "customers"
 #: every criterion a mapping is judged on with the default config

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualwrite.wire import messages as m
-from dualwrite.wire.frames import FrameScanner, frame, frame_end
 from proxy import session as s
 from proxy.tracker import CYCLE_END, Pending, ResponseTracker
+from proxy.wire import messages as m
+from proxy.wire.frames import FrameScanner, frame, frame_end
 
 # ---------------------------------------------------------------------------------------------
 # Client messages

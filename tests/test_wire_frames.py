@@ -13,9 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualwrite.errors import MessageTooLarge, ProtocolViolation
-from dualwrite.wire import frames
-from dualwrite.wire.frames import (
+from core.errors import MessageTooLarge, ProtocolViolation
+from proxy.wire import frames
+from proxy.wire.frames import (
     HEADER_SIZE,
     MARK,
     REPORT,
@@ -26,7 +26,7 @@ from dualwrite.wire.frames import (
 )
 
 try:
-    from dualwrite.wire import _speedups
+    from proxy.wire import _speedups
 except ImportError:  # pragma: no cover - the build without a compiler
     _speedups = None  # type: ignore[assignment]
 

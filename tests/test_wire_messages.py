@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualwrite.errors import ProtocolViolation
-from dualwrite.wire import messages as m
-from dualwrite.wire.frames import frame_end
+from core.errors import ProtocolViolation
+from proxy.wire import messages as m
+from proxy.wire.frames import frame_end
 
 # ---------------------------------------------------------------------------------------------
 # Golden bytes, written out by hand from the protocol documentation (Message Formats).

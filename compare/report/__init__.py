@@ -4,9 +4,9 @@
 judges it against ``report.criteria``; ``render`` writes it as Markdown, HTML or JSON.
 """
 
-from compare.report.command import run_report
 from compare.report.gather import build_report
 from compare.report.model import Criterion, MappingReport, Report
+from compare.report.publish import run_report
 from compare.report.render import render
 
 __all__ = ["Criterion", "MappingReport", "Report", "build_report", "render", "run_report"]

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 
 from compare.report.format import duration_text, number_text, timestamp_text
 from compare.report.model import Criterion, Facts, Pass
-from dualwrite.config import CutoverCriteria
+from core.config import CutoverCriteria
 
 #: the clean window rule in one sentence, printed in the reports
 CLEAN_WINDOW_DEFINITION = (

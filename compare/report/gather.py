@@ -18,9 +18,9 @@ from compare.report.criteria import Window, judge
 from compare.report.format import pick_bucket
 from compare.report.history import database_now, read_facts
 from compare.report.model import Criterion, MappingReport, Report
-from dualwrite.config import Config
-from dualwrite.control import ensure_current
-from dualwrite.errors import ConfigError
+from core.config import Config
+from core.control import ensure_current
+from core.errors import ConfigError
 
 STATUS_TIMEOUT_SECONDS = 10.0
 

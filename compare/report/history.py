@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from compare.report.model import Backfill, Bucket, Facts, Pass
-from dualwrite import metrics
+from core import metrics
 
 _PASSES = """
 SELECT id, started_at, finished_at, rows_compared, missing, extra, changed, pending,

@@ -28,10 +28,10 @@ from compare.progress import Progress
 from compare.reconciler import PassOptions, reconcile_mapping
 from compare.report.gather import ReportRequest, build_report
 from compare.report.render import render
-from dualwrite.config import Config, parse_config
+from core.config import Config, parse_config
+from core.logs import configure_logging
 from dualwrite.demo.workload import WorkloadStats, run_workload, seed
 from dualwrite.embedded import EmbeddedPostgres, free_tcp_port
-from dualwrite.logs import configure_logging
 from dualwrite.service import Sidecar, setup
 
 DATABASE = "pos"

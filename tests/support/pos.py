@@ -35,9 +35,9 @@ import psycopg
 import yaml
 from prometheus_client import REGISTRY
 
-from dualwrite.applier import Applier
-from dualwrite.config import parse_config
+from core.config import parse_config
 from dualwrite.service import setup
+from mirror.applier import Applier
 
 from .postgres import Database
 from .sidecar import InProcessSidecar

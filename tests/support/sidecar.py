@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import yaml
 
-from dualwrite.config import Config, parse_config
+from core.config import Config, parse_config
 from dualwrite.service import Sidecar
 
 from .procs import free_port, port_open, wait_until

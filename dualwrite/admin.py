@@ -20,9 +20,9 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from dualwrite import metrics
-from dualwrite.config import AdminConfig
-from dualwrite.logs import get_logger
+from core import metrics
+from core.config import AdminConfig
+from core.logs import get_logger
 
 _log = get_logger("admin")
 

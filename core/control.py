@@ -16,10 +16,10 @@ from typing import Any
 
 import asyncpg
 
-from dualwrite.errors import ControlSchemaMissing
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
-from dualwrite.sqltext import quote_ident
+from core.errors import ControlSchemaMissing
+from core.logs import get_logger
+from core.mapping import CompiledMapping
+from core.sqltext import quote_ident
 
 SCHEMA = "dualwrite"
 #: NOTIFY channel on which pause/resume changes are announced to every sidecar

@@ -13,9 +13,9 @@ from typing import Any
 
 import asyncpg
 
-from dualwrite.errors import MappingValidationError
-from dualwrite.mapping import CatalogFacts, CompiledMapping, bind_catalog
-from dualwrite.sqltext import QualifiedName
+from core.errors import MappingValidationError
+from core.mapping import CatalogFacts, CompiledMapping, bind_catalog
+from core.sqltext import QualifiedName
 
 _RESOLVE = """
 SELECT n.nspname, c.relname, c.relkind::text, c.relhasrules

@@ -11,8 +11,8 @@ from compare.report.format import parse_duration
 from compare.report.gather import ReportRequest, build_report
 from compare.report.model import Report
 from compare.report.render import FORMATS, render
-from dualwrite.config import Config
-from dualwrite.errors import ConfigError
+from core.config import Config
+from core.errors import ConfigError
 
 EXIT_GO, EXIT_NO_GO = 0, 1
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dualwrite.config import Config
-from dualwrite.errors import ConfigError
-from dualwrite.mapping import CompiledMapping
+from core.config import Config
+from core.errors import ConfigError
+from core.mapping import CompiledMapping
 
 #: output settings that make a value's text the same in every session
 _CANONICAL_OUTPUT = {

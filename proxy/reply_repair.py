@@ -9,11 +9,11 @@ positions mapped back into the original text.
 
 from __future__ import annotations
 
-from dualwrite import metrics
-from dualwrite.control import ActivityRecorder
-from dualwrite.wire import messages as m
-from dualwrite.wire.frames import frame
+from core import metrics
+from core.control import ActivityRecorder
 from proxy.rewrite import REWRITE, Rewritten, StatementReply
+from proxy.wire import messages as m
+from proxy.wire.frames import frame
 
 
 def repair_error(

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from dualwrite.errors import ConfigError
+from core.errors import ConfigError
 
 SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")

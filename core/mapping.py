@@ -19,9 +19,9 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from dualwrite.config import Config, MappingConfig
-from dualwrite.errors import MappingValidationError
-from dualwrite.sqltext import (
+from core.config import Config, MappingConfig
+from core.errors import MappingValidationError
+from core.sqltext import (
     ParsedExpression,
     QualifiedName,
     parse_expression,

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from dualwrite.errors import ProtocolViolation
-from dualwrite.wire.frames import frame
+from core.errors import ProtocolViolation
+from proxy.wire.frames import frame
 
 # Frontend (client -> server) type bytes.
 BIND: Final = ord("B")

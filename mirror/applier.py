@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from dualwrite import metrics
-from dualwrite.config import ApplierConfig
-from dualwrite.control import MappingStates
-from dualwrite.keysync import SyncResult, sync_keys, sync_keys_across
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
+from core import metrics
+from core.config import ApplierConfig
+from core.control import MappingStates
+from core.logs import get_logger
+from core.mapping import CompiledMapping
+from mirror.keysync import SyncResult, sync_keys, sync_keys_across
 
 _log = get_logger("applier")
 

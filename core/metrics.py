@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, disable
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from dualwrite import __version__
+from core import __version__
 
 # The *_created series double the output and no dashboard here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]

@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from compare.sessions import Sessions
-from dualwrite.applier import is_transient
-from dualwrite.keysync import SyncResult, sync_keys, sync_keys_across
-from dualwrite.logs import get_logger
-from dualwrite.mapping import CompiledMapping
+from compare.connections import Sessions
+from core.logs import get_logger
+from core.mapping import CompiledMapping
+from mirror.applier import is_transient
+from mirror.keysync import SyncResult, sync_keys, sync_keys_across
 
 _log = get_logger("keyapply")
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from struct import Struct
 from typing import Final
 
-from dualwrite.errors import MessageTooLarge
+from core.errors import MessageTooLarge
 
 HEADER_SIZE: Final = 5
 REPORT: Final = 1
@@ -82,7 +82,7 @@ def _scan_python(buf: bytes, pos: int, table: bytes, max_length: int) -> Scan:
 
 _scan: Callable[[bytes, int, bytes, int], Scan]
 try:
-    from dualwrite.wire._speedups import scan as _scan  # type: ignore[import-not-found,no-redef]
+    from proxy.wire._speedups import scan as _scan  # type: ignore[import-not-found,no-redef]
 
     ACCELERATED = True
 except ImportError:  # no compiler at install time: the pure-Python loop, same results

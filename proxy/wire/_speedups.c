@@ -1,4 +1,4 @@
-/* dualwrite.wire._speedups: the frame-boundary loop of frames.py in C.
+/* proxy.wire._speedups: the frame-boundary loop of frames.py in C.
  *
  * Same contract as frames._scan_python (the reference implementation, which is used when
  * this module is not built, and which the tests compare it against byte for byte). The relay
@@ -125,7 +125,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_speedups", "C loop for dualwrite.wire.frames.", -1, methods,
+    PyModuleDef_HEAD_INIT, "_speedups", "C loop for proxy.wire.frames.", -1, methods,
 };
 
 PyMODINIT_FUNC

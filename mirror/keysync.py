@@ -27,8 +27,8 @@ from typing import Any
 
 import asyncpg
 
-from dualwrite.control import LOCK_CLASS
-from dualwrite.mapping import CompiledMapping
+from core.control import LOCK_CLASS
+from core.mapping import CompiledMapping
 
 _ADVISORY_LOCKS = """
 SELECT count(pg_advisory_xact_lock($3, h)) FROM (
