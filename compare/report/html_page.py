@@ -10,7 +10,7 @@ from compare.report import charts
 from compare.report.criteria import CLEAN_WINDOW_DEFINITION, clean_streak
 from compare.report.format import duration_text, number_text, timestamp_text
 from compare.report.model import Criterion, MappingReport, Pass, Report
-from compare.report.render import history_passes, worst_pass_per_bucket
+from compare.report.passes import history_passes, worst_pass_per_bucket
 
 _CSS = """
 :root { --go: #1e7b3c; --nogo: #b3261e; --ink: #1d1d1f; --muted: #666; --rule: #d9d9d9; }

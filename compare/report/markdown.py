@@ -5,7 +5,7 @@ from __future__ import annotations
 from compare.report.criteria import CLEAN_WINDOW_DEFINITION
 from compare.report.format import duration_text, number_text, sparkline, timestamp_text
 from compare.report.model import Criterion, MappingReport, Pass, Report
-from compare.report.render import history_passes, worst_pass_per_bucket
+from compare.report.passes import history_passes, worst_pass_per_bucket
 
 
 def render_markdown(report: Report) -> str:

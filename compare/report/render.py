@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
+from compare.report.html_page import render_html
+from compare.report.markdown import render_markdown
 from compare.report.model import Bucket, MappingReport, Pass, Report
+from compare.report.passes import history_passes
 
 FORMATS = ("md", "html", "json")
 
@@ -17,19 +20,10 @@ def render(report: Report, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(to_json(report), indent=2, default=_json_default) + "\n"
     if fmt == "md":
-        from compare.report.markdown import render_markdown  # noqa: PLC0415
-
         return render_markdown(report)
     if fmt == "html":
-        from compare.report.html_page import render_html  # noqa: PLC0415
-
         return render_html(report)
     raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-
-
-def history_passes(report: Report, mapping: MappingReport) -> list[Pass]:
-    """The finished passes inside the history window, newest first."""
-    return [p for p in mapping.facts.passes if p.finished_at >= report.history_start]
 
 
 def to_json(report: Report) -> dict[str, Any]:
@@ -92,24 +86,3 @@ def _json_default(value: object) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def worst_pass_per_bucket(
-    passes: list[Pass], starts: list[datetime], bucket: timedelta
-) -> list[Pass | None]:
-    """For each bucket, the pass that finished in it with the most divergent rows (a clean
-    pass only when all of them were clean; None: no pass finished there)."""
-    found: list[Pass | None] = [None] * len(starts)
-    if not starts:
-        return found
-    for run in passes:
-        index = int((run.finished_at - starts[0]) / bucket)
-        if 0 <= index < len(starts) and _worse(run, found[index]):
-            found[index] = run
-    return found
-
-
-def _worse(run: Pass, than: Pass | None) -> bool:
-    if than is None:
-        return True
-    return (not run.clean, run.divergent) > (not than.clean, than.divergent)
