@@ -280,6 +280,33 @@ def install_interrupt_handlers() -> None:
     signal.signal(signal.SIGTERM, raise_interrupt)
 
 
+def run_main(
+    benchmark: str,
+    argv: Sequence[str],
+    parse_args: Callable[[Sequence[str]], argparse.Namespace],
+    run: Callable[[contextlib.ExitStack, argparse.Namespace, Sequence[str]], int],
+) -> int:
+    """A benchmark's ``main``: parse, run with every started process stopped on the way out
+    (also on Ctrl-C or SIGTERM), and turn what stops it into a message and an exit status."""
+    install_interrupt_handlers()
+    try:
+        args = parse_args(argv)
+        with contextlib.ExitStack() as stack:
+            return run(stack, args, argv)
+    except BenchError as exc:
+        print(f"bench {benchmark}: {exc}", file=sys.stderr)
+        return 2
+    except subprocess.TimeoutExpired as exc:
+        print(
+            f"bench {benchmark}: {shlex.join(map(str, exc.cmd))} took over {exc.timeout} s",
+            file=sys.stderr,
+        )
+        return 2
+    except KeyboardInterrupt:
+        print(f"bench {benchmark}: interrupted; stopped every process it started", file=sys.stderr)
+        return 130
+
+
 # --------------------------------------------------------------------------- targets
 
 
@@ -529,6 +556,18 @@ def reset_pgbench_tables(server: Server, checkpoint: bool) -> None:
         psql(server, "CHECKPOINT", check=False)
 
 
+def pgbench_against(
+    target: Target, workload: Workload, protocol: str, *, clients: int, jobs: int, seconds: int
+) -> PgbenchResult:
+    """pgbench on ``target``; then, pass or fail, raise if a target we started has died."""
+    try:
+        return run_pgbench(
+            target.server, workload, protocol, clients=clients, jobs=jobs, seconds=seconds
+        )
+    finally:
+        check_alive(target)
+
+
 def run_pgbench(
     server: Server,
     workload: Workload,
@@ -564,6 +603,30 @@ def csv_choices(choices: Sequence[str]) -> Callable[[str], list[str]]:
         return names
 
     return parse
+
+
+def add_dsn_option(parser: argparse.ArgumentParser) -> None:
+    """``--dsn``: the server to benchmark (see resolve_server)."""
+    parser.add_argument("--dsn", help=f"server to benchmark (default ${DSN_ENV}, then local)")
+
+
+def add_pgbench_options(parser: argparse.ArgumentParser, default_seconds: int) -> None:
+    """The pgbench settings every pgbench benchmark takes: scale, clients, jobs, duration."""
+    parser.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
+    parser.add_argument("--reinit", action="store_true", help="re-create the pgbench tables")
+    parser.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
+    parser.add_argument("--jobs", type=int, default=2, help="pgbench -j (default 2)")
+    parser.add_argument("--duration", type=int, help=f"seconds per run (default {default_seconds})")
+
+
+def add_protocols_option(parser: argparse.ArgumentParser) -> None:
+    """``--protocols``: pgbench -M modes, simple and prepared by default."""
+    parser.add_argument(
+        "--protocols",
+        type=csv_choices(PROTOCOLS),
+        default=["simple", "prepared"],
+        help="comma-separated pgbench -M modes: simple,extended,prepared (default simple,prepared)",
+    )
 
 
 def progress(message: str) -> None:
@@ -684,6 +747,25 @@ def load_average() -> float:
 
 def utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
+
+
+def iso_date(moment: datetime) -> str:
+    """``2026-12-03T17:12:23Z``."""
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def run_meta(
+    benchmark: str, started: datetime, argv: Sequence[str], origin: str, machine: dict[str, Any]
+) -> dict[str, Any]:
+    """What every benchmark's JSON and header start with: the run, the machine, the load."""
+    return {
+        "benchmark": benchmark,
+        "command": command_line(benchmark, argv),
+        "date": iso_date(started),
+        "server_origin": origin,
+        "load_start": load_average(),
+        "machine": machine,
+    }
 
 
 def write_json(benchmark: str, started: datetime, data: dict[str, Any]) -> Path:

@@ -11,7 +11,6 @@ import resource
 import shlex
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ import yaml
 
 from bench import common
 from bench.common import BenchError, Server
+from bench.measure import BackendCpu, box_cpu, paired_ratio, postmaster_children, spread
 from core.config import ReconcileConfig
 
 DEFAULT_ROWS, QUICK_ROWS = 10_000_000, 1_000_000
@@ -112,12 +112,12 @@ def run_statements(server: Server, statements: Sequence[str]) -> None:
         common.psql(server, statement)
 
 
-def generate_table(table: str, rows: int) -> list[str]:
-    """Statements creating ``table`` with the generated rows, key and statistics."""
+def fill_table(table: str, rows_sql: str) -> list[str]:
+    """Statements creating ``table`` with the rows of ``rows_sql``, key and statistics."""
     return [
         f"DROP TABLE IF EXISTS {table}",
         f"CREATE TABLE {table} {TABLE_DDL}",
-        f"INSERT INTO {table} {ROWS_SQL.format(rows=rows)}",
+        f"INSERT INTO {table} {rows_sql}",
         f"{BUILD_SETTINGS}; ALTER TABLE {table} ADD PRIMARY KEY (id)",
         # autovacuum may be off (it is here): VACUUM sets the visibility map the key walks'
         # index-only scans need and the hint bits, ANALYZE the statistics
@@ -125,14 +125,14 @@ def generate_table(table: str, rows: int) -> list[str]:
     ]
 
 
+def generate_table(table: str, rows: int) -> list[str]:
+    """``table`` with ``rows`` generated rows."""
+    return fill_table(table, ROWS_SQL.format(rows=rows))
+
+
 def copy_table(source: str, table: str) -> list[str]:
-    return [
-        f"DROP TABLE IF EXISTS {table}",
-        f"CREATE TABLE {table} {TABLE_DDL}",
-        f"INSERT INTO {table} SELECT * FROM {source}",
-        f"{BUILD_SETTINGS}; ALTER TABLE {table} ADD PRIMARY KEY (id)",
-        f"VACUUM (ANALYZE) {table}",
-    ]
+    """``table`` with a copy of ``source``'s rows."""
+    return fill_table(table, f"SELECT * FROM {source}")
 
 
 def mark(table: str, rows: int) -> str:
@@ -386,80 +386,6 @@ def reladiff_argv(
 # --------------------------------------------------------------------------- measuring
 
 
-def box_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, all CPUs, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(fields[:8])
-    idle = fields[3] + fields[4]
-    return (total - idle) / common.CLOCK_TICKS, total / common.CLOCK_TICKS
-
-
-_PARALLEL = re.compile(r"parallel worker for PID (\d+)")
-
-
-class BackendCpu:
-    """CPU seconds of the bench databases' backends (and their parallel workers) during a run.
-
-    Sampled from /proc every ``interval``: the postmaster's children whose process title
-    names one of ``dbnames``, plus parallel workers whose leader is one of those. Other
-    databases' backends (other engineers' tests) are not counted; a backend's last
-    ``interval`` before it exits can be missed.
-    """
-
-    def __init__(self, postmaster: int, dbnames: set[str], interval: float = 0.1) -> None:
-        self.postmaster = postmaster
-        self.dbnames = dbnames
-        self.interval = interval
-        self._mine: dict[int, bool] = {}
-        self._first: dict[int, float] = {}
-        self._last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="backend-cpu", daemon=True)
-
-    def __enter__(self) -> BackendCpu:
-        self._sample(initial=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample(initial=False)
-
-    @property
-    def seconds(self) -> float:
-        return sum(self._last[pid] - first for pid, first in self._first.items())
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample(initial=False)
-
-    def _belongs(self, pid: int) -> bool:
-        known = self._mine.get(pid)
-        if known is not None:
-            return known
-        title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        if not title.startswith("postgres: "):
-            return False  # just forked: the title is set after authentication
-        leader = _PARALLEL.search(title)
-        if leader:
-            mine = self._mine.get(int(leader.group(1)), False)
-        else:
-            mine = bool(self.dbnames & set(title.split()))
-        self._mine[pid] = mine
-        return mine
-
-    def _sample(self, *, initial: bool) -> None:
-        children = Path(f"/proc/{self.postmaster}/task/{self.postmaster}/children")
-        for pid in (int(p) for p in children.read_text().split()):
-            with contextlib.suppress(OSError, ValueError, UnicodeDecodeError):
-                if not self._belongs(pid):
-                    continue
-                cpu = common.cpu_seconds(pid)
-                self._first.setdefault(pid, cpu if initial else 0.0)
-                self._last[pid] = cpu
-
-
 def local_postmaster(server: Server) -> int | None:
     """The postmaster's pid when the server runs on this machine and /proc shows it."""
     done = common.psql(
@@ -467,7 +393,7 @@ def local_postmaster(server: Server) -> int | None:
     )
     try:
         pid = int(done.stdout.strip())
-        Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        postmaster_children(pid)
     except (ValueError, OSError):
         return None
     return pid
@@ -495,6 +421,10 @@ class Run:
     problems: list[str] = field(default_factory=list)
     #: oddities that do not make the run wrong
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def contender(self) -> str:
+        return self.tool
 
 
 @dataclass
@@ -637,7 +567,7 @@ def measure(ctx: Context, tool: Tool, round_: int, rows: int, expect: dict[str, 
 
 
 def describe(run: Run) -> str:
-    backend = fmt_or(run.backend_cpu_seconds, ".1f", " s PG CPU")
+    backend = common.fmt(run.backend_cpu_seconds, ".1f", " s PG CPU")
     own = f"  (pass {run.pass_seconds:.2f} s)" if run.pass_seconds is not None else ""
     warn = f"  PROBLEM: {'; '.join(run.problems)}" if run.problems else ""
     warn += f"  note: {'; '.join(run.notes)}" if run.notes else ""
@@ -646,10 +576,6 @@ def describe(run: Run) -> str:
         f"client {run.client_cpu_seconds:5.1f} s CPU  {backend}  box {run.box_busy_percent:3.0f}% "
         f"load {run.load:.2f}{own}{warn}"
     )
-
-
-def fmt_or(value: float | None, spec: str, suffix: str = "") -> str:
-    return common.fmt(value, spec, suffix)
 
 
 def measure_rounds(ctx: Context, tools: Sequence[Tool]) -> list[Run]:
@@ -687,13 +613,12 @@ def summarise(runs: Sequence[Run], tools: Sequence[Tool]) -> dict[str, Any]:
         every = [r for r in runs if r.tool == tool.name]
         mine = [r for r in every if not r.problems]  # a pass that failed or erred is no speed
         rates = [r.rows_per_second for r in mine]
-        middle = common.median(rates)
         per_tool[tool.name] = {
             "pair": tool.pair.label,
             "program": tool.program,
             "algorithm": tool.algorithm,
             "median_seconds": common.median(r.seconds for r in mine),
-            "median_rows_per_second": middle,
+            "median_rows_per_second": common.median(rates),
             "median_pass_seconds": common.median(r.pass_seconds for r in mine),
             "median_client_cpu_seconds": common.median(r.client_cpu_seconds for r in mine),
             "median_backend_cpu_seconds": common.median(r.backend_cpu_seconds for r in mine),
@@ -704,25 +629,24 @@ def summarise(runs: Sequence[Run], tools: Sequence[Tool]) -> dict[str, Any]:
                 for r in mine
                 if r.backend_cpu_seconds is not None
             ),
-            "spread": (max(rates) - min(rates)) / middle if middle and len(rates) > 1 else None,
+            "spread": spread(rates),
             "runs": len(every),
             "failed_runs": len(every) - len(mine),
             "problems": [p for r in every for p in r.problems],
         }
     ratios = {
-        f"{a} / {b}": paired_ratio(runs, a, b) for a, b in RATIOS if a in per_tool and b in per_tool
+        f"{a} / {b}": paired_rate_ratio(runs, a, b)
+        for a, b in RATIOS
+        if a in per_tool and b in per_tool
     }
     return {"tools": per_tool, "ratios": ratios, "goals": goals(per_tool, ratios)}
 
 
-def paired_ratio(runs: Sequence[Run], numerator: str, denominator: str) -> float | None:
-    """Median over rounds of the rows/s ratio within a round (neighbours share the drift)."""
-    by_round: dict[int, dict[str, float]] = {}
-    for run in (r for r in runs if not r.problems):
-        by_round.setdefault(run.round, {})[run.tool] = run.rows_per_second
-    return common.median(
-        common.ratio(rates.get(numerator), rates.get(denominator)) for rates in by_round.values()
-    )
+def paired_rate_ratio(runs: Sequence[Run], numerator: str, denominator: str) -> float | None:
+    """Median over rounds of the rows/s ratio within a round (neighbours share the drift); a
+    pass with problems is no speed."""
+    ok = (run for run in runs if not run.problems)
+    return paired_ratio(ok, numerator, denominator, lambda run: run.rows_per_second)
 
 
 def goals(per_tool: dict[str, Any], ratios: dict[str, float | None]) -> dict[str, Any]:
@@ -892,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
             "prints a Markdown table and writes bench/results/compare-<timestamp>.json."
         ),
     )
-    p.add_argument("--dsn", help=f"server to benchmark (default ${common.DSN_ENV}, then local)")
+    common.add_dsn_option(p)
     p.add_argument("--database", default="dwbench_compare", help="source database")
     p.add_argument(
         "--target-database", default="dwbench_compare_tgt", help="the cross-DB target's database"
@@ -1000,13 +924,9 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     ctx = Context(
         args, source_db, target_db, config_path, reladiff, local_postmaster(source_db), logs, code
     )
+    machine = {**common.machine_info(source_db), "dualwrite_measured": code.label}
     meta: dict[str, Any] = {
-        "benchmark": "compare",
-        "command": common.command_line("compare", argv),
-        "date": started.isoformat().replace("+00:00", "Z"),
-        "server_origin": origin,
-        "load_start": common.load_average(),
-        "machine": {**common.machine_info(source_db), "dualwrite_measured": code.label},
+        **common.run_meta("compare", started, argv, origin, machine),
         "reladiff_version": common.tool_version([reladiff, "--version"]),
         "pg_settings": pg_settings(source_db),
         "session_settings": {"build only": BUILD_SETTINGS, "measured sessions": "none"},
@@ -1051,23 +971,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-    common.install_interrupt_handlers()
-    try:
-        args = parse_args(argv)
-        with contextlib.ExitStack() as stack:
-            return benchmark(stack, args, argv)
-    except BenchError as exc:
-        print(f"bench compare: {exc}", file=sys.stderr)
-        return 2
-    except subprocess.TimeoutExpired as exc:
-        print(
-            f"bench compare: {shlex.join(map(str, exc.cmd))} took over {exc.timeout} s",
-            file=sys.stderr,
-        )
-        return 2
-    except KeyboardInterrupt:
-        print("bench compare: interrupted", file=sys.stderr)
-        return 130
+    return common.run_main("compare", argv, parse_args, benchmark)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import yaml
 
 from bench import common
 from bench.common import BenchError, Server
+from bench.mirror import ITEMS
 
 DATABASE = "dwbench_drain"
 DEFAULT_KEYS, QUICK_KEYS = 200_000, 50_000
@@ -23,20 +24,6 @@ SCHEMA_SQL = (
     "qty integer NOT NULL, price numeric(12,2) NOT NULL, updated_at timestamptz NOT NULL)",
     "CREATE TABLE IF NOT EXISTS v2.items (id bigint PRIMARY KEY, sku text NOT NULL, "
     "quantity integer NOT NULL, price_cents bigint NOT NULL, updated_at timestamptz NOT NULL)",
-)
-COLUMNS = {
-    "id": "id",
-    "sku": "upper(sku)",
-    "quantity": "qty",
-    "price_cents": "(price * 100)::bigint",
-    "updated_at": "updated_at",
-}
-#: target = mapping of the source, checked after every run (both directions)
-CHECK_SQL = (
-    "SELECT (SELECT count(*) FROM (SELECT id, upper(sku), qty, (price * 100)::bigint, "
-    "updated_at FROM public.items EXCEPT SELECT * FROM v2.items) AS m) + "
-    "(SELECT count(*) FROM (SELECT * FROM v2.items EXCEPT SELECT id, upper(sku), qty, "
-    "(price * 100)::bigint, updated_at FROM public.items) AS x)"
 )
 
 
@@ -52,9 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
             "bench/results/drain-<timestamp>.json."
         ),
     )
-    parser.add_argument(
-        "--dsn", help=f"server to benchmark (default ${common.DSN_ENV}, then local)"
-    )
+    common.add_dsn_option(parser)
     parser.add_argument("--keys", type=int, default=DEFAULT_KEYS, help="keys queued per run")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_KEYS:,} keys, 1 round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
@@ -108,10 +93,10 @@ def config_for(server: Server, batch: int, workers: int) -> dict[str, Any]:
         "mappings": [
             {
                 "name": MAPPING,
-                "source": "public.items",
-                "target": "v2.items",
-                "key": ["id"],
-                "columns": COLUMNS,
+                "source": ITEMS.source,
+                "target": ITEMS.target,
+                "key": [ITEMS.key],
+                "columns": dict(ITEMS.columns),
             }
         ],
     }
@@ -157,10 +142,13 @@ def drain_once(
             time.sleep(0.02)
         seconds = now - (started or now)
         cpu = process.cpu_seconds() - (cpu_start or 0.0)
-    divergent = int(common.query_value(server, CHECK_SQL))
-    if divergent:
+    # target = mapping of the source (bench mirror's items mapping), both directions
+    counts = common.query_value(server, ITEMS.check_sql())
+    expected, actual, missing, extra = (int(v) for v in counts.split("|"))
+    if expected != actual or missing or extra:
         raise BenchError(
-            f"batch {batch}, workers {workers}: {divergent} rows differ after the drain"
+            f"batch {batch}, workers {workers}: {missing + extra} rows differ after the drain "
+            f"({expected} expected, {actual} in the target)"
         )
     return {
         "batch": batch,
@@ -228,7 +216,7 @@ def main(argv: Sequence[str]) -> int:
                 "### Applier drain: `dualwrite apply` emptying a filled outbox",
                 "",
                 f"- Command: `{common.command_line('drain', argv)}`",
-                f"- Date: {started.isoformat().replace('+00:00', 'Z')}",
+                f"- Date: {common.iso_date(started)}",
                 f"- Machine: {common.machine_line(machine)}; server: {origin}",
                 f"- {keys:,} queued keys per run, each a stale target row to update "
                 f"(mapping: upper(sku), (price * 100)::bigint, …); {rounds} interleaved "

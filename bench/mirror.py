@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,19 @@ import yaml
 
 from bench import common
 from bench.common import BenchError, Server, Target, Workload
+from bench.measure import (
+    BackendCpu,
+    Cell,
+    PgbenchRun,
+    box_cpu,
+    failed_transactions,
+    paired_ratio,
+    per_transaction_us,
+    plan_cells,
+    postmaster_children,
+    spread,
+    widest_spread,
+)
 
 #: none: straight to PostgreSQL, nothing mirrored; trigger: straight to PostgreSQL with a
 #: PL/pgSQL AFTER ... FOR EACH ROW trigger per mapping; sync/outbox: through `dualwrite run`
@@ -254,28 +266,10 @@ def build_workloads(args: argparse.Namespace, workdir: Path) -> dict[str, BenchW
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One workload in one query protocol: a group of rows of the report."""
-
-    workload: str
-    protocol: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.workload}/{self.protocol}"
-
-
-@dataclass(frozen=True)
-class Run:
+class Run(PgbenchRun):
     """One pgbench run in one mode."""
 
-    cell: str
     mode: str
-    round: int
-    tps: float
-    latency_ms: float
-    transactions: int
-    failed: int
     rows: int
     seconds: float
     rows_per_s: float
@@ -290,6 +284,10 @@ class Run:
     box_busy: float | None
     load_1min: float
     idle_sidecars_cpu_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def contender(self) -> str:
+        return self.mode
 
 
 # --------------------------------------------------------------------------- options
@@ -308,18 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
             "bench/results/mirror-<timestamp>.json."
         ),
     )
-    p.add_argument("--dsn", help=f"server to benchmark (default ${common.DSN_ENV}, then local)")
+    common.add_dsn_option(p)
     p.add_argument(
         "--database",
         default="dwbench_mirror",
         help="database for the tables (default "
         "dwbench_mirror; its pgbench_history gets an id column)",
     )
-    p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
-    p.add_argument("--reinit", action="store_true", help="re-create the pgbench tables")
-    p.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
-    p.add_argument("--jobs", type=int, default=2, help="pgbench -j (default 2)")
-    p.add_argument("--duration", type=int, help=f"seconds per run (default {DEFAULT_SECONDS})")
+    common.add_pgbench_options(p, DEFAULT_SECONDS)
     p.add_argument(
         "--rounds",
         type=int,
@@ -348,12 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: none,trigger,sync,outbox,relay (default none,trigger,sync,outbox;"
         " relay is the sidecar with no mappings, to separate the hop from the mirror)",
     )
-    p.add_argument(
-        "--protocols",
-        type=common.csv_choices(common.PROTOCOLS),
-        default=["simple", "prepared"],
-        help="comma-separated pgbench -M modes: simple,extended,prepared (default simple,prepared)",
-    )
+    common.add_protocols_option(p)
     p.add_argument(
         "--bulk-rows", type=int, default=500, help="rows per bulk INSERT and UPDATE (default 500)"
     )
@@ -398,92 +387,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def plan_cells(args: argparse.Namespace) -> list[Cell]:
-    return [Cell(w, p) for w in args.workloads for p in args.protocols]
-
-
 # --------------------------------------------------------------------------- measuring CPU
-
-
-def box_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine, all CPUs, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
-    idle = fields[3] + fields[4]
-    return (total - idle) / common.CLOCK_TICKS, total / common.CLOCK_TICKS
-
-
-def postmaster_children(postmaster: int) -> list[int]:
-    return [
-        int(pid)
-        for pid in Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
-    ]
-
-
-def process_title(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-
-
-class BackendSampler:
-    """CPU seconds the bench database's backends spend during a run, sampled from /proc.
-
-    Every ``interval`` the postmaster's children are listed; those whose process title names
-    the bench database (client backends: pgbench's, the proxies' upstream sessions, the
-    sidecars' pools with the applier; autovacuum workers) have their user+system time read.
-    A backend's CPU counts from the first sample (0 if it was born during the run) to the
-    last one before it exited, so at most one interval of an exiting backend is missed.
-    Other databases' backends (other engineers' tests) and the shared auxiliary processes
-    (checkpointer, WAL writer) are not counted; neither is the benchmark's own monitor.
-    """
-
-    def __init__(
-        self, postmaster: int, dbname: str, exclude: set[int], interval: float = 0.1
-    ) -> None:
-        self.postmaster = postmaster
-        self.dbname = dbname
-        self.exclude = exclude
-        self.interval = interval
-        self._mine: dict[int, bool] = {}
-        self._first: dict[int, float] = {}
-        self._last: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="backend-sampler", daemon=True)
-
-    def start(self) -> None:
-        self._sample(initial=True)
-        self._thread.start()
-
-    def stop(self) -> float:
-        self._stop.set()
-        self._thread.join()
-        self._sample(initial=False)
-        return sum(self._last[pid] - first for pid, first in self._first.items())
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample(initial=False)
-
-    def _belongs(self, pid: int) -> bool:
-        known = self._mine.get(pid)
-        if known is not None:
-            return known
-        title = process_title(pid)
-        if not title.startswith("postgres: "):
-            return False  # just forked: the title is set after authentication
-        mine = self.dbname in title.split()
-        self._mine[pid] = mine
-        return mine
-
-    def _sample(self, *, initial: bool) -> None:
-        for pid in postmaster_children(self.postmaster):
-            if pid in self.exclude:
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                if not self._belongs(pid):
-                    continue
-                cpu = common.cpu_seconds(pid)
-                self._first.setdefault(pid, cpu if initial else 0.0)
-                self._last[pid] = cpu
 
 
 class Monitor:
@@ -523,10 +427,10 @@ class Monitor:
             return None
         return pid
 
-    def sampler(self) -> BackendSampler | None:
+    def sampler(self) -> BackendCpu | None:
         if self.postmaster is None:
             return None
-        return BackendSampler(self.postmaster, self.server.dbname, {self.pid})
+        return BackendCpu(self.postmaster, {self.server.dbname}, exclude={self.pid})
 
     def wait_sessions_gone(self, timeout: float = 10.0) -> None:
         """Wait until pgbench's backends (application_name dwbench) have exited."""
@@ -766,7 +670,7 @@ def make_run(
     e2e_seconds = seconds + (tail or 0.0)
 
     def per_txn(cpu: float | None) -> float | None:
-        return cpu / txns * 1e6 if cpu is not None and txns else None
+        return per_transaction_us(cpu, txns)
 
     mine = ctx.targets[mode].name
     sidecar_cpu = after.sidecars[mine] - before.sidecars[mine] if mine in after.sidecars else None
@@ -779,12 +683,9 @@ def make_run(
     box_total = after.box_total - before.box_total
     return Run(
         cell=cell.label,
-        mode=mode,
         round=round_,
-        tps=result.tps,
-        latency_ms=result.latency_ms,
-        transactions=txns,
-        failed=result.failed,
+        **asdict(result),
+        mode=mode,
         rows=rows,
         seconds=seconds,
         rows_per_s=rows / seconds if seconds else 0.0,
@@ -826,17 +727,14 @@ def warm_up(ctx: Context) -> None:
         seen.add(target.name)
         for workload in args.workloads:
             reset(ctx.server, ctx.monitor, workload, args)
-            try:
-                common.run_pgbench(
-                    target.server,
-                    ctx.workloads[workload].workload,
-                    args.protocols[-1],
-                    clients=args.clients,
-                    jobs=args.jobs,
-                    seconds=args.warmup,
-                )
-            finally:
-                common.check_alive(target)
+            common.pgbench_against(
+                target,
+                ctx.workloads[workload].workload,
+                args.protocols[-1],
+                clients=args.clients,
+                jobs=args.jobs,
+                seconds=args.warmup,
+            )
             if mode == "outbox":
                 names = [spec.sidecar_name(mode) for spec in specs_of(workload)]
                 ctx.monitor.wait_drained(names, target, args.drain_timeout)
@@ -856,16 +754,10 @@ def measure_cell(ctx: Context, cell: Cell) -> list[Run]:
 # --------------------------------------------------------------------------- results
 
 
-def paired_ratio(runs: Sequence[Run], mode: str, key: str) -> float | None:
-    """Median over rounds of mode's ``key`` over the trigger's rows/s in the same round."""
-    by_round: dict[int, dict[str, Run]] = {}
-    for run in runs:
-        by_round.setdefault(run.round, {})[run.mode] = run
-    return common.median(
-        common.ratio(getattr(r[mode], key), r["trigger"].rows_per_s)
-        for r in by_round.values()
-        if mode in r and "trigger" in r
-    )
+def vs_trigger(runs: Sequence[Run], mode: str, key: str) -> float | None:
+    """Median over rounds of mode's ``key`` over the trigger's in the same round (the trigger
+    has no drain tail: its e2e rows/s is its rows/s)."""
+    return paired_ratio(runs, mode, "trigger", lambda run: float(getattr(run, key)))
 
 
 def summarise(cell: Cell, runs: Sequence[Run], modes: Sequence[str]) -> dict[str, Any]:
@@ -873,12 +765,11 @@ def summarise(cell: Cell, runs: Sequence[Run], modes: Sequence[str]) -> dict[str
     for mode in modes:
         mine = [run for run in runs if run.mode == mode]
         tps = [run.tps for run in mine]
-        middle = common.median(tps)
         goal = GOALS[cell.workload]
-        client = paired_ratio(runs, mode, "rows_per_s") if mode != "trigger" else 1.0
-        e2e = paired_ratio(runs, mode, "e2e_rows_per_s") if mode != "trigger" else 1.0
+        client = vs_trigger(runs, mode, "rows_per_s") if mode != "trigger" else 1.0
+        e2e = vs_trigger(runs, mode, "e2e_rows_per_s") if mode != "trigger" else 1.0
         per_mode[mode] = {
-            "median_tps": middle,
+            "median_tps": common.median(tps),
             "median_rows_per_s": common.median(run.rows_per_s for run in mine),
             "median_e2e_rows_per_s": common.median(run.e2e_rows_per_s for run in mine),
             "median_e2e_tps": common.median(run.e2e_tps for run in mine),
@@ -890,7 +781,7 @@ def summarise(cell: Cell, runs: Sequence[Run], modes: Sequence[str]) -> dict[str
             "median_pg_cpu_us_per_txn": common.median(run.pg_cpu_us_per_txn for run in mine),
             "median_box_cpu_us_per_txn": common.median(run.box_cpu_us_per_txn for run in mine),
             "median_box_busy": common.median(run.box_busy for run in mine),
-            "tps_spread": (max(tps) - min(tps)) / middle if middle and len(tps) > 1 else None,
+            "tps_spread": spread(tps),
             "failed": sum(run.failed for run in mine),
             "vs_trigger_client": client,
             "vs_trigger_e2e": e2e,
@@ -957,19 +848,6 @@ def table(summaries: Sequence[dict[str, Any]], workloads: dict[str, BenchWorkloa
     return common.markdown_table(headers, rows)
 
 
-def widest_spread(summaries: Sequence[dict[str, Any]]) -> str:
-    spreads = [
-        (e["tps_spread"], f"{s['workload']}/{s['protocol']} {mode}")
-        for s in summaries
-        for mode, e in s["modes"].items()
-        if e["tps_spread"] is not None
-    ]
-    if not spreads:
-        return "n/a"
-    spread, where = max(spreads)
-    return f"{spread:.1%} ({where})"
-
-
 def load_range(runs: Iterable[Run]) -> str:
     loads = [run.load_1min for run in runs]
     return f"{min(loads):.2f} to {max(loads):.2f}" if loads else "n/a"
@@ -1021,7 +899,7 @@ def report(
         "every 0.1 s (pgbench's or the proxy's sessions, the sidecar's pool with the applier; "
         "not other databases' backends, not the checkpointer or WAL writer). Every "
         "mirrored run was verified: target = mapping of the source (count and EXCEPT both ways)."
-        f" Widest TPS spread across rounds: {widest_spread(summaries)}.",
+        f" Widest TPS spread across rounds: {widest_spread(summaries, 'modes')}.",
     ]
     return "\n".join(lines)
 
@@ -1041,12 +919,7 @@ def describe_run(
         "poll_interval_seconds": defaults.poll_interval_seconds,
     }
     return {
-        "benchmark": "mirror",
-        "command": common.command_line("mirror", argv),
-        "date": started.isoformat().replace("+00:00", "Z"),
-        "server_origin": origin,
-        "load_start": common.load_average(),
-        "machine": common.machine_info(server),
+        **common.run_meta("mirror", started, argv, origin, common.machine_info(server)),
         "fsync": common.query_value(server, "SHOW fsync"),
         "synchronous_commit": common.query_value(server, "SHOW synchronous_commit"),
         "applier": ", ".join(f"{k} {v}" for k, v in applier.items()),
@@ -1093,7 +966,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     warm_up(ctx)
     runs: list[Run] = []
     summaries = []
-    for cell in plan_cells(args):
+    for cell in plan_cells(args.workloads, args.protocols):
         cell_runs = measure_cell(ctx, cell)
         runs += cell_runs
         summaries.append(summarise(cell, cell_runs, args.modes))
@@ -1102,28 +975,13 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     data = {**meta, "settings": settings(args), "summaries": summaries}
     data["runs"] = [asdict(run) for run in runs]
     common.progress(f"results written to {common.write_json('mirror', started, data)}")
-    for s in summaries:
-        for mode, e in s["modes"].items():
-            if e["failed"]:
-                common.progress(
-                    f"warning: {s['workload']}/{s['protocol']} {mode}: "
-                    f"{e['failed']} failed transactions"
-                )
+    for problem in failed_transactions(summaries, "modes"):
+        common.progress(f"warning: {problem}")
     return 0
 
 
 def main(argv: Sequence[str]) -> int:
-    common.install_interrupt_handlers()
-    try:
-        args = parse_args(argv)
-        with contextlib.ExitStack() as stack:
-            return benchmark(stack, args, argv)
-    except BenchError as exc:
-        print(f"bench mirror: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench mirror: interrupted; stopped every process it started", file=sys.stderr)
-        return 130
+    return common.run_main("mirror", argv, parse_args, benchmark)
 
 
 if __name__ == "__main__":

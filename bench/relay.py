@@ -11,7 +11,17 @@ from datetime import datetime
 from typing import Any
 
 from bench import common
-from bench.common import BenchError, Server, Target, Workload
+from bench.common import BenchError, Server, Target
+from bench.measure import (
+    Cell,
+    PgbenchRun,
+    failed_transactions,
+    paired_ratio,
+    per_transaction_us,
+    plan_cells,
+    spread,
+    widest_spread,
+)
 
 TARGETS = ("direct", "pgbouncer", "bare", "dualwrite")
 DEFAULT_SECONDS, QUICK_SECONDS = 15, 5
@@ -19,30 +29,16 @@ DEFAULT_WARMUP, QUICK_WARMUP = 5, 2
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One workload in one query protocol: a row of the report."""
+class Run(PgbenchRun):
+    """One pgbench run against one target, with the target's CPU time over it."""
 
-    workload: Workload
-    protocol: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.workload.name}/{self.protocol}"
-
-
-@dataclass(frozen=True)
-class Run:
-    """One pgbench run against one target."""
-
-    cell: str
     target: str
-    round: int
-    tps: float
-    latency_ms: float
-    transactions: int
-    failed: int
     cpu_seconds: float | None
     cpu_us_per_txn: float | None
+
+    @property
+    def contender(self) -> str:
+        return self.target
 
 
 # --------------------------------------------------------------------------- options
@@ -57,13 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
             "bench/results/relay-<timestamp>.json."
         ),
     )
-    p.add_argument("--dsn", help=f"server to benchmark (default ${common.DSN_ENV}, then local)")
+    common.add_dsn_option(p)
     p.add_argument("--database", default="dwbench", help="database for the pgbench tables")
-    p.add_argument("--scale", type=int, default=10, help="pgbench -i scale (default 10)")
-    p.add_argument("--reinit", action="store_true", help="re-create the pgbench tables")
-    p.add_argument("--clients", type=int, default=8, help="pgbench -c (default 8)")
-    p.add_argument("--jobs", type=int, default=2, help="pgbench -j (default 2)")
-    p.add_argument("--duration", type=int, help=f"seconds per run (default {DEFAULT_SECONDS})")
+    common.add_pgbench_options(p, DEFAULT_SECONDS)
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     p.add_argument(
         "--warmup", type=int, help=f"seconds of warm-up per target (default {DEFAULT_WARMUP})"
@@ -79,12 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["select", "tpcb"],
         help="comma-separated: select,tpcb (default both)",
     )
-    p.add_argument(
-        "--protocols",
-        type=common.csv_choices(common.PROTOCOLS),
-        default=["simple", "prepared"],
-        help="comma-separated pgbench -M modes: simple,extended,prepared (default simple,prepared)",
-    )
+    common.add_protocols_option(p)
     p.add_argument(
         "--targets",
         type=common.csv_choices(TARGETS),
@@ -107,14 +94,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         raise BenchError("--duration, --rounds, --clients, --jobs and --scale must be positive")
     args.targets = [name for name in TARGETS if name in args.targets]  # keep the fixed order
     return args
-
-
-def plan_cells(args: argparse.Namespace) -> list[Cell]:
-    return [
-        Cell(common.WORKLOADS[workload], protocol)
-        for workload in args.workloads
-        for protocol in args.protocols
-    ]
 
 
 # --------------------------------------------------------------------------- running
@@ -158,32 +137,26 @@ def measure(
     target: Target, cell: Cell, round_: int, args: argparse.Namespace, direct: Server
 ) -> Run:
     """One pgbench run, with the target's CPU time read around it."""
-    common.reset_pgbench_tables(direct, checkpoint=cell.workload.writes)
+    workload = common.WORKLOADS[cell.workload]
+    common.reset_pgbench_tables(direct, checkpoint=workload.writes)
     before = target.cpu_seconds()
-    try:
-        result = common.run_pgbench(
-            target.server,
-            cell.workload,
-            cell.protocol,
-            clients=args.clients,
-            jobs=args.jobs,
-            seconds=args.duration,
-        )
-    finally:
-        common.check_alive(target)
+    result = common.pgbench_against(
+        target,
+        workload,
+        cell.protocol,
+        clients=args.clients,
+        jobs=args.jobs,
+        seconds=args.duration,
+    )
     after = target.cpu_seconds()
     cpu = None if before is None or after is None else after - before
-    per_txn = cpu / result.transactions * 1e6 if cpu is not None and result.transactions else None
     return Run(
         cell=cell.label,
-        target=target.name,
         round=round_,
-        tps=result.tps,
-        latency_ms=result.latency_ms,
-        transactions=result.transactions,
-        failed=result.failed,
+        **asdict(result),
+        target=target.name,
         cpu_seconds=cpu,
-        cpu_us_per_txn=per_txn,
+        cpu_us_per_txn=per_transaction_us(cpu, result.transactions),
     )
 
 
@@ -211,17 +184,14 @@ def warm_up(targets: Sequence[Target], args: argparse.Namespace) -> None:
         return
     common.progress(f"warming up, {args.warmup} s per target")
     for target in targets:
-        try:
-            common.run_pgbench(
-                target.server,
-                common.WORKLOADS["select"],
-                "prepared",
-                clients=args.clients,
-                jobs=args.jobs,
-                seconds=args.warmup,
-            )
-        finally:
-            common.check_alive(target)
+        common.pgbench_against(
+            target,
+            common.WORKLOADS["select"],
+            "prepared",
+            clients=args.clients,
+            jobs=args.jobs,
+            seconds=args.warmup,
+        )
 
 
 # --------------------------------------------------------------------------- results
@@ -233,36 +203,30 @@ def summarise(cell: Cell, runs: Sequence[Run], names: Sequence[str]) -> dict[str
     for name in names:
         mine = [run for run in runs if run.target == name]
         tps = [run.tps for run in mine]
-        middle = common.median(tps)
         per_target[name] = {
-            "median_tps": middle,
+            "median_tps": common.median(tps),
             "median_latency_ms": common.median(run.latency_ms for run in mine),
             "median_cpu_us_per_txn": common.median(run.cpu_us_per_txn for run in mine),
-            "tps_spread": (max(tps) - min(tps)) / middle if middle and len(tps) > 1 else None,
+            "tps_spread": spread(tps),
             "failed": sum(run.failed for run in mine),
         }
     tps_of = {name: per_target[name]["median_tps"] for name in names}
     return {
-        "workload": cell.workload.name,
+        "workload": cell.workload,
         "protocol": cell.protocol,
         "targets": per_target,
         "dualwrite_vs_pgbouncer": common.ratio(tps_of.get("dualwrite"), tps_of.get("pgbouncer")),
         "dualwrite_vs_direct": common.ratio(tps_of.get("dualwrite"), tps_of.get("direct")),
-        "dualwrite_vs_pgbouncer_paired": paired_ratio(runs, "dualwrite", "pgbouncer"),
-        "dualwrite_vs_direct_paired": paired_ratio(runs, "dualwrite", "direct"),
-        "bare_vs_pgbouncer_paired": paired_ratio(runs, "bare", "pgbouncer"),
-        "dualwrite_vs_bare_paired": paired_ratio(runs, "dualwrite", "bare"),
+        "dualwrite_vs_pgbouncer_paired": paired_tps_ratio(runs, "dualwrite", "pgbouncer"),
+        "dualwrite_vs_direct_paired": paired_tps_ratio(runs, "dualwrite", "direct"),
+        "bare_vs_pgbouncer_paired": paired_tps_ratio(runs, "bare", "pgbouncer"),
+        "dualwrite_vs_bare_paired": paired_tps_ratio(runs, "dualwrite", "bare"),
     }
 
 
-def paired_ratio(runs: Sequence[Run], numerator: str, denominator: str) -> float | None:
+def paired_tps_ratio(runs: Sequence[Run], numerator: str, denominator: str) -> float | None:
     """Median over rounds of the TPS ratio within a round (neighbours in time share the drift)."""
-    by_round: dict[int, dict[str, float]] = {}
-    for run in runs:
-        by_round.setdefault(run.round, {})[run.target] = run.tps
-    return common.median(
-        common.ratio(tps.get(numerator), tps.get(denominator)) for tps in by_round.values()
-    )
+    return paired_ratio(runs, numerator, denominator, lambda run: run.tps)
 
 
 def _column(summary: dict[str, Any], target: str, key: str) -> float | None:
@@ -290,19 +254,6 @@ def table(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
         row += [common.fmt(_column(s, n, "median_cpu_us_per_txn"), ".1f") for n in cpu_names]
         rows.append(row)
     return common.markdown_table(headers, rows)
-
-
-def widest_spread(summaries: Sequence[dict[str, Any]]) -> str:
-    spreads = [
-        (t["tps_spread"], f"{s['workload']}/{s['protocol']} {name}")
-        for s in summaries
-        for name, t in s["targets"].items()
-        if t["tps_spread"] is not None
-    ]
-    if not spreads:
-        return "n/a"
-    spread, where = max(spreads)
-    return f"{spread:.1%} ({where})"
 
 
 def report(
@@ -336,18 +287,9 @@ def report(
         "median of each round's own TPS ratio (runs next to each other in time share the "
         "drift); CPU µs/txn is the process's user+system time (/proc/<pid>/stat) over the run "
         "divided by transactions, the steadiest measure of relay cost on a busy box. "
-        f"Widest TPS spread across rounds: {widest_spread(summaries)}.",
+        f"Widest TPS spread across rounds: {widest_spread(summaries, 'targets')}.",
     ]
     return "\n".join(lines)
-
-
-def failures(summaries: Sequence[dict[str, Any]]) -> list[str]:
-    return [
-        f"{s['workload']}/{s['protocol']} {name}: {t['failed']} failed transactions"
-        for s in summaries
-        for name, t in s["targets"].items()
-        if t["failed"]
-    ]
 
 
 # --------------------------------------------------------------------------- main
@@ -364,7 +306,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     warm_up(targets, args)
     runs: list[Run] = []
     summaries = []
-    for cell in plan_cells(args):
+    for cell in plan_cells(args.workloads, args.protocols):
         cell_runs = measure_cell(cell, targets, args, bench_db)
         runs += cell_runs
         summaries.append(summarise(cell, cell_runs, args.targets))
@@ -373,7 +315,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     data = {**meta, "settings": settings(args), "summaries": summaries}
     data["runs"] = [asdict(run) for run in runs]
     common.progress(f"results written to {common.write_json('relay', started, data)}")
-    for problem in failures(summaries):
+    for problem in failed_transactions(summaries, "targets"):
         common.progress(f"warning: {problem}")
     return 0
 
@@ -384,14 +326,7 @@ def describe_run(
     machine = common.machine_info(server)
     if any(target.name == "pgbouncer" for target in targets):
         machine["pgbouncer"] = common.pgbouncer_version()
-    return {
-        "benchmark": "relay",
-        "command": common.command_line("relay", argv),
-        "date": started.isoformat().replace("+00:00", "Z"),
-        "server_origin": origin,
-        "load_start": common.load_average(),
-        "machine": machine,
-    }
+    return common.run_meta("relay", started, argv, origin, machine)
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -400,17 +335,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> int:
-    common.install_interrupt_handlers()
-    try:
-        args = parse_args(argv)
-        with contextlib.ExitStack() as stack:
-            return benchmark(stack, args, argv)
-    except BenchError as exc:
-        print(f"bench relay: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("bench relay: interrupted; stopped every process it started", file=sys.stderr)
-        return 130
+    return common.run_main("relay", argv, parse_args, benchmark)
 
 
 if __name__ == "__main__":
