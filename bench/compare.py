@@ -562,7 +562,9 @@ def measure(ctx: Context, tool: Tool, round_: int, rows: int, expect: dict[str, 
     if run.problems or run.notes:
         log = ctx.workdir / f"{tool.name}-round{round_}.log"
         log.write_text(f"$ {shlex.join(ctx.argv(tool))}\n{done.stdout}\n--- stderr\n{done.stderr}")
-        (run.problems or run.notes).append(f"output kept in {log}")
+        # relative: the note is pasted into README tables, which name no path outside the repo
+        shown = log.relative_to(common.REPO_ROOT)
+        (run.problems or run.notes).append(f"output kept in {shown}")
     return run
 
 

@@ -123,7 +123,7 @@ class MappingCompareConfig(Strict):
 
 
 class MappingConfig(Strict):
-    """One ``source table -> target table`` mirror (see DESIGN.md, "The mapping is the center")."""
+    """One ``source table -> target table`` mirror (see docs/architecture.md)."""
 
     name: str
     source: str

@@ -1,7 +1,7 @@
 """The admin HTTP server (aiohttp): /metrics, /healthz, /readyz, /status and token-guarded actions.
 
 What the endpoints report and do is injected by the service wiring as plain callables, so this
-module knows nothing of the applier or compare/ (proxy/ never imports compare/). Read endpoints
+module imports nothing of proxy/, compare/ or mirror/, only core/. Read endpoints
 are open; every POST under /actions/ needs ``Authorization: Bearer <token>`` (the token is read
 from the environment variable named by ``admin.token_env`` on each request; unset: actions are
 refused), and every attempt, allowed or not, is logged and handed to the audit hook.

@@ -3,7 +3,7 @@
 It copies current state rather than replaying events, so it is idempotent and order-independent:
 the applier, repair and backfill all call it, concurrently and repeatedly, safely.
 
-Locking discipline (why it is correct under concurrency, see also DESIGN.md):
+Locking discipline (why it is correct under concurrency, see also docs/architecture.md):
 
 1. An advisory lock per (mapping, key), taken in hash order, serialises every sync_keys call
    on the same key: whoever reads the source last also writes the target last.

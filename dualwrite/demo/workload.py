@@ -1,6 +1,6 @@
 """A point-of-sale workload: several clients selling, restocking, promoting staff and repricing.
 
-Used by ``dualwrite demo`` to drive live traffic through the proxy, and by the benchmarks. It
+Used by ``dualwrite demo`` to drive live traffic through the proxy, and by the mirror tests. It
 speaks only SQL over asyncpg, as an application would: it has no idea a proxy is in between.
 """
 
