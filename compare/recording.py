@@ -105,14 +105,18 @@ async def start_run(conn: asyncpg.Connection, info: RunInfo) -> int:
 async def record_progress(
     conn: asyncpg.Connection, run_id: int, checkpoint: str | None, tally: Tally, repaired: int
 ) -> None:
-    await conn.execute(
-        _PROGRESS,
-        run_id,
-        checkpoint,
+    await conn.execute(_PROGRESS, run_id, checkpoint, *_figures(tally, repaired))
+
+
+def _figures(tally: Tally, repaired: int) -> tuple[int, int, int, int, int, int]:
+    """A run's figures in the order _PROGRESS and _FINISH take them: rows compared, missing,
+    extra, changed, pending, repaired."""
+    counts = tally.counts
+    return (
         tally.compared,
-        tally.counts["missing"],
-        tally.counts["extra"],
-        tally.counts["changed"],
+        counts["missing"],
+        counts["extra"],
+        counts["changed"],
         tally.pending,
         repaired,
     )
@@ -135,12 +139,7 @@ async def finish_run(
         run_id,
         status,
         checkpoint,
-        tally.compared,
-        tally.counts["missing"],
-        tally.counts["extra"],
-        tally.counts["changed"],
-        tally.pending,
-        repaired,
+        *_figures(tally, repaired),
         clean,
         json.dumps(tally.by_tenant),
         json.dumps(tally.by_column),

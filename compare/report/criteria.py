@@ -157,28 +157,39 @@ def _keys_waiting(depth: int) -> str:
 
 
 def unmirrored(facts: Facts, criteria: CutoverCriteria, window: Window) -> Criterion:
-    return Criterion(
-        name="unmirrored_statements",
-        title="Unmirrored statements",
-        measured=facts.unmirrored_in_window,
-        measured_text=number_text(facts.unmirrored_in_window),
-        threshold_text=f"<= {criteria.max_unmirrored_statements} in "
-        f"{duration_text(window.clean_window.total_seconds())}",
-        passed=facts.unmirrored_in_window <= criteria.max_unmirrored_statements,
-        detail=f"since {timestamp_text(window.start)}",
+    return _at_most_in_window(
+        "unmirrored_statements",
+        "Unmirrored statements",
+        facts.unmirrored_in_window,
+        criteria.max_unmirrored_statements,
+        window,
+        f"since {timestamp_text(window.start)}",
     )
 
 
 def mirror_failures(facts: Facts, criteria: CutoverCriteria, window: Window) -> Criterion:
+    return _at_most_in_window(
+        "mirror_failures",
+        "Mirror failures",
+        facts.mirror_failures_in_window,
+        criteria.max_mirror_failures,
+        window,
+        f"rewritten statements that failed, since {timestamp_text(window.start)}",
+    )
+
+
+def _at_most_in_window(
+    name: str, title: str, measured: int, limit: int, window: Window, detail: str
+) -> Criterion:
+    """A count over the clean window that passes while it stays at or below ``limit``."""
     return Criterion(
-        name="mirror_failures",
-        title="Mirror failures",
-        measured=facts.mirror_failures_in_window,
-        measured_text=number_text(facts.mirror_failures_in_window),
-        threshold_text=f"<= {criteria.max_mirror_failures} in "
-        f"{duration_text(window.clean_window.total_seconds())}",
-        passed=facts.mirror_failures_in_window <= criteria.max_mirror_failures,
-        detail=f"rewritten statements that failed, since {timestamp_text(window.start)}",
+        name=name,
+        title=title,
+        measured=measured,
+        measured_text=number_text(measured),
+        threshold_text=f"<= {limit} in {duration_text(window.clean_window.total_seconds())}",
+        passed=measured <= limit,
+        detail=detail,
     )
 
 
