@@ -139,7 +139,7 @@ async def validate_mapping(
     )
     if target_conn is None:
         await _prepare_generated_sql(conn, bound, fail)
-        if require_functions and mapping.mode == "sync":
+        if require_functions and mapping.mode.needs_delete_function:
             await _check_delete_function(conn, bound, fail)
     else:
         await _prepare_cross_database_sql(conn, target_conn, bound, fail)

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
+from core.modes import MirrorMode
 
 SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -131,7 +132,7 @@ class MappingConfig(Strict):
     key: Annotated[list[str], Field(min_length=1)]
     columns: Annotated[dict[str, str], Field(min_length=1)]
     filter: str | None = None
-    mode: Literal["sync", "outbox"] = "outbox"
+    mode: MirrorMode = MirrorMode.OUTBOX
     unsupported: Literal["passthrough", "reject"] = "passthrough"
     #: target column holding the tenant id, for per-tenant divergence breakdowns
     tenant_column: str | None = None
@@ -163,8 +164,10 @@ class MappingConfig(Strict):
             raise ValueError("key lists a column twice")
         if self.tenant_column is not None and self.tenant_column not in self.columns:
             raise ValueError(f"tenant_column {self.tenant_column!r} is not in columns")
-        if self.target_dsn is not None and self.mode == "sync":
-            raise ValueError("mode sync needs the target in the same database; use outbox")
+        if self.target_dsn is not None and not self.mode.allows_target_dsn:
+            raise ValueError(
+                f"mode {self.mode} needs the target in the same database; use outbox"
+            )
         for rule in self.compare.tolerances:
             if rule.column not in self.columns:
                 raise ValueError(f"compare.tolerances: {rule.column!r} is not in columns")

@@ -241,8 +241,7 @@ async def grant(
             columns = ", ".join(quote_ident(c) for c in mapping.catalog.source_columns_read)
             if columns:
                 statements.append(f"GRANT SELECT ({columns}) ON {mapping.source.sql} TO {who}")
-        if mapping.mode == "sync" and mapping.target is not None:
-            # A sync-mode statement writes the target as the application's own role.
+        if mapping.mode.app_role_writes_target and mapping.target is not None:
             statements.append(
                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON {mapping.target.sql} TO {who}"
             )

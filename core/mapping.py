@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 
 from core.config import Config, MappingConfig
 from core.errors import MappingValidationError
+from core.modes import MirrorMode
 from core.sqltext import (
     ParsedExpression,
     QualifiedName,
@@ -82,7 +83,7 @@ class CompiledMapping:
     # --- identity -----------------------------------------------------------------------
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> MirrorMode:
         return self.config.mode
 
     @property

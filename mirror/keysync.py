@@ -62,20 +62,13 @@ async def sync_keys(
     conn: asyncpg.Connection,
     mapping: CompiledMapping,
     keys: Sequence[str],
-    *,
-    sync_discipline: bool | None = None,
 ) -> SyncResult:
-    """Copy the current source state of ``keys`` (JSON texts) to the target.
-
-    ``sync_discipline`` defaults to the mapping's mode being ``sync``.
-    """
+    """Copy the current source state of ``keys`` (JSON texts) to the target."""
     if not keys:
         return SyncResult(0, 0)
-    if sync_discipline is None:
-        sync_discipline = mapping.mode == "sync"
     payload = keys_payload(keys)
     await conn.fetchval(_ADVISORY_LOCKS, mapping.name, payload, LOCK_CLASS)
-    if sync_discipline:
+    if mapping.mode.key_sync_locks_rows:
         await conn.execute(mapping.lock_source_rows_sql("$1::jsonb"), payload)
         locked = await conn.fetch(mapping.lock_target_rows_sql("$1::jsonb"), payload)
         locked_payload = keys_payload(str(r["__dw_key"]) for r in locked)

@@ -472,7 +472,7 @@ class Rewriter:
         outbox: list[str] = []
         deletes: list[str] = []
         for mapping in mappings:
-            sync = mapping.mode == "sync" and not self.states.is_paused(mapping.name)
+            sync = mapping.mode.statement_writes_target and not self.states.is_paused(mapping.name)
             if not sync:
                 outbox.append(mapping.outbox_rows_sql(SRC_CTE))
                 continue
