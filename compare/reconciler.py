@@ -143,19 +143,6 @@ async def reconcile_mapping(
                 await unlock(sessions.control, "reconcile", mapping.name)
 
 
-async def reconcile_all(
-    config: Config,
-    mappings: Sequence[CompiledMapping],
-    options: PassOptions | None = None,
-    *,
-    progress: Progress | None = None,
-    say: Callable[[str], None] | None = None,
-) -> list[PassResult]:
-    return [
-        await reconcile_mapping(config, m, options, progress=progress, say=say) for m in mappings
-    ]
-
-
 class _Pass:
     """The state of one running pass."""
 

@@ -16,7 +16,7 @@ any key type, independent of the session's DateStyle.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from core.config import Config, MappingConfig
@@ -85,10 +85,6 @@ class CompiledMapping:
     @property
     def mode(self) -> MirrorMode:
         return self.config.mode
-
-    @property
-    def bound(self) -> bool:
-        return self.catalog is not None and self.source is not None and self.target is not None
 
     def _need_bound(self) -> tuple[QualifiedName, QualifiedName, CatalogFacts]:
         if self.source is None or self.target is None or self.catalog is None:
@@ -579,15 +575,6 @@ def bind_catalog(
 ) -> CompiledMapping:
     """A copy of ``mapping`` that knows its resolved tables and types."""
     return replace(mapping, source=source, target=target, catalog=catalog)
-
-
-def by_source(mappings: Iterable[CompiledMapping]) -> dict[QualifiedName, list[CompiledMapping]]:
-    """Bound mappings grouped by source table."""
-    grouped: dict[QualifiedName, list[CompiledMapping]] = {}
-    for mapping in mappings:
-        source, _, _ = mapping._need_bound()
-        grouped.setdefault(source, []).append(mapping)
-    return grouped
 
 
 def read_columns(mappings: Sequence[CompiledMapping]) -> tuple[str, ...]:

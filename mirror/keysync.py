@@ -20,10 +20,8 @@ Callers run it inside a transaction they own (so the outbox claim commits with i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 
@@ -45,11 +43,6 @@ class SyncResult:
 
     def __add__(self, other: SyncResult) -> SyncResult:
         return SyncResult(self.upserted + other.upserted, self.deleted + other.deleted)
-
-
-def key_json(values: Sequence[Any]) -> str:
-    """One key as the jsonb text PostgreSQL itself prints (``[1, "a"]``)."""
-    return json.dumps(list(values), default=str)
 
 
 def keys_payload(keys: Iterable[str]) -> str:

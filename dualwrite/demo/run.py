@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -341,13 +340,3 @@ async def _migrate(
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.Event().wait()
     return 0 if report.go else 1
-
-
-def clean_workdir(workdir: Path) -> None:
-    """Remove what an earlier demo left in ``workdir`` (reports and logs only)."""
-    for name in ("reports", "dualwrite.log", "dualwrite.yaml"):
-        path = workdir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
