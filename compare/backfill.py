@@ -31,6 +31,7 @@ from compare.recording import (
     unlock,
 )
 from compare.resync import apply_keys, batches
+from compare.rows import source_keys_sql, source_last_key_sql
 from compare.statements import Params
 from compare.throttle import Throttle
 from core import metrics
@@ -150,7 +151,7 @@ class _Backfill:
         return "cross_database" if self.mapping.cross_database else "same_database"
 
     async def _begin(self) -> None:
-        self.high_water = await self.control.fetchval(self.mapping.source_last_key_sql())
+        self.high_water = await self.control.fetchval(source_last_key_sql(self.mapping))
         self.result.estimate = await self._estimate()
         await begin_backfill(self.control, self.mapping.name, self.high_water, self.result.estimate)
         _log.info(
@@ -182,14 +183,14 @@ class _Backfill:
     async def _estimate(self) -> int | None:
         if self.high_water is None:
             return 0
-        source, _, _ = self.mapping._need_bound()
+        source, _, _ = self.mapping.binding()
         estimate = await self.control.fetchval(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass", source.sql
         )
         if estimate is not None and estimate >= EXACT_COUNT_BELOW:
             return int(estimate)
         p = Params()
-        keys = self.mapping.source_keys_sql(upto=p.add(self.high_water, "jsonb"))
+        keys = source_keys_sql(self.mapping, upto=p.add(self.high_water, "jsonb"))
         return int(await self.control.fetchval(f"SELECT count(*) FROM ({keys}) AS k", *p.values))
 
     async def _copy(self) -> None:
@@ -207,7 +208,9 @@ class _Backfill:
         p = Params()
         after = None if self.checkpoint is None else p.add(self.checkpoint, "jsonb")
         upto = p.add(self.high_water, "jsonb")
-        sql = self.mapping.source_keys_sql(after=after, upto=upto, limit=p.add(limit, "integer"))
+        sql = source_keys_sql(
+            self.mapping, after=after, upto=upto, limit=p.add(limit, "integer")
+        )
         return [r["key"] for r in await self.control.fetch(sql, *p.values)]
 
     async def _apply(self, batch: list[str]) -> None:

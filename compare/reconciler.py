@@ -233,7 +233,7 @@ class _Pass:
     async def _estimate(self) -> int | None:
         estimate = await self.sessions.source.fetchval(
             "SELECT reltuples::bigint FROM pg_class WHERE oid = $1::regclass",
-            self.mapping._need_bound()[0].sql,
+            self.mapping.binding().source.sql,
         )
         return int(estimate) if estimate and estimate > 0 else None
 

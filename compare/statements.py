@@ -1,6 +1,6 @@
-"""The reconciler's SQL: chunk diffs, re-checks and chunk hashes, composed from CompiledMapping.
+"""The reconciler's SQL: chunk diffs, re-checks and chunk hashes, composed from the row sources.
 
-CompiledMapping supplies the row sources (expected rows from the source, actual rows from the
+compare/rows.py supplies the row sources (expected rows from the source, actual rows from the
 target, by key range or key set); this module adds what only comparing needs: the FULL JOIN
 with ``IS DISTINCT FROM`` on normalised values, classification, redaction, the outbox check
 and the per-chunk hashes used across databases. Every statement is a single SELECT, so it runs
@@ -13,6 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from compare.rows import (
+    column_aliases,
+    key_aliases,
+    key_bound_sql,
+    keys_sql,
+    source_rows_sql,
+    target_rows_sql,
+)
 from compare.tolerance import ColumnForm, column_forms
 from core.mapping import CompiledMapping
 from core.sqltext import quote_ident, quote_literal
@@ -57,13 +65,13 @@ class CompareSql:
     """Builds the reconciler's statements for one bound mapping."""
 
     def __init__(self, mapping: CompiledMapping) -> None:
-        _, _, catalog = mapping._need_bound()
+        _, _, catalog = mapping.binding()
         self.mapping = mapping
         self.forms: list[ColumnForm] = column_forms(
             mapping.columns, catalog.target_types, mapping.config.compare.tolerances
         )
-        self.keys = mapping.compare_key_aliases()
-        self.values = mapping.compare_column_aliases()
+        self.keys = key_aliases(mapping)
+        self.values = column_aliases(mapping)
         self.revealed = frozenset(mapping.config.compare.reveal_columns)
         tenant = mapping.config.tenant_column
         self.tenant_value = None if tenant is None else self.values[mapping.columns.index(tenant)]
@@ -84,8 +92,8 @@ class CompareSql:
         m = self.mapping
         k = ", ".join(self.keys)
         upto = "(" + ", ".join(f"(SELECT {c} FROM bound)" for c in self.keys) + ")"
-        expected = m.compare_source_rows_sql(after=bound, upto_row=upto, tenant=who)
-        actual = m.compare_target_rows_sql(after=bound, upto_row=upto, tenant=who)
+        expected = source_rows_sql(m, after=bound, upto_row=upto, tenant=who)
+        actual = target_rows_sql(m, after=bound, upto_row=upto, tenant=who)
         hi = f"(SELECT jsonb_build_array({k})::text FROM hi)"
         return Statement(self._diff(expected, actual, ctes, hi), tuple(p.values))
 
@@ -116,8 +124,8 @@ class CompareSql:
         end = p.add(upto, "jsonb")
         who = None if tenant is None else p.add(tenant, "text")
         m = self.mapping
-        expected = m.compare_source_rows_sql(after=bound, upto=end, tenant=who)
-        actual = m.compare_target_rows_sql(after=bound, upto=end, tenant=who)
+        expected = source_rows_sql(m, after=bound, upto=end, tenant=who)
+        actual = target_rows_sql(m, after=bound, upto=end, tenant=who)
         return Statement(self._diff(expected, actual, None, p.add(hi, "text")), tuple(p.values))
 
     def _bound_ctes(
@@ -130,8 +138,8 @@ class CompareSql:
         m = self.mapping
         k = ", ".join(self.keys)
         desc = ", ".join(f"{c} DESC" for c in self.keys)
-        nth = [f"({m.compare_keys_sql(s, after=bound, offset=skip, tenant=who)})" for s in _SIDES]
-        last = [f"({m.compare_keys_sql(s, after=bound, last=True, tenant=who)})" for s in _SIDES]
+        nth = [f"({keys_sql(m, s, after=bound, offset=skip, tenant=who)})" for s in _SIDES]
+        last = [f"({keys_sql(m, s, after=bound, last=True, tenant=who)})" for s in _SIDES]
         ctes = (
             f"hi AS (SELECT {k} FROM ({' UNION ALL '.join(nth)}) AS b ORDER BY {k} LIMIT 1), "
             f"last AS (SELECT {k} FROM ({' UNION ALL '.join(last)}) AS b "
@@ -146,8 +154,8 @@ class CompareSql:
         p = Params()
         param = p.add(keys, "jsonb")
         m = self.mapping
-        expected = m.compare_source_rows_sql(keys=param)
-        actual = m.compare_target_rows_sql(keys=param)
+        expected = source_rows_sql(m, keys=param)
+        actual = target_rows_sql(m, keys=param)
         return Statement(self._diff(expected, actual, None, "NULL::text"), tuple(p.values))
 
     def _diff(self, expected: str, actual: str, ctes: str | None, hi_sql: str) -> str:
@@ -306,8 +314,9 @@ class CompareSql:
 
     def key_at_or_before(self, a: str, b: str) -> Statement:
         """Whether key ``a`` sorts at or before key ``b`` (in the connection's collation)."""
-        bound = self.mapping.key_bound_sql
-        return Statement(f"SELECT {bound('$1::jsonb')} <= {bound('$2::jsonb')}", (a, b))
+        first = key_bound_sql(self.mapping, "$1::jsonb")
+        second = key_bound_sql(self.mapping, "$2::jsonb")
+        return Statement(f"SELECT {first} <= {second}", (a, b))
 
     def _rows(
         self,
@@ -328,8 +337,8 @@ class CompareSql:
             "tenant": None if tenant is None else p.add(tenant, "text"),
         }
         if side == "source":
-            return self.mapping.compare_source_rows_sql(**kwargs)
-        return self.mapping.compare_target_rows_sql(**kwargs)
+            return source_rows_sql(self.mapping, **kwargs)
+        return target_rows_sql(self.mapping, **kwargs)
 
     def _row_bytes(self, alias: str) -> str:
         return " || ".join(self._each(alias, ColumnForm.canonical_bytes))

@@ -166,7 +166,7 @@ async def _prepare_generated_sql(
     conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
 ) -> None:
     """Prepare every statement the mapping generates, so errors surface now."""
-    source, _, _ = mapping._need_bound()
+    source, _, _ = mapping.binding()
     checks = {
         "expressions and filter": mapping.expected_rows_sql(source.sql),
         # Aggregates, window and set-returning functions are not allowed in WHERE, which
@@ -193,7 +193,7 @@ async def _check_delete_function(
     conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
 ) -> None:
     """The sync-mode delete function exists and matches this mapping (setup made it)."""
-    source, _, _ = mapping._need_bound()
+    source, _, _ = mapping.binding()
     body = await conn.fetchval(
         "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)",
         f"{mapping.delete_function.sql}(jsonb)",
@@ -213,7 +213,7 @@ async def _prepare_cross_database_sql(
     source: asyncpg.Connection, target: asyncpg.Connection, mapping: CompiledMapping, fail: Any
 ) -> None:
     """Prepare the statements of a mapping whose target is in another database."""
-    source_name, _, _ = mapping._need_bound()
+    source_name, _, _ = mapping.binding()
     checks = [
         (source, "expressions and filter", mapping.expected_rows_sql(source_name.sql)),
         (source, "read source rows", mapping.source_rows_json_sql("$1::jsonb")),

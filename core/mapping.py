@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from core.config import Config, MappingConfig
 from core.errors import MappingValidationError
@@ -57,6 +58,14 @@ class CatalogFacts:
     target_types: tuple[str, ...] = ()
 
 
+class Binding(NamedTuple):
+    """What :func:`bind_catalog` added to a mapping: its resolved tables and catalog facts."""
+
+    source: QualifiedName
+    target: QualifiedName
+    catalog: CatalogFacts
+
+
 @dataclass(frozen=True)
 class CompiledMapping:
     """A mapping ready to generate SQL. Immutable; ``bind_catalog`` returns a bound copy."""
@@ -86,10 +95,15 @@ class CompiledMapping:
     def mode(self) -> MirrorMode:
         return self.config.mode
 
-    def _need_bound(self) -> tuple[QualifiedName, QualifiedName, CatalogFacts]:
+    def binding(self) -> Binding:
+        """The resolved source and target tables and the catalog facts (what SQL needs).
+
+        Raises RuntimeError when the mapping was not validated against the database: every
+        statement names the resolved tables, so unbound SQL would be a bug, never a guess.
+        """
         if self.source is None or self.target is None or self.catalog is None:
             raise RuntimeError(f"mapping {self.name} is not bound to the catalog")
-        return self.source, self.target, self.catalog
+        return Binding(self.source, self.target, self.catalog)
 
     # --- fragments ------------------------------------------------------------------------
 
@@ -120,7 +134,7 @@ class CompiledMapping:
 
     def keys_from_json_sql(self, param: str) -> str:
         """Rows ``(k1, k2, ...)`` of typed key values from a jsonb array of key arrays."""
-        _, _, catalog = self._need_bound()
+        _, _, catalog = self.binding()
         parts = [
             f"(k.value->>{i})::{typ} AS {quote_ident(f'k{i + 1}')}"
             for i, typ in enumerate(catalog.key_types)
@@ -141,7 +155,7 @@ class CompiledMapping:
 
     def upsert_from_sql(self, from_sql: str) -> str:
         """INSERT ... ON CONFLICT DO UPDATE of the rows ``from_sql`` maps to (filter applied)."""
-        _, target, _ = self._need_bound()
+        _, target, _ = self.binding()
         return (
             f"INSERT INTO {target.sql} AS {TGT} ({self.target_column_list()}) "
             f"{self.expected_rows_sql(from_sql)} {self._on_conflict_update()}"
@@ -188,7 +202,7 @@ class CompiledMapping:
 
     def delete_function_body(self) -> str:
         """The PL/pgSQL body of :attr:`delete_function` (compared by validation)."""
-        _, target, _ = self._need_bound()
+        _, target, _ = self.binding()
         return (
             "\nDECLARE deleted bigint;\nBEGIN\n"
             f"  DELETE FROM {target.sql} AS {TGT} WHERE ({self.target_key_list(TGT)}) IN "
@@ -228,7 +242,7 @@ class CompiledMapping:
 
         Each row carries its key as ``__dw_key`` (jsonb) so callers can tell found from missing.
         """
-        source, _, _ = self._need_bound()
+        source, _, _ = self.binding()
         key_row = ", ".join(self.key_exprs())
         return (
             f"SELECT {self.key_json_sql()} AS __dw_key, {self.select_list()} "
@@ -238,7 +252,7 @@ class CompiledMapping:
 
     def lock_source_rows_sql(self, keys_param: str) -> str:
         """Share-lock the source rows of these keys, in key order (sync-mode ordering)."""
-        source, _, _ = self._need_bound()
+        source, _, _ = self.binding()
         key_row = ", ".join(self.key_exprs())
         return (
             f"SELECT 1 FROM {source.sql} AS {SRC} WHERE ({key_row}) IN "
@@ -247,7 +261,7 @@ class CompiledMapping:
 
     def lock_target_rows_sql(self, keys_param: str) -> str:
         """Lock existing target rows of these keys, in key order; return their keys as jsonb."""
-        _, target, _ = self._need_bound()
+        _, target, _ = self.binding()
         key_row = self.target_key_list(TGT)
         return (
             f"SELECT jsonb_build_array({key_row}) AS __dw_key FROM {target.sql} AS {TGT} "
@@ -297,7 +311,7 @@ class CompiledMapping:
         )
 
     def _target_sql(self) -> str:
-        _, target, _ = self._need_bound()
+        _, target, _ = self.binding()
         return target.sql
 
     # --- statements for sync_keys across databases --------------------------------------------
@@ -320,7 +334,7 @@ class CompiledMapping:
         Keys without a row are deleted. Runs in the target's database; returns
         ``(upserted, deleted)``.
         """
-        _, target, catalog = self._need_bound()
+        _, target, catalog = self.binding()
         record = ", ".join(
             f"{quote_ident(c)} {t}" for c, t in zip(self.columns, catalog.target_types, strict=True)
         )
@@ -336,188 +350,6 @@ class CompiledMapping:
             f"NOT IN (SELECT __dw_key FROM e) RETURNING 1) "
             "SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
         )
-
-    # --- statements for the reconciler (compare/) ---------------------------------------------
-    #
-    # Row sources the reconciler and backfill compose: every one returns the key values as
-    # ``__k1..__kn``, whether the mapping includes the row as ``__dw_in`` and the target column
-    # values as ``__c1..__cm`` (in ``columns`` order); on the source side those are the
-    # expressions cast to the target's column types, i.e. what the target would hold. Keyset
-    # bounds and key sets are jsonb parameters (one key array, or an array of key arrays);
-    # ``upto_row`` is an SQL row of typed key values instead (e.g. from sub-selects).
-
-    def compare_key_aliases(self) -> list[str]:
-        """Quoted output names of the key values in the reconciler's row sources."""
-        return [quote_ident(f"__k{i + 1}") for i in range(len(self.key))]
-
-    def compare_column_aliases(self) -> list[str]:
-        """Quoted output names of the target column values, in ``columns`` order."""
-        return [quote_ident(f"__c{i + 1}") for i in range(len(self.columns))]
-
-    def key_bound_sql(self, param: str) -> str:
-        """One key (a jsonb array parameter) as a row of typed values, for keyset comparisons."""
-        _, _, catalog = self._need_bound()
-        values = ", ".join(f"(({param})->>{i})::{typ}" for i, typ in enumerate(catalog.key_types))
-        return f"({values})"
-
-    def compare_source_rows_sql(
-        self,
-        *,
-        after: str | None = None,
-        upto: str | None = None,
-        upto_row: str | None = None,
-        limit: str | None = None,
-        keys: str | None = None,
-        tenant: str | None = None,
-    ) -> str:
-        """Source rows in key range (``after``, ``upto``] or key set ``keys``, filter NOT applied.
-
-        With ``limit`` it is the first ``limit`` rows in key order. Rows the filter rejects are
-        kept, with ``__dw_in`` false and NULL values (mapping expressions are evaluated only for
-        included rows), so a chunk's extent does not depend on the filter. Key ranges are
-        served by the source's index when the key expressions are plain indexed columns.
-        """
-        source, _, catalog = self._need_bound()
-        conds = self._compare_conditions("source", after, upto, upto_row, keys, tenant)
-        read = "".join(f", {SRC}.{quote_ident(c)}" for c in catalog.source_columns_read)
-        keys_out = ", ".join(
-            f"{expr} AS {alias}"
-            for expr, alias in zip(self.key_exprs(), self.compare_key_aliases(), strict=True)
-        )
-        order = f" ORDER BY {', '.join(self.key_exprs())} LIMIT {limit}" if limit else ""
-        inner = (
-            f"SELECT {keys_out}, {self.filter_sql()} AS {quote_ident('__dw_in')}{read} "
-            f"FROM {source.sql} AS {SRC} WHERE {conds}{order}"
-        )
-        values = ", ".join(
-            self._included_value(i) + f" AS {alias}"
-            for i, alias in enumerate(self.compare_column_aliases())
-        )
-        return (
-            f"SELECT {', '.join(self.compare_key_aliases())}, {quote_ident('__dw_in')}, "
-            f"{values} FROM ({inner}) AS {SRC}"
-        )
-
-    def compare_target_rows_sql(
-        self,
-        *,
-        after: str | None = None,
-        upto: str | None = None,
-        upto_row: str | None = None,
-        limit: str | None = None,
-        keys: str | None = None,
-        tenant: str | None = None,
-    ) -> str:
-        """Target rows in key range (``after``, ``upto``] or key set ``keys`` (see the source's)."""
-        _, target, _ = self._need_bound()
-        key_cols = self._side_keys("target")
-        conds = self._compare_conditions("target", after, upto, upto_row, keys, tenant)
-        aliases = self.compare_key_aliases()
-        keys_out = ", ".join(f"{c} AS {a}" for c, a in zip(key_cols, aliases, strict=True))
-        values = ", ".join(
-            f"{TGT}.{quote_ident(c)} AS {alias}"
-            for c, alias in zip(self.columns, self.compare_column_aliases(), strict=True)
-        )
-        order = f" ORDER BY {', '.join(key_cols)} LIMIT {limit}" if limit else ""
-        return (
-            f"SELECT {keys_out}, true AS {quote_ident('__dw_in')}, {values} "
-            f"FROM {target.sql} AS {TGT} WHERE {conds}{order}"
-        )
-
-    def compare_keys_sql(
-        self,
-        side: str,
-        *,
-        after: str | None = None,
-        offset: str | None = None,
-        last: bool = False,
-        tenant: str | None = None,
-    ) -> str:
-        """The key (``__k1``..) of one row of ``side`` ('source' or 'target'), rows the filter
-        rejects included: the row ``offset`` rows past ``after`` in key order, or with ``last``
-        the greatest. A walk of the key index (index-only for plain key columns)."""
-        source, target, _ = self._need_bound()
-        table, alias = (source, SRC) if side == "source" else (target, TGT)
-        keys = self._side_keys(side)
-        conds = self._compare_conditions(side, after, None, None, None, tenant)
-        out = ", ".join(
-            f"{k} AS {a}" for k, a in zip(keys, self.compare_key_aliases(), strict=True)
-        )
-        order = ", ".join(f"{k} DESC" if last else k for k in keys)
-        skip = f" OFFSET {offset}" if offset else ""
-        return (
-            f"SELECT {out} FROM {table.sql} AS {alias} WHERE {conds} "
-            f"ORDER BY {order}{skip} LIMIT 1"
-        )
-
-    def source_keys_sql(
-        self, *, after: str | None = None, upto: str | None = None, limit: str | None = None
-    ) -> str:
-        """Keys (jsonb text) of included source rows in key order within (``after``, ``upto``]."""
-        source, _, _ = self._need_bound()
-        conds = self._compare_conditions("source", after, upto, None, None, None)
-        order = f" ORDER BY {', '.join(self.key_exprs())}" + (f" LIMIT {limit}" if limit else "")
-        return (
-            f"SELECT {self.key_json_sql()}::text AS key FROM {source.sql} AS {SRC} "
-            f"WHERE {self.filter_sql()} AND {conds}{order}"
-        )
-
-    def source_last_key_sql(self) -> str:
-        """The greatest key (jsonb text) of the source table, rows the filter rejects included."""
-        return (
-            f"SELECT jsonb_build_array({', '.join(self.compare_key_aliases())})::text "
-            f"FROM ({self.compare_keys_sql('source', last=True)}) AS k"
-        )
-
-    def _side_keys(self, side: str) -> list[str]:
-        if side == "source":
-            return self.key_exprs()
-        return [f"{TGT}.{quote_ident(k)}" for k in self.key]
-
-    def _compare_conditions(
-        self,
-        side: str,
-        after: str | None,
-        upto: str | None,
-        upto_row: str | None,
-        keys: str | None,
-        tenant: str | None,
-    ) -> str:
-        key_sql = self._side_keys(side)
-        row = f"({', '.join(key_sql)})"
-        conds = [f"{k} IS NOT NULL" for k in key_sql]
-        if after is not None:
-            conds.append(f"{row} > {self.key_bound_sql(after)}")
-        if upto is not None:
-            conds.append(f"{row} <= {self.key_bound_sql(upto)}")
-        if upto_row is not None:
-            conds.append(f"{row} <= {upto_row}")
-        if keys is not None:
-            conds.append(f"{row} IN ({self.keys_from_json_sql(keys)})")
-        if tenant is not None:
-            index = self._tenant_index()
-            value = (
-                self._expected_value(index) if side == "source"
-                else f"{TGT}.{quote_ident(self.columns[index])}"
-            )
-            conds.append(f"{value}::text = {tenant}")
-        return " AND ".join(conds)
-
-    def _expected_value(self, index: int) -> str:
-        """The mapping expression of column ``index`` cast to the target column's type."""
-        _, _, catalog = self._need_bound()
-        column = self.columns[index]
-        return f"CAST(({self.expressions[column].sql}) AS {catalog.target_types[index]})"
-
-    def _included_value(self, index: int) -> str:
-        if self.filter is None:
-            return self._expected_value(index)
-        return f"CASE WHEN {quote_ident('__dw_in')} THEN {self._expected_value(index)} END"
-
-    def _tenant_index(self) -> int:
-        if self.config.tenant_column is None:
-            raise RuntimeError(f"mapping {self.name} has no tenant_column")
-        return self.columns.index(self.config.tenant_column)
 
 
 def compile_mapping(config: MappingConfig, *, source: str | None = None) -> CompiledMapping:
@@ -582,7 +414,7 @@ def read_columns(mappings: Sequence[CompiledMapping]) -> tuple[str, ...]:
     needed: set[str] = set()
     order: tuple[str, ...] = ()
     for mapping in mappings:
-        _, _, catalog = mapping._need_bound()
+        _, _, catalog = mapping.binding()
         needed.update(catalog.source_columns_read)
         order = catalog.source_columns
     return tuple(c for c in order if c in needed)
