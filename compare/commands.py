@@ -23,6 +23,7 @@ from core.config import Config
 from core.control import ensure_current
 from core.errors import ConfigError
 from core.mapping import CompiledMapping, compile_all
+from mirror import statements as key_sync_statements
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
 
@@ -40,7 +41,14 @@ async def load_mappings(
     try:
         await ensure_current(conn)
         chosen = [m for m in compile_all(config) if name is None or m.name == name]
-        bound = await validate_all(conn, chosen, config.search_path, asyncpg.connect)
+        # repair and backfill write the target through sync_keys: its statements must prepare
+        bound = await validate_all(
+            conn,
+            chosen,
+            config.search_path,
+            asyncpg.connect,
+            statements=(key_sync_statements.statements_to_prepare,),
+        )
     finally:
         await conn.close()
     if tenant is not None:

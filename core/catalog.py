@@ -3,12 +3,15 @@
 Before the proxy accepts traffic every mapping is validated here: the tables and columns
 exist, the target key has a unique constraint, required target columns are mapped, the key
 types agree, and the generated SQL prepares (so type errors surface at start, not mid-traffic).
-A mismatch raises MappingValidationError naming the mapping and the problem.
+The statements are those of the parts that will run them (the rewrite's, sync_keys'): each
+part lists them (a :data:`StatementsOf`) and its caller passes them in. A mismatch raises
+MappingValidationError naming the mapping and the problem.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -45,6 +48,21 @@ GROUP BY i.indexrelid
 """
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A statement some part will run for a mapping, prepared during validation."""
+
+    #: what it is, for the error message (``upsert into target: ...``)
+    what: str
+    sql: str
+    #: prepared in the target's database (a cross-database mapping), else in the source's
+    in_target: bool = False
+
+
+#: the statements one part (the rewrite, sync_keys) runs for a bound mapping
+StatementsOf = Callable[[CompiledMapping], Sequence[Prepared]]
+
+
 async def resolve_table(
     conn: asyncpg.Connection, schema: str | None, name: str, search_path: Sequence[str]
 ) -> tuple[QualifiedName, str, bool] | None:
@@ -66,11 +84,13 @@ async def validate_mapping(
     search_path: Sequence[str],
     target_conn: asyncpg.Connection | None = None,
     *,
+    statements: Sequence[StatementsOf],
     require_functions: bool = True,
 ) -> CompiledMapping:
     """Check one mapping against the database; return it bound to the catalog.
 
-    ``target_conn`` is the target's database when the mapping has a ``target_dsn``.
+    ``target_conn`` is the target's database when the mapping has a ``target_dsn``;
+    ``statements`` list what the callers' parts will run, all of it prepared here.
     """
 
     def fail(reason: str) -> MappingValidationError:
@@ -137,12 +157,15 @@ async def validate_mapping(
             target_types=tuple(target_cols[c]["type"] for c in mapping.columns),
         ),
     )
-    if target_conn is None:
-        await _prepare_generated_sql(conn, bound, fail)
-        if require_functions and mapping.mode.needs_delete_function:
-            await _check_delete_function(conn, bound, fail)
-    else:
-        await _prepare_cross_database_sql(conn, target_conn, bound, fail)
+    checks = [*_mapping_checks(bound), *(s for of in statements for s in of(bound))]
+    for check in checks:
+        db = (target_conn or conn) if check.in_target else conn
+        try:
+            await db.prepare(check.sql)
+        except asyncpg.PostgresError as exc:
+            raise fail(f"{check.what}: {exc}") from None
+    if target_conn is None and require_functions and mapping.mode.needs_delete_function:
+        await _check_delete_function(conn, bound, fail)
     return bound
 
 
@@ -162,31 +185,24 @@ async def _key_types(
     return tuple(str(v) for v in row)
 
 
-async def _prepare_generated_sql(
-    conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
-) -> None:
-    """Prepare every statement the mapping generates, so errors surface now."""
+def _mapping_checks(mapping: CompiledMapping) -> list[Prepared]:
+    """The mapping's own SQL, whichever part runs it: its expressions and filter."""
     source, _, _ = mapping.binding()
-    checks = {
-        "expressions and filter": mapping.expected_rows_sql(source.sql),
+    checks = [Prepared("expressions and filter", mapping.expected_rows_sql(source.sql))]
+    if not mapping.cross_database:
         # Aggregates, window and set-returning functions are not allowed in WHERE, which
         # makes this the place to reject expressions that are not per-row.
-        "per-row expressions": "SELECT 1 FROM {src} AS src WHERE {conds}".format(
-            src=source.sql,
-            conds=" AND ".join(
-                f"(({e.sql}) IS NULL) IS NOT NULL" for e in mapping.expressions.values()
+        per_row = " AND ".join(
+            f"(({e.sql}) IS NULL) IS NOT NULL" for e in mapping.expressions.values()
+        )
+        checks.append(
+            Prepared(
+                "per-row expressions",
+                f"SELECT 1 FROM {source.sql} AS src WHERE {per_row or 'true'}",
             )
-            or "true",
-        ),
-        "upsert into target": mapping.upsert_from_sql(source.sql),
-        "apply keys": mapping.apply_keys_sql("$1::jsonb", None),
-        "apply keys (locked)": mapping.apply_keys_sql("$1::jsonb", "$2::jsonb"),
-    }
-    for what, sql in checks.items():
-        try:
-            await conn.prepare(sql)
-        except asyncpg.PostgresError as exc:
-            raise fail(f"{what}: {exc}") from None
+        )
+        checks.append(Prepared("upsert into target", mapping.upsert_from_sql(source.sql)))
+    return checks
 
 
 async def _check_delete_function(
@@ -209,23 +225,6 @@ async def _check_delete_function(
         raise fail(f"delete function call: {exc}") from None
 
 
-async def _prepare_cross_database_sql(
-    source: asyncpg.Connection, target: asyncpg.Connection, mapping: CompiledMapping, fail: Any
-) -> None:
-    """Prepare the statements of a mapping whose target is in another database."""
-    source_name, _, _ = mapping.binding()
-    checks = [
-        (source, "expressions and filter", mapping.expected_rows_sql(source_name.sql)),
-        (source, "read source rows", mapping.source_rows_json_sql("$1::jsonb")),
-        (target, "apply rows to target", mapping.apply_rows_sql("$1::jsonb", "$2::jsonb")),
-    ]
-    for conn, what, sql in checks:
-        try:
-            await conn.prepare(sql)
-        except asyncpg.PostgresError as exc:
-            raise fail(f"{what}: {exc}") from None
-
-
 TargetConnector = Callable[[str], Awaitable[asyncpg.Connection]]
 
 
@@ -235,10 +234,12 @@ async def validate_all(
     search_path: Sequence[str],
     connect_target: TargetConnector | None = None,
     *,
+    statements: Sequence[StatementsOf],
     require_functions: bool = True,
 ) -> list[CompiledMapping]:
     """Validate every mapping; also refuse a table that is both a source and a target.
 
+    ``statements``: what the caller's parts run for a mapping (see :func:`validate_mapping`).
     ``require_functions`` is false only for ``setup``, which creates them after this.
     """
     bound = []
@@ -247,7 +248,11 @@ async def validate_all(
         if dsn is None:
             bound.append(
                 await validate_mapping(
-                    conn, mapping, search_path, require_functions=require_functions
+                    conn,
+                    mapping,
+                    search_path,
+                    statements=statements,
+                    require_functions=require_functions,
                 )
             )
             continue
@@ -262,7 +267,11 @@ async def validate_all(
                 mapping.name, f"target_dsn: cannot connect: {exc}"
             ) from None
         try:
-            bound.append(await validate_mapping(conn, mapping, search_path, target_conn))
+            bound.append(
+                await validate_mapping(
+                    conn, mapping, search_path, target_conn, statements=statements
+                )
+            )
         finally:
             await target_conn.close()
     sources = {m.source for m in bound if not m.cross_database}

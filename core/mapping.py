@@ -95,6 +95,11 @@ class CompiledMapping:
     def mode(self) -> MirrorMode:
         return self.config.mode
 
+    @property
+    def cross_database(self) -> bool:
+        """The target table lives in another database than the source."""
+        return self.config.target_dsn is not None
+
     def binding(self) -> Binding:
         """The resolved source and target tables and the catalog facts (what SQL needs).
 
@@ -155,10 +160,18 @@ class CompiledMapping:
 
     def upsert_from_sql(self, from_sql: str) -> str:
         """INSERT ... ON CONFLICT DO UPDATE of the rows ``from_sql`` maps to (filter applied)."""
+        return self.upsert_sql(self.expected_rows_sql(from_sql))
+
+    def upsert_sql(self, rows_sql: str) -> str:
+        """INSERT ... ON CONFLICT DO UPDATE of ``rows_sql`` (target columns in order).
+
+        The rewrite (sync mode) and ``sync_keys`` both write the target through this, so they
+        agree on what counts as a change (and a sync-mode target sees one kind of write).
+        """
         _, target, _ = self.binding()
         return (
             f"INSERT INTO {target.sql} AS {TGT} ({self.target_column_list()}) "
-            f"{self.expected_rows_sql(from_sql)} {self._on_conflict_update()}"
+            f"{rows_sql} {self._on_conflict_update()}"
         )
 
     def _on_conflict_update(self) -> str:
@@ -233,122 +246,6 @@ class CompiledMapping:
         return (
             f"SELECT {quote_literal(self.name)}::text, {self.key_json_sql()} "
             f"FROM {from_sql} AS {SRC}"
-        )
-
-    # --- statements for sync_keys (applier, repair, backfill) --------------------------------
-
-    def source_rows_for_keys_sql(self, keys_param: str, *, lock: str = "") -> str:
-        """Mapped rows of the source rows whose key is in the jsonb array ``keys_param``.
-
-        Each row carries its key as ``__dw_key`` (jsonb) so callers can tell found from missing.
-        """
-        source, _, _ = self.binding()
-        key_row = ", ".join(self.key_exprs())
-        return (
-            f"SELECT {self.key_json_sql()} AS __dw_key, {self.select_list()} "
-            f"FROM {source.sql} AS {SRC} WHERE {self.filter_sql()} "
-            f"AND ({key_row}) IN ({self.keys_from_json_sql(keys_param)}) {lock}"
-        )
-
-    def lock_source_rows_sql(self, keys_param: str) -> str:
-        """Share-lock the source rows of these keys, in key order (sync-mode ordering)."""
-        source, _, _ = self.binding()
-        key_row = ", ".join(self.key_exprs())
-        return (
-            f"SELECT 1 FROM {source.sql} AS {SRC} WHERE ({key_row}) IN "
-            f"({self.keys_from_json_sql(keys_param)}) ORDER BY {key_row} FOR SHARE"
-        )
-
-    def lock_target_rows_sql(self, keys_param: str) -> str:
-        """Lock existing target rows of these keys, in key order; return their keys as jsonb."""
-        _, target, _ = self.binding()
-        key_row = self.target_key_list(TGT)
-        return (
-            f"SELECT jsonb_build_array({key_row}) AS __dw_key FROM {target.sql} AS {TGT} "
-            f"WHERE ({key_row}) IN ({self.keys_from_json_sql(keys_param)}) "
-            f"ORDER BY {key_row} FOR UPDATE"
-        )
-
-    def apply_keys_sql(self, keys_param: str, locked_param: str | None) -> str:
-        """One statement that makes the target rows of these keys match the source.
-
-        Returns ``(upserted, deleted)``. With ``locked_param`` (sync-mode discipline: the
-        target rows that existed were locked first), keys whose target row did not exist are
-        inserted with DO NOTHING: a row that appeared meanwhile was written by a sync-mode
-        statement that saw newer source state.
-        """
-        source_rows = self.source_rows_for_keys_sql(keys_param)
-        cols = self.target_column_list()
-        col_refs = ", ".join(f"e.{quote_ident(c)}" for c in self.columns)
-        upsert_existing = (
-            f"INSERT INTO {self._target_sql()} AS {TGT} ({cols}) SELECT {col_refs} FROM e"
-        )
-        if locked_param is None:
-            upserts = f"up AS ({upsert_existing} {self._on_conflict_update()} RETURNING 1)"
-        else:
-            upserts = (
-                f"up AS ({upsert_existing} WHERE e.__dw_key IN (SELECT value FROM "
-                f"jsonb_array_elements({locked_param})) {self._on_conflict_update()} RETURNING 1), "
-                f"ins AS ({upsert_existing} WHERE e.__dw_key NOT IN (SELECT value FROM "
-                f"jsonb_array_elements({locked_param})) ON CONFLICT ({self.target_key_list()}) "
-                f"DO NOTHING RETURNING 1)"
-            )
-        key_row = self.target_key_list(TGT)
-        # Only keys without an expected row are looked up in the target: when every source
-        # row is there (the common case) the delete probes nothing.
-        names = self.key_tuple_names()
-        gone = (
-            f"del AS (DELETE FROM {self._target_sql()} AS {TGT} WHERE ({key_row}) "
-            f"IN (SELECT {names} FROM ({self.keys_from_json_sql(keys_param)}) AS g "
-            f"WHERE jsonb_build_array({names}) NOT IN (SELECT __dw_key FROM e)) RETURNING 1)"
-        )
-        inserted = "(SELECT count(*) FROM up)" + (
-            " + (SELECT count(*) FROM ins)" if locked_param is not None else ""
-        )
-        return (
-            f"WITH e AS ({source_rows}), {upserts}, {gone} "
-            f"SELECT {inserted} AS upserted, (SELECT count(*) FROM del) AS deleted"
-        )
-
-    def _target_sql(self) -> str:
-        _, target, _ = self.binding()
-        return target.sql
-
-    # --- statements for sync_keys across databases --------------------------------------------
-
-    @property
-    def cross_database(self) -> bool:
-        """The target table lives in another database than the source."""
-        return self.config.target_dsn is not None
-
-    def source_rows_json_sql(self, keys_param: str) -> str:
-        """The mapped source rows of these keys as one jsonb array (to carry to another db)."""
-        return (
-            "SELECT coalesce(jsonb_agg(to_jsonb(r)), '[]'::jsonb) FROM ("
-            f"{self.source_rows_for_keys_sql(keys_param)}) AS r"
-        )
-
-    def apply_rows_sql(self, rows_param: str, keys_param: str) -> str:
-        """Make the target rows of these keys equal to the given mapped rows (jsonb array).
-
-        Keys without a row are deleted. Runs in the target's database; returns
-        ``(upserted, deleted)``.
-        """
-        _, target, catalog = self.binding()
-        record = ", ".join(
-            f"{quote_ident(c)} {t}" for c, t in zip(self.columns, catalog.target_types, strict=True)
-        )
-        cols = self.target_column_list()
-        key_row = self.target_key_list(TGT)
-        return (
-            f"WITH e AS (SELECT * FROM jsonb_to_recordset({rows_param}) "
-            f"AS r(__dw_key jsonb, {record})), "
-            f"up AS (INSERT INTO {target.sql} AS {TGT} ({cols}) SELECT {cols} FROM e "
-            f"{self._on_conflict_update()} RETURNING 1), "
-            f"del AS (DELETE FROM {target.sql} AS {TGT} WHERE ({key_row}) IN "
-            f"({self.keys_from_json_sql(keys_param)}) AND jsonb_build_array({key_row}) "
-            f"NOT IN (SELECT __dw_key FROM e) RETURNING 1) "
-            "SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
         )
 
 

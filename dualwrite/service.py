@@ -24,7 +24,7 @@ from compare.continuous import ContinuousReconciler
 from compare.reconciler import PassOptions, reconcile_mapping
 from compare.report.history import export_gauges, latest_runs
 from core import metrics
-from core.catalog import resolve_unqualified, validate_all
+from core.catalog import StatementsOf, resolve_unqualified, validate_all
 from core.config import Config
 from core.control import (
     ActivityRecorder,
@@ -40,6 +40,7 @@ from core.errors import ConfigError
 from core.logs import get_logger
 from core.mapping import CompiledMapping, compile_all
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
+from mirror import statements as key_sync_statements
 from mirror.applier import Applier
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
@@ -50,6 +51,9 @@ _log = get_logger("service")
 GAUGE_REFRESH_SECONDS = 5.0
 #: runs one reconcile pass over a mapping: (mapping, requested_by)
 ReconcileRunner = Callable[[CompiledMapping, str], Awaitable[object]]
+#: what the sidecar runs for a mapping, prepared when mappings are validated: sync_keys'
+#: statements (the applier's)
+SIDECAR_STATEMENTS: tuple[StatementsOf, ...] = (key_sync_statements.statements_to_prepare,)
 
 
 async def upstream_reachable(config: Config) -> tuple[bool, str]:
@@ -92,7 +96,12 @@ async def validated_mappings(
     """Compile, validate and bind every mapping; also resolve unqualified source names."""
     compiled = compile_all(config)
     bound = await validate_all(
-        conn, compiled, config.search_path, asyncpg.connect, require_functions=require_functions
+        conn,
+        compiled,
+        config.search_path,
+        asyncpg.connect,
+        statements=SIDECAR_STATEMENTS,
+        require_functions=require_functions,
     )
     names = sorted({m.source.name for m in bound if m.source is not None})
     unqualified = await resolve_unqualified(conn, names, config.search_path)

@@ -27,6 +27,13 @@ import asyncpg
 
 from core.control import LOCK_CLASS
 from core.mapping import CompiledMapping
+from mirror.statements import (
+    apply_keys_sql,
+    apply_rows_sql,
+    lock_source_rows_sql,
+    lock_target_rows_sql,
+    source_rows_json_sql,
+)
 
 _ADVISORY_LOCKS = """
 SELECT count(pg_advisory_xact_lock($3, h)) FROM (
@@ -62,14 +69,14 @@ async def sync_keys(
     payload = keys_payload(keys)
     await conn.fetchval(_ADVISORY_LOCKS, mapping.name, payload, LOCK_CLASS)
     if mapping.mode.key_sync_locks_rows:
-        await conn.execute(mapping.lock_source_rows_sql("$1::jsonb"), payload)
-        locked = await conn.fetch(mapping.lock_target_rows_sql("$1::jsonb"), payload)
+        await conn.execute(lock_source_rows_sql(mapping, "$1::jsonb"), payload)
+        locked = await conn.fetch(lock_target_rows_sql(mapping, "$1::jsonb"), payload)
         locked_payload = keys_payload(str(r["__dw_key"]) for r in locked)
         row = await conn.fetchrow(
-            mapping.apply_keys_sql("$1::jsonb", "$2::jsonb"), payload, locked_payload
+            apply_keys_sql(mapping, "$1::jsonb", "$2::jsonb"), payload, locked_payload
         )
     else:
-        row = await conn.fetchrow(mapping.apply_keys_sql("$1::jsonb", None), payload)
+        row = await conn.fetchrow(apply_keys_sql(mapping, "$1::jsonb", None), payload)
     assert row is not None
     return SyncResult(int(row["upserted"]), int(row["deleted"]))
 
@@ -91,7 +98,7 @@ async def sync_keys_across(
         return SyncResult(0, 0)
     payload = keys_payload(keys)
     await target.fetchval(_ADVISORY_LOCKS, mapping.name, payload, LOCK_CLASS)
-    rows = await source.fetchval(mapping.source_rows_json_sql("$1::jsonb"), payload)
-    row = await target.fetchrow(mapping.apply_rows_sql("$1::jsonb", "$2::jsonb"), rows, payload)
+    rows = await source.fetchval(source_rows_json_sql(mapping, "$1::jsonb"), payload)
+    row = await target.fetchrow(apply_rows_sql(mapping, "$1::jsonb", "$2::jsonb"), rows, payload)
     assert row is not None
     return SyncResult(int(row["upserted"]), int(row["deleted"]))
