@@ -16,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from core.control import delete_function_problem
 from core.errors import MappingValidationError
 from core.mapping import CatalogFacts, CompiledMapping, bind_catalog
 from core.sqltext import QualifiedName
@@ -165,7 +166,9 @@ async def validate_mapping(
         except asyncpg.PostgresError as exc:
             raise fail(f"{check.what}: {exc}") from None
     if target_conn is None and require_functions and mapping.mode.needs_delete_function:
-        await _check_delete_function(conn, bound, fail)
+        problem = await delete_function_problem(conn, bound)
+        if problem is not None:
+            raise fail(problem)
     return bound
 
 
@@ -201,28 +204,7 @@ def _mapping_checks(mapping: CompiledMapping) -> list[Prepared]:
                 f"SELECT 1 FROM {source.sql} AS src WHERE {per_row or 'true'}",
             )
         )
-        checks.append(Prepared("upsert into target", mapping.upsert_from_sql(source.sql)))
     return checks
-
-
-async def _check_delete_function(
-    conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
-) -> None:
-    """The sync-mode delete function exists and matches this mapping (setup made it)."""
-    source, _, _ = mapping.binding()
-    body = await conn.fetchval(
-        "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)",
-        f"{mapping.delete_function.sql}(jsonb)",
-    )
-    if body != mapping.delete_function_body():
-        state = "is missing" if body is None else "does not match the mapping"
-        raise fail(
-            f"function {mapping.delete_function} {state}: run `dualwrite setup --config FILE`"
-        )
-    try:
-        await conn.prepare(mapping.delete_call_sql(source.sql, only_filtered_out=True))
-    except asyncpg.PostgresError as exc:
-        raise fail(f"delete function call: {exc}") from None
 
 
 TargetConnector = Callable[[str], Awaitable[asyncpg.Connection]]

@@ -1,5 +1,6 @@
 """The ``dualwrite`` control schema: its DDL (versioned, applied idempotently by ``setup``),
-grants for the application role, and the per-mapping run state (paused or not).
+the per-mapping delete functions, grants for the application role, and the per-mapping run
+state (paused or not).
 
 Everything that must survive a restart or be shared between sidecars lives here: the outbox,
 dead letters, pause flags, unmirrored-statement marks, mirror activity, and (added by later
@@ -9,6 +10,7 @@ schema versions) reconcile history and admin actions.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +20,8 @@ import asyncpg
 
 from core.errors import ControlSchemaMissing
 from core.logs import get_logger
-from core.mapping import CompiledMapping
-from core.sqltext import quote_ident
+from core.mapping import SRC, TGT, CompiledMapping
+from core.sqltext import QualifiedName, quote_ident
 
 SCHEMA = "dualwrite"
 #: NOTIFY channel on which pause/resume changes are announced to every sidecar
@@ -220,6 +222,91 @@ async def install(conn: asyncpg.Connection) -> list[int]:
                 )
                 applied.append(version)
     return applied
+
+
+# --- the per-mapping delete functions -----------------------------------------------------
+#
+# A statement that writes the target itself (sync mode, see core/modes.py) deletes target
+# rows through a function, not a DELETE in its own WITH list: every part of one statement
+# shares one snapshot, and a DELETE there cannot see a target row that a concurrent
+# transaction committed after that snapshot was taken (a move into the target, waited for on
+# the source row's lock). A VOLATILE function's statements take a fresh snapshot under READ
+# COMMITTED, so the delete sees that row. ``setup`` creates one per same-database mapping;
+# validation checks it matches the mapping; the rewrite calls it.
+
+#: parameter of the delete functions (named so no target column can shadow it)
+DELETE_KEYS_PARAM = "_dualwrite_keys"
+
+
+def delete_function(mapping: CompiledMapping) -> QualifiedName:
+    """The name of the mapping's delete function (hashed when too long for an identifier)."""
+    name = f"mirror_delete__{mapping.name}"
+    if len(name) > 63:
+        name = f"mirror_delete__{hashlib.sha256(mapping.name.encode()).hexdigest()[:16]}"
+    return QualifiedName(SCHEMA, name)
+
+
+def delete_function_body(mapping: CompiledMapping) -> str:
+    """The PL/pgSQL body of :func:`delete_function` (compared by validation)."""
+    _, target, _ = mapping.binding()
+    return (
+        "\nDECLARE deleted bigint;\nBEGIN\n"
+        f"  DELETE FROM {target.sql} AS {TGT} WHERE ({mapping.target_key_list(TGT)}) IN "
+        f"({mapping.keys_from_json_sql(DELETE_KEYS_PARAM)});\n"
+        "  GET DIAGNOSTICS deleted = ROW_COUNT;\n  RETURN deleted;\nEND\n"
+    )
+
+
+def delete_function_ddl(mapping: CompiledMapping) -> str:
+    """CREATE OR REPLACE of the mapping's delete function (idempotent)."""
+    return (
+        f"CREATE OR REPLACE FUNCTION {delete_function(mapping).sql}({DELETE_KEYS_PARAM} jsonb) "
+        "RETURNS bigint "
+        "LANGUAGE plpgsql VOLATILE SECURITY INVOKER "
+        "SET search_path = pg_catalog, pg_temp "
+        f"AS $dualwrite${delete_function_body(mapping)}$dualwrite$"
+    )
+
+
+def delete_call_sql(mapping: CompiledMapping, from_sql: str, *, only_filtered_out: bool) -> str:
+    """One row: the target rows keyed by ``from_sql``'s rows deleted (filtered-out only)."""
+    cond = f"WHERE NOT {mapping.filter_sql()}" if only_filtered_out else ""
+    return (
+        f"SELECT {delete_function(mapping).sql}(coalesce(jsonb_agg({mapping.key_json_sql()}), "
+        f"'[]'::jsonb)) AS deleted FROM {from_sql} AS {SRC} {cond}"
+    )
+
+
+async def create_delete_functions(
+    conn: asyncpg.Connection, mappings: Sequence[CompiledMapping]
+) -> None:
+    """Create (or replace) the delete function of every same-database mapping (``setup``).
+
+    Whatever the mode: the function depends only on the target and the key, so a mapping
+    later switched to sync mode finds it in place.
+    """
+    for mapping in mappings:
+        if not mapping.cross_database:
+            await conn.execute(delete_function_ddl(mapping))
+
+
+async def delete_function_problem(
+    conn: asyncpg.Connection, mapping: CompiledMapping
+) -> str | None:
+    """Why the mapping's delete function cannot be used (None: it matches and prepares)."""
+    source, _, _ = mapping.binding()
+    function = delete_function(mapping)
+    body = await conn.fetchval(
+        "SELECT prosrc FROM pg_proc WHERE oid = to_regprocedure($1)", f"{function.sql}(jsonb)"
+    )
+    if body != delete_function_body(mapping):
+        state = "is missing" if body is None else "does not match the mapping"
+        return f"function {function} {state}: run `dualwrite setup --config FILE`"
+    try:
+        await conn.prepare(delete_call_sql(mapping, source.sql, only_filtered_out=True))
+    except asyncpg.PostgresError as exc:
+        return f"delete function call: {exc}"
+    return None
 
 
 async def grant(

@@ -1,10 +1,13 @@
-"""The compiled mapping: the one place that turns a mapping's config into the SQL every part uses.
+"""The compiled mapping: the facts and shared SQL fragments every part builds its statements from.
 
-The proxy's rewrite, the outbox applier, repair, backfill and the reconciler all build their
-statements from a :class:`CompiledMapping`, so they cannot disagree about what the target
-should hold. Expressions are parsed by PostgreSQL's parser (pglast) and deparsed; identifiers
-are always quoted. Compiling needs no database; :func:`bind_catalog` later adds what only the
-live database knows (resolved names, column and key types).
+The proxy's rewrite, ``sync_keys`` (applier, repair, backfill) and the reconciler each build
+their own statements (proxy/mirror_sql.py, mirror/statements.py, compare/rows.py and
+compare/statements.py; the delete function's DDL is core/control.py's), but all of them from one
+:class:`CompiledMapping` and its fragments: the expected target rows of a source relation, the
+key as JSON, the filter, the upsert that skips unchanged rows. So they cannot disagree about
+what the target should hold. Expressions are parsed by PostgreSQL's parser (pglast) and
+deparsed; identifiers are always quoted. Compiling needs no database; :func:`bind_catalog` later
+adds what only the live database knows (resolved names, column and key types).
 
 Conventions of the generated SQL: source rows are always read through the alias ``src``, so a
 mapping expression (which names source columns unqualified) means the same thing whether
@@ -15,7 +18,6 @@ any key type, independent of the session's DateStyle.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
@@ -29,15 +31,12 @@ from core.sqltext import (
     parse_expression,
     parse_relation_name,
     quote_ident,
-    quote_literal,
 )
 
 #: alias of the source row in every generated statement
 SRC = "src"
 #: alias of the target row in every generated statement
 TGT = "tgt"
-#: parameter of the sync-mode delete functions (named so no target column can shadow it)
-DELETE_KEYS_PARAM = "_dualwrite_keys"
 #: column types without an equality operator: compared as text when deciding to update
 _NO_EQUALITY = frozenset({"xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
 
@@ -147,6 +146,7 @@ class CompiledMapping:
         return f"SELECT {', '.join(parts)} FROM jsonb_array_elements({param}) AS k"
 
     def key_tuple_names(self) -> str:
+        """The column names of :meth:`keys_from_json_sql`'s rows, as a list."""
         return ", ".join(quote_ident(f"k{i + 1}") for i in range(len(self.key)))
 
     def expected_rows_sql(self, from_sql: str, *, where: str = "true") -> str:
@@ -155,12 +155,6 @@ class CompiledMapping:
             f"SELECT {self.select_list()} FROM {from_sql} AS {SRC} "
             f"WHERE {self.filter_sql()} AND ({where})"
         )
-
-    # --- statements for the proxy's rewrite (sync mode) -------------------------------------
-
-    def upsert_from_sql(self, from_sql: str) -> str:
-        """INSERT ... ON CONFLICT DO UPDATE of the rows ``from_sql`` maps to (filter applied)."""
-        return self.upsert_sql(self.expected_rows_sql(from_sql))
 
     def upsert_sql(self, rows_sql: str) -> str:
         """INSERT ... ON CONFLICT DO UPDATE of ``rows_sql`` (target columns in order).
@@ -198,55 +192,6 @@ class CompiledMapping:
         if base in _NO_EQUALITY:
             return f"{ref}::text"
         return ref
-
-    # A sync-mode statement deletes target rows through a function, not a DELETE in its own
-    # WITH list: every part of one statement shares one snapshot, and a DELETE there cannot
-    # see a target row that a concurrent transaction committed after that snapshot was taken
-    # (a move into the target, waited for on the source row's lock). A VOLATILE function's
-    # statements take a fresh snapshot under READ COMMITTED, so the delete sees that row.
-
-    @property
-    def delete_function(self) -> QualifiedName:
-        """The per-mapping function ``setup`` creates for sync-mode deletes."""
-        name = f"mirror_delete__{self.name}"
-        if len(name) > 63:
-            name = f"mirror_delete__{hashlib.sha256(self.name.encode()).hexdigest()[:16]}"
-        return QualifiedName("dualwrite", name)
-
-    def delete_function_body(self) -> str:
-        """The PL/pgSQL body of :attr:`delete_function` (compared by validation)."""
-        _, target, _ = self.binding()
-        return (
-            "\nDECLARE deleted bigint;\nBEGIN\n"
-            f"  DELETE FROM {target.sql} AS {TGT} WHERE ({self.target_key_list(TGT)}) IN "
-            f"({self.keys_from_json_sql(DELETE_KEYS_PARAM)});\n"
-            "  GET DIAGNOSTICS deleted = ROW_COUNT;\n  RETURN deleted;\nEND\n"
-        )
-
-    def delete_function_ddl(self) -> str:
-        """CREATE OR REPLACE of the mapping's delete function (idempotent)."""
-        return (
-            f"CREATE OR REPLACE FUNCTION {self.delete_function.sql}({DELETE_KEYS_PARAM} jsonb) "
-            "RETURNS bigint "
-            "LANGUAGE plpgsql VOLATILE SECURITY INVOKER "
-            "SET search_path = pg_catalog, pg_temp "
-            f"AS $dualwrite${self.delete_function_body()}$dualwrite$"
-        )
-
-    def delete_call_sql(self, from_sql: str, *, only_filtered_out: bool) -> str:
-        """One row: the target rows keyed by ``from_sql``'s rows deleted (filtered-out only)."""
-        cond = f"WHERE NOT {self.filter_sql()}" if only_filtered_out else ""
-        return (
-            f"SELECT {self.delete_function.sql}(coalesce(jsonb_agg({self.key_json_sql()}), "
-            f"'[]'::jsonb)) AS deleted FROM {from_sql} AS {SRC} {cond}"
-        )
-
-    def outbox_rows_sql(self, from_sql: str) -> str:
-        """``SELECT mapping, key`` rows to capture in the outbox for ``from_sql``'s rows."""
-        return (
-            f"SELECT {quote_literal(self.name)}::text, {self.key_json_sql()} "
-            f"FROM {from_sql} AS {SRC}"
-        )
 
 
 def compile_mapping(config: MappingConfig, *, source: str | None = None) -> CompiledMapping:

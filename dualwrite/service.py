@@ -30,6 +30,7 @@ from core.control import (
     ActivityRecorder,
     MappingStates,
     StateWatcher,
+    create_delete_functions,
     ensure_current,
     grant,
     install,
@@ -42,6 +43,7 @@ from core.mapping import CompiledMapping, compile_all
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
 from mirror import statements as key_sync_statements
 from mirror.applier import Applier
+from proxy import mirror_sql
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
 
@@ -51,9 +53,12 @@ _log = get_logger("service")
 GAUGE_REFRESH_SECONDS = 5.0
 #: runs one reconcile pass over a mapping: (mapping, requested_by)
 ReconcileRunner = Callable[[CompiledMapping, str], Awaitable[object]]
-#: what the sidecar runs for a mapping, prepared when mappings are validated: sync_keys'
-#: statements (the applier's)
-SIDECAR_STATEMENTS: tuple[StatementsOf, ...] = (key_sync_statements.statements_to_prepare,)
+#: what the sidecar runs for a mapping, prepared when mappings are validated: the rewrite's
+#: statements and sync_keys' (the applier's)
+SIDECAR_STATEMENTS: tuple[StatementsOf, ...] = (
+    mirror_sql.statements_to_prepare,
+    key_sync_statements.statements_to_prepare,
+)
 
 
 async def upstream_reachable(config: Config) -> tuple[bool, str]:
@@ -137,9 +142,7 @@ async def setup(config: Config) -> list[str]:
             else "control schema: already current"
         ]
         mappings, _ = await validated_mappings(conn, config, require_functions=False)
-        for mapping in mappings:
-            if not mapping.cross_database:
-                await conn.execute(mapping.delete_function_ddl())
+        await create_delete_functions(conn, mappings)
         lines += [f"mapping {m.name}: {m.source} -> {m.target} ({m.mode}) ok" for m in mappings]
         if config.app_role:
             for statement in await grant(conn, config.app_role, mappings):

@@ -32,10 +32,11 @@ from typing import Any, Final
 from pglast import parser as pgparser
 
 from core import metrics
-from core.control import MappingStates
+from core.control import MappingStates, delete_call_sql
 from core.mapping import CompiledMapping, read_columns
 from core.sqltext import QualifiedName, quote_ident, utf8_literal
 from proxy.classify import READ, first_keyword, statement_kind
+from proxy.mirror_sql import outbox_capture_sql, upsert_sql
 
 CTE: Final = "__dualwrite"
 SRC_CTE: Final = "__dualwrite_src"
@@ -469,25 +470,24 @@ class Rewriter:
         or PostgreSQL would not run them)."""
         parts: list[str] = []
         targets: set[tuple[str, str]] = set()
-        outbox: list[str] = []
+        outbox: list[CompiledMapping] = []
         deletes: list[str] = []
         for mapping in mappings:
             sync = mapping.mode.statement_writes_target and not self.states.is_paused(mapping.name)
             if not sync:
-                outbox.append(mapping.outbox_rows_sql(SRC_CTE))
+                outbox.append(mapping)
                 continue
             assert mapping.target is not None
             targets.add((mapping.target.schema, mapping.target.name))
             n = len(parts)
             if node == "DeleteStmt":
-                deletes.append(mapping.delete_call_sql(SRC_CTE, only_filtered_out=False))
+                deletes.append(delete_call_sql(mapping, SRC_CTE, only_filtered_out=False))
                 continue
-            parts.append(f"{CTE}_m{n} AS ({mapping.upsert_from_sql(SRC_CTE)})")
+            parts.append(f"{CTE}_m{n} AS ({upsert_sql(mapping, SRC_CTE)})")
             if mapping.filter is not None:
-                deletes.append(mapping.delete_call_sql(SRC_CTE, only_filtered_out=True))
+                deletes.append(delete_call_sql(mapping, SRC_CTE, only_filtered_out=True))
         if outbox:
-            rows = " UNION ALL ".join(outbox)
-            parts.append(f"{CTE}_o AS (INSERT INTO dualwrite.outbox (mapping, key) {rows})")
+            parts.append(f"{CTE}_o AS ({outbox_capture_sql(outbox, SRC_CTE)})")
         names = [f"{CTE}_d{i}" for i in range(len(deletes))]
         parts += [f"{name} AS ({sql})" for name, sql in zip(names, deletes, strict=True)]
         return "".join(f",\n{p}" for p in parts), targets, names
