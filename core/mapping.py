@@ -236,7 +236,8 @@ def compile_mapping(config: MappingConfig, *, source: str | None = None) -> Comp
 
 
 def compile_all(config: Config, *, source: str | None = None) -> list[CompiledMapping]:
-    """Compile every mapping and check the ones that only make sense together."""
+    """Compile every mapping of the config (each checked on its own; validation checks
+    the ones that only make sense together against the database)."""
     return [compile_mapping(m, source=source) for m in config.mappings]
 
 
