@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -28,6 +29,9 @@ from core.modes import MirrorMode
 
 SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+_RULE_ID = re.compile(r"^[a-z][a-z0-9-]{1,80}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveSeconds = Annotated[float, Field(gt=0)]
@@ -244,6 +248,73 @@ class ReportConfig(Strict):
     criteria: CutoverCriteria = CutoverCriteria()
 
 
+Severity = Literal["error", "warning", "info"]
+
+
+class LintLiveConfig(Strict):
+    """The rates ``dualwrite lint --live`` predicts durations with (measure your own server)."""
+
+    #: a table rewrite (ALTER COLUMN TYPE, VACUUM FULL, a volatile default): heap MB per second
+    rewrite_mb_per_second: PositiveSeconds = 50.0
+    #: a full scan under a lock (SET NOT NULL, VALIDATE, a new CHECK or FOREIGN KEY): MB per second
+    scan_mb_per_second: PositiveSeconds = 200.0
+    #: an index build (CREATE INDEX, a UNIQUE or PRIMARY KEY constraint): heap MB per second
+    index_mb_per_second: PositiveSeconds = 30.0
+    #: lock holders listed per finding (oldest transaction first)
+    max_blockers: Annotated[int, Field(ge=1, le=100)] = 5
+
+
+class LintConfig(Strict):
+    """``dualwrite lint``: which rules run for this project and when a finding fails the run."""
+
+    #: rule ids never reported for this project (a file can disable more with a comment)
+    disable: list[str] = []
+    #: rule id -> severity, replacing the rule's own
+    severity: dict[str, Severity] = {}
+    #: exit 1 when a finding is at or above this severity (``--fail-on`` overrides)
+    fail_on: Severity = "error"
+    #: traffic evidence looks back this far (``--since`` overrides)
+    since: str = "7d"
+    #: PostgreSQL major version the static rules assume when not ``--live``
+    pg_version: Annotated[int, Field(ge=11, le=30)] = 15
+    live: LintLiveConfig = LintLiveConfig()
+
+    @field_validator("disable")
+    @classmethod
+    def _disable_are_rule_ids(cls, value: list[str]) -> list[str]:
+        for rule in value:
+            _check_rule_id(rule)
+        return value
+
+    @field_validator("severity")
+    @classmethod
+    def _severity_keys_are_rule_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for rule in value:
+            _check_rule_id(rule)
+        return value
+
+    @field_validator("since")
+    @classmethod
+    def _since_is_a_duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+
+class TrafficConfig(Strict):
+    """What the sidecar records about the application's statements: per fingerprint, the
+    relations and columns referenced and when last seen (never a literal value)."""
+
+    enabled: bool = True
+    #: fingerprints kept in the control schema; the least recently seen are evicted beyond it
+    max_fingerprints: Annotated[int, Field(ge=100, le=1_000_000)] = 10_000
+    #: statement texts waiting to be analysed; more are dropped and counted, never waited for
+    queue_size: Annotated[int, Field(ge=10, le=1_000_000)] = 10_000
+    #: distinct statement texts remembered, so a repeated statement costs a dict lookup
+    cache_size: Annotated[int, Field(ge=10, le=1_000_000)] = 10_000
+    #: how often what was seen is written to the control schema
+    flush_interval_seconds: PositiveSeconds = 10.0
+
+
 class Config(Strict):
     """The whole sidecar configuration (one YAML file)."""
 
@@ -263,6 +334,8 @@ class Config(Strict):
     reconcile: ReconcileConfig = ReconcileConfig()
     backfill: BackfillConfig = BackfillConfig()
     report: ReportConfig = ReportConfig()
+    lint: LintConfig = LintConfig()
+    traffic: TrafficConfig = TrafficConfig()
     mappings: list[MappingConfig] = []
 
     @field_validator("service_dsn")
@@ -288,6 +361,22 @@ class Config(Strict):
             if mapping.name == name:
                 return mapping
         raise ConfigError("mappings", f"no mapping named {name!r}")
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``15m``, ``24h``, ``7d``, ``2w`` (a bare number is hours); ValueError otherwise."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 24h, 7d)")
+    value, unit = float(match.group(1)), match.group(2) or "h"
+    if value <= 0:
+        raise ValueError(f"duration must be positive: {text!r}")
+    return timedelta(seconds=value * _UNIT_SECONDS[unit])
+
+
+def _check_rule_id(rule: str) -> None:
+    if not _RULE_ID.match(rule):
+        raise ValueError(f"{rule!r} is not a rule id (lower-case letters, digits and -)")
 
 
 def _check_dsn(value: str) -> str:

@@ -8,9 +8,10 @@ import pytest
 
 from compare.report.charts import compact, nice_ceiling
 from compare.report.criteria import clean_streak
-from compare.report.format import parse_duration, pick_bucket, sparkline
+from compare.report.format import pick_bucket, sparkline
 from compare.report.model import Pass
 from compare.report.passes import worst_pass_per_bucket
+from core.config import parse_duration
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 GAP = timedelta(hours=2)

@@ -1,23 +1,8 @@
-"""How the report writes numbers, durations and times, and reads ``--since 24h`` style durations."""
+"""How the report writes numbers, durations and times (``--since 24h`` is read by core.config)."""
 
 from __future__ import annotations
 
-import re
 from datetime import UTC, datetime, timedelta
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90s``, ``15m``, ``24h``, ``7d``, ``2w`` (a bare number is hours); ValueError otherwise."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ValueError(f"not a duration: {text!r} (use e.g. 30m, 24h, 7d)")
-    value, unit = float(match.group(1)), match.group(2) or "h"
-    if value <= 0:
-        raise ValueError(f"duration must be positive: {text!r}")
-    return timedelta(seconds=value * _UNIT_SECONDS[unit])
 
 
 def duration_text(seconds: float) -> str:

@@ -7,11 +7,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from compare.report.format import parse_duration
 from compare.report.gather import ReportRequest, build_report
 from compare.report.model import Report
 from compare.report.render import FORMATS, render
-from core.config import Config
+from core.config import Config, parse_duration
 from core.errors import ConfigError
 
 EXIT_GO, EXIT_NO_GO = 0, 1
