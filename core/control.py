@@ -4,7 +4,7 @@ state (paused or not).
 
 Everything that must survive a restart or be shared between sidecars lives here: the outbox,
 dead letters, pause flags, unmirrored-statement marks, mirror activity, and (added by later
-schema versions) reconcile history and admin actions.
+schema versions) reconcile history, admin actions and traffic evidence (core/traffic.py).
 """
 
 from __future__ import annotations
@@ -172,6 +172,34 @@ MIGRATIONS: list[tuple[int, str]] = [
             params jsonb NOT NULL DEFAULT '{}',
             outcome text NOT NULL,
             sidecar text
+        );
+        """,
+    ),
+    (
+        3,
+        """
+        -- Traffic evidence for `dualwrite lint` and the report: per statement fingerprint, the
+        -- relations and columns it references and when it was seen (names only, no values).
+        -- refs: [{"schema": text or null when unqualified, "relation": text, "columns": [...]}]
+        CREATE TABLE dualwrite.traffic_statements (
+            fingerprint text PRIMARY KEY,
+            kind text NOT NULL,
+            refs jsonb NOT NULL,
+            calls bigint NOT NULL DEFAULT 0,
+            first_seen timestamptz NOT NULL,
+            last_seen timestamptz NOT NULL
+        );
+        CREATE INDEX traffic_statements_last_seen ON dualwrite.traffic_statements (last_seen);
+
+        -- One row per recording sidecar process: what the evidence covers, and its gaps.
+        CREATE TABLE dualwrite.traffic_recorders (
+            sidecar text PRIMARY KEY,
+            started_at timestamptz NOT NULL,
+            last_flush_at timestamptz NOT NULL,
+            statements bigint NOT NULL DEFAULT 0,
+            dropped bigint NOT NULL DEFAULT 0,
+            last_dropped_at timestamptz,
+            evicted_through timestamptz
         );
         """,
     ),

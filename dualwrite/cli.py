@@ -130,6 +130,30 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    from lint.command import LintRequest, rules_table, run  # noqa: PLC0415
+
+    if args.list_rules:
+        sys.stdout.write(rules_table())
+        return EXIT_OK
+    if not args.files:
+        print("dualwrite lint: usage error: no FILE given", file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging("warning", "console")
+    return run(
+        LintRequest(
+            files=args.files,
+            config=args.config,
+            live=args.live,
+            since=args.since,
+            fmt=args.format,
+            out=args.out,
+            fail_on=args.fail_on,
+            disable=[r.strip() for r in ",".join(args.disable).split(",") if r.strip()],
+        )
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
@@ -250,6 +274,40 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--restart", action="store_true", help="start over instead of resuming or stopping at done"
     )
+    lint = sub.add_parser(
+        "lint",
+        help="Review expand and contract migration scripts (exit 0 clean, 1 findings at or "
+        "above --fail-on, 2 usage error).",
+        description="Review migration scripts: squawk's and dualwrite's rules, the project's "
+        "template, and with --live the database (sizes, locks, open transactions), the "
+        "mappings and the traffic the sidecars recorded. Rules: docs/lint-rules.md.",
+    )
+    lint.add_argument("files", nargs="*", metavar="FILE.sql", help="scripts to review")
+    lint.add_argument(
+        "--config", "-c", metavar="FILE",
+        help="YAML config: lint: settings, mappings to check contract steps against, service_dsn",
+    )
+    lint.add_argument(
+        "--live", action="store_true",
+        help="also ask the database (service_dsn): sizes, predicted durations, lock queues, "
+        "traffic evidence",
+    )
+    lint.add_argument(
+        "--since", metavar="DURATION",
+        help="traffic evidence window, e.g. 24h, 7d (default lint.since: 7d)",
+    )
+    lint.add_argument("--format", choices=("text", "json", "sarif"), default="text")
+    lint.add_argument("--out", metavar="PATH", help="write here (default: stdout)")
+    lint.add_argument(
+        "--fail-on", choices=("error", "warning", "info"),
+        help="exit 1 when a finding is at or above this (default lint.fail_on: error)",
+    )
+    lint.add_argument(
+        "--disable", action="append", default=[], metavar="RULE[,RULE]",
+        help="rules not to report (adds to lint.disable)",
+    )
+    lint.add_argument("--list-rules", action="store_true", help="list the rules and exit")
+    lint.set_defaults(handler=cmd_lint)
     demo = sub.add_parser(
         "demo",
         help="Run the whole migration window on an embedded PostgreSQL and write the report.",
