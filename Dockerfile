@@ -11,6 +11,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY dualwrite ./dualwrite
 COPY proxy ./proxy
 COPY compare ./compare
+COPY lint ./lint
 COPY mirror ./mirror
 COPY core ./core
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .

@@ -20,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 #: what the Dockerfile's build stage copies
 COPIED = (
-    "pyproject.toml", "setup.py", "README.md", "dualwrite", "proxy", "compare", "mirror", "core"
+    "pyproject.toml", "setup.py", "README.md", "dualwrite", "proxy", "compare", "lint", "mirror",
+    "core",
 )
 HAVE_COMPILER = any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))
 
@@ -71,10 +72,11 @@ def run_installed(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_wheel_holds_the_packages_their_data_and_the_c_scanner(wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
-    for package in ("dualwrite", "proxy", "compare", "mirror", "core"):
+    for package in ("dualwrite", "proxy", "compare", "lint", "mirror", "core"):
         assert f"{package}/__init__.py" in names
         assert f"{package}/py.typed" in names
     assert {"dualwrite/demo/pos_v1.sql", "dualwrite/demo/pos_v2.sql"} <= set(names)
+    assert "lint/squawk.toml" in names
     has_scanner = any(n.startswith("proxy/wire/_speedups") and n.endswith(".so") for n in names)
     assert has_scanner == HAVE_COMPILER
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
@@ -87,7 +89,7 @@ def test_the_installed_files_import_and_run_on_their_own(installed: Path):
     probe = run_installed(
         installed,
         "-c",
-        "import dualwrite, proxy, compare, mirror, core\n"
+        "import dualwrite, proxy, compare, lint, mirror, core\n"
         "from proxy.wire import frames\n"
         "from dualwrite.demo import run\n"
         "print(dualwrite.__file__, proxy.__file__, compare.__file__, mirror.__file__,"
