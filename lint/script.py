@@ -21,7 +21,9 @@ from pglast import ast
 from pglast.parser import ParseError, parse_plpgsql_json, parse_sql
 
 #: ``-- dualwrite-lint: disable=rule-a, rule-b`` anywhere in a file
-_DISABLE = re.compile(r"--\s*dualwrite-lint:\s*disable\s*=\s*([A-Za-z0-9_,\s-]+)")
+_DISABLE = re.compile(
+    r"--\s*dualwrite-lint:\s*disable\s*=\s*([A-Za-z0-9_-]+(?:\s*,\s*[A-Za-z0-9_-]+)*)"
+)
 _HEADER_KEY = re.compile(r"^--\s*([A-Za-z][A-Za-z _-]*?)\s*:\s*(.*)$")
 _IDENT_START = re.compile(r"[A-Za-z_\"']")
 #: PL/pgSQL RAISE levels (PostgreSQL's elog.h): ERROR and above abort the script
@@ -304,7 +306,7 @@ def _statements(script: Script, raw: Any) -> list[Statement]:
 
 
 def _transaction(node: ast.TransactionStmt, depth: int, transaction: int) -> tuple[int, int]:
-    kind = str(node.kind).rsplit(".", 1)[-1].split(":")[0]
+    kind = str(getattr(node.kind, "name", node.kind))
     if kind in ("TRANS_STMT_BEGIN", "TRANS_STMT_START"):
         return depth + 1, transaction + 1 if depth == 0 else transaction
     if kind in ("TRANS_STMT_COMMIT", "TRANS_STMT_ROLLBACK", "TRANS_STMT_PREPARE"):

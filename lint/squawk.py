@@ -195,6 +195,14 @@ _rule(
     "the sidecars recorded.",
 )
 _rule(
+    "ban-drop-constraint",
+    "warning",
+    "DROP CONSTRAINT",
+    "The guarantee it gave (a foreign key, a CHECK, uniqueness) is gone for every writer at "
+    "once, including code still relying on it.",
+    "Drop it only with the table it guards (contract), or once no code relies on it.",
+)
+_rule(
     "ban-drop-database",
     "error",
     "DROP DATABASE",
@@ -291,13 +299,6 @@ _rule(
     "A char(n) column",
     "char pads with spaces, which compare and concatenate in surprising ways.",
     "Use text (with a CHECK on the length if needed).",
-)
-_rule(
-    "identifier-too-long",
-    "warning",
-    "An identifier longer than 63 bytes",
-    "PostgreSQL truncates it silently, so two names may become one.",
-    "Use a shorter name.",
 )
 
 
