@@ -39,7 +39,11 @@ def documented() -> Iterator[Documented]:
         examples = dict(_EXAMPLE.findall(body))
         assert set(examples) == {"bad", "good"}, f"{rule}: needs one bad and one good example"
         yield Documented(
-            rule, meta.group(1), meta.group(2), meta.group(3) or "", examples["bad"],
+            rule,
+            meta.group(1),
+            meta.group(2),
+            meta.group(3) or "",
+            examples["bad"],
             examples["good"],
         )
 

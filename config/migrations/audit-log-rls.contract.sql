@@ -7,6 +7,9 @@ SET statement_timeout = '60s';
 
 DO $$
 BEGIN
+    IF to_regclass('public.audit_log') IS NULL THEN
+        RETURN;  -- already dropped: this is a re-run
+    END IF;
     IF EXISTS (
         SELECT FROM public.audit_log a
         WHERE NOT EXISTS (SELECT FROM v2.audit_events e WHERE e.id = a.id)

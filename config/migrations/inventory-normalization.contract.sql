@@ -7,6 +7,9 @@ SET statement_timeout = '60s';
 
 DO $$
 BEGIN
+    IF to_regclass('public.inventory') IS NULL THEN
+        RETURN;  -- already dropped: this is a re-run
+    END IF;
     IF EXISTS (
         SELECT FROM public.inventory i
         LEFT JOIN v2.stock_levels s ON s.product_id = i.product_id AND s.store = upper(i.store_code)

@@ -9,6 +9,9 @@ SET statement_timeout = '60s';
 -- validation: every user is in its new table, or nothing is dropped
 DO $$
 BEGIN
+    IF to_regclass('public.users') IS NULL THEN
+        RETURN;  -- already dropped: this is a re-run
+    END IF;
     IF EXISTS (
         SELECT FROM public.users u
         WHERE (u.role = 'customer' AND NOT EXISTS (SELECT FROM v2.customers c WHERE c.id = u.id))

@@ -9,6 +9,9 @@ SET statement_timeout = '60s';
 -- validation: every product is in v2.products with the same price
 DO $$
 BEGIN
+    IF to_regclass('public.products') IS NULL THEN
+        RETURN;  -- already dropped: this is a re-run
+    END IF;
     IF EXISTS (
         SELECT FROM public.products p
         LEFT JOIN v2.products n ON n.id = p.id

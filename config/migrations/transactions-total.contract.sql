@@ -8,6 +8,9 @@ SET statement_timeout = '60s';
 -- validation: every transaction is in v2 with its total
 DO $$
 BEGIN
+    IF to_regclass('public.transactions') IS NULL THEN
+        RETURN;  -- already dropped: this is a re-run
+    END IF;
     IF EXISTS (
         SELECT FROM public.transactions t
         LEFT JOIN v2.transactions n ON n.id = t.id
