@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import grimp
 
-PACKAGES = ("dualwrite", "proxy", "compare", "mirror", "core")
+PACKAGES = ("dualwrite", "proxy", "compare", "lint", "mirror", "core")
 
 
 def import_graph(packages: Sequence[str]) -> dict[str, set[str]]:
