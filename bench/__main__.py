@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "compare": "bench.compare",
     "drain": "bench.drain",
     "replay": "bench.replay",
+    "lint": "bench.lint",
 }
 
 

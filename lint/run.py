@@ -4,9 +4,12 @@ database and the traffic evidence; applies disables and severity overrides."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 from core.config import Config
 from core.errors import ConfigError
@@ -14,11 +17,11 @@ from core.mapping import CompiledMapping, compile_all
 from core.traffic import Evidence, has_traffic_tables, read_evidence
 from lint import evidence as contract
 from lint import squawk
-from lint.facts import Facts, facts_of
+from lint.facts import Facts, Relation, facts_of
 from lint.findings import SEVERITIES, Finding, Rule, at_least
 from lint.live import Live, connect
 from lint.rules import LOCK_QUEUE, RULES, SYNTAX_ERROR, Context, check
-from lint.script import Script, read_script
+from lint.script import Script, Statement, blank_psql, parse_script
 
 
 def all_rules() -> dict[str, Rule]:
@@ -110,30 +113,46 @@ def options_from(
     )
 
 
-def read_all(paths: Sequence[str]) -> list[Script]:
-    """Every file parsed; an unreadable file is a usage error naming it."""
-    scripts = []
-    for path in paths:
-        try:
-            scripts.append(read_script(path))
-        except FileNotFoundError:
-            raise ConfigError(path, "no such file") from None
-        except IsADirectoryError:
-            raise ConfigError(path, "is a directory") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except OSError as exc:
-            raise ConfigError(path, f"cannot read: {exc.strerror}") from None
-    return scripts
+def read_text(path: str) -> str:
+    """A file's text; an unreadable file is a usage error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
 
 
 def lint_files(paths: Sequence[str], options: Options) -> list[FileResult]:
-    """The static part: every rule that needs no database."""
+    """The static part: every rule that needs no database.
+
+    squawk (a subprocess) runs on each file while PostgreSQL's parser and our rules work on
+    it, so its time mostly hides behind ours.
+    """
     binary = squawk.squawk_binary()
-    return [lint_script(script, options, binary) for script in read_all(paths)]
+    texts = [read_text(path) for path in paths]
+    results = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for path, text in zip(paths, texts, strict=True):
+            blanked = blank_psql(text)
+            hits = pool.submit(
+                squawk.run_squawk, binary, path, blanked[0], pg_version=options.pg_version
+            )
+            script = parse_script(path, text, blanked)
+            results.append(lint_script(script, options, binary, hits))
+    return results
 
 
-def lint_script(script: Script, options: Options, binary: str) -> FileResult:
+def lint_script(
+    script: Script,
+    options: Options,
+    binary: str,
+    squawk_hits: Future[list[squawk.SquawkHit]] | None = None,
+) -> FileResult:
     if script.parse_error is not None:
         message, line = script.parse_error
         finding = Finding(
@@ -148,18 +167,28 @@ def lint_script(script: Script, options: Options, binary: str) -> FileResult:
         return FileResult(script, _judge(script, [finding], options))
     facts = [facts_of(s) for s in script.statements]
     findings = check(script, facts, known_rule_ids())
-    findings += _squawk(script, facts, options, binary)
+    hits = squawk_hits.result() if squawk_hits is not None else None
+    findings += _squawk(script, facts, options, binary, hits)
     if options.mappings:
         findings += contract.mapping_findings(script, facts, options.mappings, options.search_path)
     return FileResult(script, findings, facts)
 
 
-def _squawk(script: Script, facts: list[Facts], options: Options, binary: str) -> list[Finding]:
+def _squawk(
+    script: Script,
+    facts: list[Facts],
+    options: Options,
+    binary: str,
+    file_hits: list[squawk.SquawkHit] | None,
+) -> list[Finding]:
     """squawk on the file, and on the statements its DO blocks run."""
-    hits = [
-        (hit, _statement_at(script, hit.line))
-        for hit in squawk.run_squawk(binary, script.path, script.sql, pg_version=options.pg_version)
-    ]
+    if file_hits is None:
+        file_hits = squawk.run_squawk(
+            binary, script.path, script.sql, pg_version=options.pg_version
+        )
+    top = [s for s in script.statements if not s.inner]
+    first_lines = [s.line for s in top]
+    hits = [(hit, _statement_at(top, first_lines, hit.line)) for hit in file_hits]
     inner = [s for s in script.statements if s.inner]
     if inner:
         text = "\n".join(s.text.rstrip(";") + ";" for s in inner)
@@ -180,7 +209,7 @@ def _squawk(script: Script, facts: list[Facts], options: Options, binary: str) -
             continue  # PostgreSQL's own parser accepted the file; squawk's parser differs
         if index is not None and squawk.moot_on_new_tables(hit.rule):
             relation = facts[index].relation
-            if relation is not None and (relation.schema, relation.name) in created[index]:
+            if relation is not None and created(index, relation):
                 continue
         if (
             hit.rule == "constraint-missing-not-valid"
@@ -192,22 +221,34 @@ def _squawk(script: Script, facts: list[Facts], options: Options, binary: str) -
     return findings
 
 
-def _statement_at(script: Script, line: int) -> int | None:
-    for statement in script.statements:
-        if not statement.inner and statement.line <= line <= statement.end_line:
-            return statement.index
+def _statement_at(top: list[Statement], first_lines: list[int], line: int) -> int | None:
+    """The top-level statement spanning ``line`` (statements are in line order)."""
+    at = bisect.bisect_right(first_lines, line) - 1
+    while at >= 0 and top[at].line == line and at > 0 and top[at - 1].end_line >= line:
+        at -= 1  # several statements on one line: the first
+    if at >= 0 and top[at].line <= line <= top[at].end_line:
+        return top[at].index
     return None
 
 
-def _created_before(facts: list[Facts]) -> list[set[tuple[str | None, str]]]:
-    """For each statement, the relations the file created before it (qualified and bare)."""
-    seen: set[tuple[str | None, str]] = set()
-    before = []
-    for fact in facts:
-        before.append(set(seen))
+def _created_before(facts: list[Facts]) -> _CreatedBefore:
+    """Which statement first created each relation (qualified and bare name)."""
+    first: dict[tuple[str | None, str], int] = {}
+    for index, fact in enumerate(facts):
         for relation in fact.creates:
-            seen |= {(relation.schema, relation.name), (None, relation.name)}
-    return before
+            first.setdefault((relation.schema, relation.name), index)
+            first.setdefault((None, relation.name), index)
+    return _CreatedBefore(first)
+
+
+@dataclass(frozen=True)
+class _CreatedBefore:
+    first: dict[tuple[str | None, str], int]
+
+    def __call__(self, index: int, relation: Relation) -> bool:
+        """The file created ``relation`` before statement ``index``."""
+        created = self.first.get((relation.schema, relation.name))
+        return created is not None and created < index
 
 
 def _judge(script: Script, findings: list[Finding], options: Options) -> list[Finding]:
@@ -232,9 +273,7 @@ async def lint_live(paths: Sequence[str], options: Options, config: Config) -> L
     try:
         options.pg_version = live.server_version
         binary = squawk.squawk_binary()
-        results = await asyncio.to_thread(
-            lambda: [lint_script(s, options, binary) for s in read_all(paths)]
-        )
+        results = await asyncio.to_thread(lint_files, paths, options)
         traffic = await _traffic(live, options, config)
         for result in results:
             await _enrich(result, live, traffic, options)

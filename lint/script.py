@@ -115,10 +115,15 @@ def read_script(path: str | Path) -> Script:
     return parse_script(str(path), text)
 
 
-def parse_script(path: str, text: str) -> Script:
-    """Parse migration text: statements with lines, header, disabled rules, meta-commands."""
-    sql, meta = blank_psql(text)
-    line_starts = [0] + [i + 1 for i, ch in enumerate(text) if ch == "\n"]
+def parse_script(
+    path: str, text: str, blanked: tuple[str, list[MetaCommand]] | None = None
+) -> Script:
+    """Parse migration text: statements with lines, header, disabled rules, meta-commands.
+
+    ``blanked`` is :func:`blank_psql`'s result when the caller already has it.
+    """
+    sql, meta = blanked if blanked is not None else blank_psql(text)
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
     script = Script(
         path=path,
         text=text,
@@ -171,64 +176,54 @@ def parse_header(text: str) -> dict[str, str]:
 # --- psql ---------------------------------------------------------------------------------
 
 
+#: what the psql scanner stops at: comments, quotes, dollar quotes, backslashes, colons, ';'
+_PSQL_TOKEN = re.compile(
+    r"--|/\*|(?<![A-Za-z0-9_$])[eE]'|'|\"|\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$|\\|:|;"
+)
+
+
 def blank_psql(text: str) -> tuple[str, list[MetaCommand]]:
     """``text`` with psql meta-commands and variables replaced by spaces (same length)."""
     out = list(text)
     meta: list[MetaCommand] = []
-    i, n, line = 0, len(text), 1
+    i, n = 0, len(text)
     pending = False  # SQL since the last ';' that a meta-command would end
     while i < n:
-        ch = text[i]
-        if ch == "\n":
-            line += 1
-            i += 1
-            continue
-        if text.startswith("--", i):
-            i = _until(text, "\n", i)
-            continue
-        if text.startswith("/*", i):
-            end = _block_comment_end(text, i)
-            line += text.count("\n", i, end)
-            i = end
-            continue
-        if ch in "'\"" or (ch in "eE" and text.startswith("'", i + 1)):
-            end = _quoted_end(text, i)
-            line += text.count("\n", i, end)
+        match = _PSQL_TOKEN.search(text, i)
+        if match is None:
+            break
+        start, lexeme = match.start(), match.group(0)
+        if text[i:start].strip():
             pending = True
-            i = end
-            continue
-        if ch == "$":
-            tag = re.match(r"\$([A-Za-z_][A-Za-z0-9_]*)?\$", text[i:])
-            if tag is not None:
-                close = text.find(tag.group(0), i + len(tag.group(0)))
-                end = n if close < 0 else close + len(tag.group(0))
-                line += text.count("\n", i, end)
-                pending = True
-                i = end
-                continue
-        if ch == "\\":
-            end = _until(text, "\n", i)
-            meta.append(MetaCommand(line, text[i:end].strip()))
-            for j in range(i, end):
-                out[j] = " "
+        if lexeme == "--":
+            i = _until(text, "\n", start)
+        elif lexeme == "/*":
+            i = _block_comment_end(text, start)
+        elif lexeme in ("'", '"') or lexeme in ("e'", "E'"):
+            i = _quoted_end(text, start)
+            pending = True
+        elif lexeme.startswith("$"):
+            close = text.find(lexeme, start + len(lexeme))
+            i = n if close < 0 else close + len(lexeme)
+            pending = True
+        elif lexeme == "\\":
+            end = _until(text, "\n", start)
+            meta.append(MetaCommand(text.count("\n", 0, start) + 1, text[start:end].strip()))
+            out[start:end] = " " * (end - start)
             if pending:
-                out[i] = ";"  # psql sends the buffer: the statement ends here
+                out[start] = ";"  # psql sends the buffer: the statement ends here
                 pending = False
             i = end
-            continue
-        if (
-            ch == ":"
-            and i + 1 < n
-            and text[i + 1] != ":"
-            and (i == 0 or text[i - 1] != ":")
-            and _IDENT_START.match(text[i + 1])
-        ):
-            out[i] = " "  # :name, :'name', :"name" become a name, a string, an identifier
-        if ch == ";":
-            pending = False
-        elif not ch.isspace():
+        elif lexeme == ":":
+            after = text[start + 1 : start + 2]
+            before = text[start - 1 : start]
+            if after and after != ":" and before != ":" and _IDENT_START.match(after):
+                out[start] = " "  # :name, :'name', :"name" become a name, a string, an identifier
             pending = True
-        i += 1
+            i = start + 1
+        else:  # ';'
+            pending = False
+            i = start + 1
     return "".join(out), meta
 
 
