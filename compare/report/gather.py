@@ -18,6 +18,7 @@ from compare.report.criteria import Window, judge
 from compare.report.format import pick_bucket
 from compare.report.history import database_now, read_facts
 from compare.report.model import Criterion, MappingReport, Report
+from compare.report.readiness import read_readiness
 from core.config import Config
 from core.control import ensure_current
 from core.errors import ConfigError
@@ -122,6 +123,7 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
         bucket=bucket,
         thresholds=criteria.model_dump(),
         mappings=mappings,
+        contract=await read_readiness(conn, config.mappings, history_start, config.search_path),
     )
 
 

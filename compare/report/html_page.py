@@ -67,6 +67,7 @@ def render_html(report: Report) -> str:
         _header(report, verdict_class),
         _summary(report),
         *(_mapping_section(report, m) for m in report.mappings),
+        _contract(report),
         _footer(report),
     ]
     return (
@@ -269,6 +270,29 @@ def _live(mapping: MappingReport) -> str:
     shown = {k: v for k, v in mapping.live.items() if not isinstance(v, dict | list)}
     items = "".join(f"<span>{escape(k)} <b>{escape(str(v))}</b></span>" for k, v in shown.items())
     return f'<h3>Live sidecar status</h3><div class="facts">{items}</div>'
+
+
+def _contract(report: Report) -> str:
+    """Contract readiness: what of the old relations the application still uses."""
+    if not report.contract:
+        return ""
+    rows = "".join(
+        f"<tr><td>{escape(r.mapping)}</td><td><code>{escape(r.relation)}</code></td>"
+        f"<td>{r.statements}</td><td>{escape(timestamp_text(r.first_seen))}</td>"
+        f"<td>{escape(timestamp_text(r.last_seen))}</td><td>"
+        + escape(", ".join(f"{c} ({timestamp_text(t)})" for c, t in r.columns.items()) or "—")
+        + "</td></tr>"
+        for r in report.contract
+    )
+    gaps = report.contract[0].gaps
+    note = f"<p>Evidence is incomplete: {escape('; '.join(gaps))}.</p>" if gaps else ""
+    return (
+        "<section><h2>Contract readiness</h2><p>Application statements that referenced each "
+        f"mapping's source since {escape(timestamp_text(report.history_start))} (traffic "
+        "recorded by the sidecars).</p><table><tr><th>Mapping</th><th>Old relation</th>"
+        "<th>Statement shapes</th><th>First seen</th><th>Last seen</th><th>Columns (last "
+        f"seen)</th></tr>{rows}</table>{note}</section>"
+    )
 
 
 def _footer(report: Report) -> str:

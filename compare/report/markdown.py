@@ -32,6 +32,7 @@ def render_markdown(report: Report) -> str:
         lines += ["## Deployment", "", *_criteria_table(report.overall_criteria), ""]
     for mapping in report.mappings:
         lines += _mapping(report, mapping)
+    lines += _contract(report)
     lines += [f"_{CLEAN_WINDOW_DEFINITION}_", ""]
     return "\n".join(lines)
 
@@ -102,6 +103,34 @@ def _recent(passes: list[Pass], limit: int = 5) -> list[str]:
             for p in passes[:limit]
         ),
     ]
+
+
+def _contract(report: Report) -> list[str]:
+    """Contract readiness: what of the old relations the application still uses."""
+    if not report.contract:
+        return []
+    lines = [
+        "## Contract readiness",
+        "",
+        f"Application statements that referenced each mapping's source since "
+        f"{timestamp_text(report.history_start)} (traffic recorded by the sidecars; "
+        "`dualwrite lint --live` checks the contract script against the same evidence).",
+        "",
+        "| Mapping | Old relation | Statement shapes | First seen | Last seen "
+        "| Columns (last seen) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for item in report.contract:
+        columns = ", ".join(f"{c} ({timestamp_text(t)})" for c, t in item.columns.items())
+        lines.append(
+            f"| {item.mapping} | `{item.relation}` | {item.statements} | "
+            f"{timestamp_text(item.first_seen)} | {timestamp_text(item.last_seen)} | "
+            f"{_cell(columns) or '—'} |"
+        )
+    gaps = report.contract[0].gaps
+    if gaps:
+        lines += ["", "Evidence is incomplete: " + "; ".join(gaps) + "."]
+    return [*lines, ""]
 
 
 def _cell(text: str) -> str:

@@ -120,6 +120,27 @@ class MappingReport:
         return [c for c in self.criteria if not c.passed]
 
 
+@dataclass(frozen=True)
+class ContractReadiness:
+    """What application traffic still references of a mapping's source (the old relation the
+    contract step will drop), from the sidecars' traffic evidence over the history window."""
+
+    mapping: str
+    relation: str
+    #: statement shapes (fingerprints) that referenced the relation in the window
+    statements: int
+    first_seen: datetime | None
+    last_seen: datetime | None
+    #: column -> when a statement last referenced it (``*``: every column)
+    columns: dict[str, datetime]
+    #: what keeps the absence of references from proving no use (empty: the window is covered)
+    gaps: tuple[str, ...]
+
+    @property
+    def ready(self) -> bool:
+        return self.statements == 0 and not self.gaps
+
+
 @dataclass
 class Report:
     """The whole cutover report."""
@@ -140,6 +161,8 @@ class Report:
     overall_criteria: list[Criterion] = field(default_factory=list)
     status_url: str | None = None
     status: dict[str, Any] | None = None
+    #: per mapping, what traffic still references of its source (see ContractReadiness)
+    contract: list[ContractReadiness] = field(default_factory=list)
 
     @property
     def window_span(self) -> timedelta:

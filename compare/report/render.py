@@ -44,6 +44,9 @@ def to_json(report: Report) -> dict[str, Any]:
         "mappings": [_mapping_json(report, m) for m in report.mappings],
         "status_url": report.status_url,
         "status": report.status,
+        "contract_readiness": [
+            {**asdict(r), "gaps": list(r.gaps), "ready": r.ready} for r in report.contract
+        ],
     }
 
 
