@@ -55,6 +55,9 @@ class HotCounters(Collector):
         self.bytes_upstream_to_client = 0
         self.statements = {"read": 0, "write": 0, "other": 0}
         self.rewrite_cache = {"hit": 0, "miss": 0}
+        #: statement texts the traffic recorder saw: a repeat (cached), queued for analysis,
+        #: or dropped because the queue was full (the evidence then has a gap)
+        self.traffic_statements = {"cached": 0, "queued": 0, "dropped": 0}
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         traffic = CounterMetricFamily(
@@ -81,6 +84,14 @@ class HotCounters(Collector):
         for result, count in self.rewrite_cache.items():
             cache.add_metric([result], count)
         yield cache
+        recorded = CounterMetricFamily(
+            "dualwrite_traffic_statements",
+            "Statement texts the traffic recorder saw: repeats, queued for analysis, dropped",
+            labels=["result"],
+        )
+        for result, count in self.traffic_statements.items():
+            recorded.add_metric([result], count)
+        yield recorded
 
 
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}

@@ -28,7 +28,7 @@ from pglast.parser import ParseError, fingerprint, parse_sql
 ALL_COLUMNS = "*"
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Reference:
     """One relation a statement names, and the columns of it the statement may touch."""
 
@@ -228,7 +228,8 @@ class _Walk:
         merged: dict[tuple[str | None, str], set[str]] = {}
         for relation in tables:
             merged.setdefault((relation.schema, relation.name), set()).update(relation.columns)
-        return tuple(sorted(Reference(s, n, frozenset(cols)) for (s, n), cols in merged.items()))
+        found = [Reference(s, n, frozenset(cols)) for (s, n), cols in merged.items()]
+        return tuple(sorted(found, key=lambda r: (r.schema or "", r.relation)))
 
 
 # --- what a sidecar saw, and writing it ------------------------------------------------------

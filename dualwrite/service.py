@@ -46,6 +46,7 @@ from mirror.applier import Applier
 from proxy import mirror_sql
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
+from proxy.traffic import TrafficRecorder
 
 _log = get_logger("service")
 
@@ -175,6 +176,8 @@ class Sidecar:
         self.applier: Applier | None = None
         self.watcher: StateWatcher | None = None
         self.recorder = ActivityRecorder(sidecar_id())
+        #: lint's traffic evidence (set up with the mirroring, when traffic.enabled)
+        self.traffic: TrafficRecorder | None = None
         self.proxy: ProxyServer = ProxyServer(config)
         self.admin = AdminServer(config.admin, self._hooks())
         self.stopping = asyncio.Event()
@@ -224,7 +227,10 @@ class Sidecar:
         self.watcher = StateWatcher(lambda: connect_service(config), self.states)
         await self.watcher.start()
         rewriter = Rewriter(self.mappings, unqualified=unqualified, states=self.states)
-        self.proxy = ProxyServer(config, MirrorContext(rewriter, self.recorder))
+        if config.traffic.enabled:
+            self.traffic = TrafficRecorder(config.traffic, self.recorder.sidecar)
+            await self.traffic.start(self.pool)
+        self.proxy = ProxyServer(config, MirrorContext(rewriter, self.recorder, self.traffic))
         if config.applier.enabled:
             self.applier = Applier(
                 self.pool,
@@ -258,6 +264,8 @@ class Sidecar:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self.pool is not None:
             await self._flush_once()
+        if self.traffic is not None:
+            await self.traffic.stop(self.pool)
         if self.watcher is not None:
             await self.watcher.stop()
         if self.pool is not None:

@@ -28,6 +28,7 @@ from proxy.rewrite import (
     reject_message,
 )
 from proxy.tracker import Pending
+from proxy.traffic import ConnectionTraffic, TrafficRecorder
 from proxy.wire import messages as m
 from proxy.wire.frames import frame_end
 
@@ -88,9 +89,12 @@ class Frontend:
         recorder: ActivityRecorder | None,
         *,
         statement_log: Any = None,
+        traffic: TrafficRecorder | None = None,
     ) -> None:
         self.rewriter = rewriter
         self.recorder = recorder
+        #: notes statement texts for the traffic evidence (None: not recorded)
+        self.traffic: ConnectionTraffic | None = traffic.connection() if traffic else None
         #: a logger when statement text may be logged (debug level and log_statements only)
         self.statement_log = statement_log
         self.codec = "utf-8"
@@ -106,6 +110,8 @@ class Frontend:
 
     def set_client_encoding(self, pg_encoding: str) -> None:
         self.codec = python_codec(pg_encoding)
+        if self.traffic is not None:
+            self.traffic.codec = self.codec
 
     # --- one message ---------------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class Frontend:
         sql = m.parse_query(body)
         if self.rewriter is not None and self.rewriter.candidate(sql):
             return False
+        if self.traffic is not None:
+            self.traffic.query(sql)
         self._log_statement(sql)
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
         return True
@@ -213,6 +221,8 @@ class Frontend:
     def _query(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         sql = m.parse_query(body)
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
+        if self.traffic is not None:
+            self.traffic.query(sql)
         rewritten = self._plan(sql, prepared=False)
         if rewritten is None:
             return None, [m.QUERY]
@@ -225,6 +235,8 @@ class Frontend:
     def _parse(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         parse = m.parse_parse(body)
         _STATEMENT_COUNTS[statement_kind(parse.sql)] += 1
+        if self.traffic is not None:
+            self.traffic.parse(parse.name, parse.sql)
         rewritten = self._plan(parse.sql, prepared=True)
         if rewritten is None or len(rewritten.statements) != 1:
             self.statements.pop(parse.name, None)

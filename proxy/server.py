@@ -14,6 +14,7 @@ from core.logs import get_logger
 from proxy.cancel import CancelRegistry
 from proxy.rewrite import Rewriter
 from proxy.session import Session
+from proxy.traffic import TrafficRecorder
 
 _log = get_logger("proxy")
 
@@ -24,6 +25,8 @@ class MirrorContext:
 
     rewriter: Rewriter
     recorder: ActivityRecorder
+    #: notes statement texts for lint's traffic evidence (None: traffic.enabled is false)
+    traffic: TrafficRecorder | None = None
 
 
 class ProxyServer:

@@ -114,6 +114,7 @@ class Session:
             mirror.rewriter if mirror is not None else None,
             mirror.recorder if mirror is not None else None,
             statement_log=self.log if logging.level == "debug" and logging.log_statements else None,
+            traffic=mirror.traffic if mirror is not None else None,
         )
         self.client_scan = FrameScanner(
             _CLIENT_TABLE, max_length=limits.max_message_bytes, streamable=_STREAMABLE_CLIENT
