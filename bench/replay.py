@@ -22,6 +22,7 @@ from dualwrite.service import validated_mappings
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
 from proxy.session import READY, Session
+from proxy.traffic import TrafficRecorder
 from proxy.wire import messages as m
 from proxy.wire.frames import frame
 
@@ -148,7 +149,7 @@ class Replay:
             session._upstream_data(server)
 
 
-async def _session(config: Config, mirrored: bool) -> Session:
+async def _session(config: Config, mirrored: bool, traffic: bool) -> Session:
     mirror_context = None
     if mirrored:
         conn = await asyncpg.connect(config.effective_service_dsn())
@@ -157,7 +158,8 @@ async def _session(config: Config, mirrored: bool) -> Session:
         finally:
             await conn.close()
         rewriter = Rewriter(mappings, unqualified=unqualified, states=MappingStates())
-        mirror_context = MirrorContext(rewriter, ActivityRecorder("bench-replay"))
+        recorder = TrafficRecorder(config.traffic, "bench-replay") if traffic else None
+        mirror_context = MirrorContext(rewriter, ActivityRecorder("bench-replay"), recorder)
     session = Session(ProxyServer(config, mirror_context), 1)
     session.client.transport = _Transport()  # type: ignore[assignment]
     session.upstream.transport = _Transport()  # type: ignore[assignment]
@@ -207,7 +209,8 @@ async def _measure(server: Server, args: argparse.Namespace) -> list[dict[str, A
             {**common.sidecar_config(server, 0, extra), "applier": {"enabled": False}}
         )
         for protocol in PROTOCOLS:
-            replay = Replay(await _session(config, mode != "relay"), protocol, mode != "relay")
+            session = await _session(config, mode != "relay", args.traffic)
+            replay = Replay(session, protocol, mode != "relay")
             before, warm = _rewritten(), args.transactions // 10
             for _ in range(warm):  # warm the caches
                 replay.transaction()
@@ -233,6 +236,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--database", default="dwbench_mirror", help="bench mirror's database")
     parser.add_argument("--transactions", type=int, default=20_000, help="per round")
     parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds")
+    parser.add_argument(
+        "--traffic", action="store_true",
+        help="mirroring sessions also note statement texts for lint's traffic evidence (the "
+        "hot-path part only: the analysis runs in a background task, not in the replay)",
+    )
     args = parser.parse_args(list(argv))
     with contextlib.ExitStack() as stack:
         try:

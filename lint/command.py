@@ -38,7 +38,10 @@ def run(request: LintRequest) -> int:
     result = lint(request)
     text = render(result, request.fmt)
     if request.out:
-        Path(request.out).write_text(text, encoding="utf-8")
+        try:
+            Path(request.out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError("--out", f"cannot write {request.out}: {exc.strerror}") from None
     else:
         sys.stdout.write(text)
     return EXIT_FINDINGS if result.failed else EXIT_CLEAN

@@ -348,6 +348,10 @@ async def _database(
                 mode = fact.locks.get(relation) or fact.lock
                 if mode is not None:
                     blockers = await live.blockers(table, mode)
+                    for finding in mine if blockers else ():
+                        finding.evidence.append(
+                            "would queue now behind " + "; ".join(str(b) for b in blockers)
+                        )
                     if blockers:
                         context.add(
                             LOCK_QUEUE,

@@ -78,6 +78,9 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exc:
         run_cli(write(tmp_path, CLEAN), "--format", "xml")
     assert exc.value.code == 2
+    code, _, err = run_cli(write(tmp_path, CLEAN), "--out", str(tmp_path / "no" / "dir.txt"))
+    assert code == 2
+    assert "--out" in err
     binary = tmp_path / "binary.sql"
     binary.write_bytes(b"SELECT '\xff\xfe';\n")
     code, _, err = run_cli(str(binary))
