@@ -11,13 +11,16 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from core.config import TrafficConfig
 from lint import squawk
 from lint.facts import facts_of
 from lint.rules import check
 from lint.run import Options, known_rule_ids, lint_files
 from lint.script import read_script
+from proxy.traffic import TrafficRecorder
 
 HEADER = """-- description: benchmark: a long generated migration
 -- strategy: expand
@@ -99,7 +102,38 @@ def main(argv: list[str]) -> int:
         best = min(stages["total"])
         print()
         print(f"total: {best:.3f} s for {top:,} statements ({top / best:,.0f} statements/s)")
+        print()
+        recorder_costs()
         return 0 if best < 1.0 else 1
+
+
+def recorder_costs(n: int = 20_000) -> None:
+    """What the sidecar's traffic recorder costs: on the relay's path, and in the background."""
+    config = TrafficConfig(queue_size=n, cache_size=n)
+    repeat = b"UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2"
+    variants = [f"SELECT abalance FROM pgbench_accounts WHERE aid = {i}".encode() for i in range(n)]
+    shapes = [f"SELECT c{i} FROM pgbench_accounts WHERE aid = $1".encode() for i in range(2000)]
+    recorder = TrafficRecorder(config, "bench")
+    connection = recorder.connection()
+    connection.query(repeat)
+    hot_repeat = _per_call(lambda: [connection.query(repeat) for _ in range(n)], n)
+    hot_new = _per_call(lambda: [connection.query(v) for v in variants], n)
+    background_variant = _per_call(lambda: recorder.analyse_pending(limit=n), n)
+    for text in shapes:
+        connection.query(text)
+    background_shape = _per_call(lambda: recorder.analyse_pending(limit=n), len(shapes))
+    print("| traffic recorder | µs per statement text |")
+    print("| --- | ---: |")
+    print(f"| relay path, a repeated text | {hot_repeat:.2f} |")
+    print(f"| relay path, a new text (queued) | {hot_new:.2f} |")
+    print(f"| background, a new text of a known shape (fingerprint) | {background_variant:.1f} |")
+    print(f"| background, a new shape (parse, references) | {background_shape:.1f} |")
+
+
+def _per_call(run: Callable[[], object], calls: int) -> float:
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) / calls * 1e6
 
 
 if __name__ == "__main__":
