@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from core.errors import ConfigError
-from core.modes import MirrorMode
+from core.modes import Capture, MirrorMode, capture_problem
 
 SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -137,6 +137,8 @@ class MappingConfig(Strict):
     columns: Annotated[dict[str, str], Field(min_length=1)]
     filter: str | None = None
     mode: MirrorMode = MirrorMode.OUTBOX
+    #: where changes are captured: the statements the proxy sees, the WAL, or both
+    capture: Capture = Capture.STATEMENT
     unsupported: Literal["passthrough", "reject"] = "passthrough"
     #: target column holding the tenant id, for per-tenant divergence breakdowns
     tenant_column: str | None = None
@@ -172,6 +174,9 @@ class MappingConfig(Strict):
             raise ValueError(
                 f"mode {self.mode} needs the target in the same database; use outbox"
             )
+        problem = capture_problem(self.mode, self.capture)
+        if problem is not None:
+            raise ValueError(problem)
         for rule in self.compare.tolerances:
             if rule.column not in self.columns:
                 raise ValueError(f"compare.tolerances: {rule.column!r} is not in columns")
@@ -194,6 +199,23 @@ class ApplierConfig(Strict):
     retry_max_seconds: PositiveSeconds = 300.0
     lock_timeout_ms: Annotated[int, Field(ge=1)] = 200
     statement_timeout_ms: Annotated[int, Field(ge=1)] = 30000
+
+
+class WalConfig(Strict):
+    """The WAL reader of mappings with ``capture: wal`` or ``both`` (logical decoding with
+    pgoutput through a publication on their source tables)."""
+
+    #: the logical replication slot (one per source database)
+    slot_name: Annotated[str, Field(pattern=r"^[a-z0-9_]{1,63}$")] = "dualwrite"
+    #: the publication on the mapped source tables
+    publication_name: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = "dualwrite"
+    #: WAL the slot may hold back; past it the WAL-read mappings are marked for resync and the
+    #: slot is dropped (loudly) rather than filling the primary's disk
+    max_retained_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30
+    #: how often the reader asks for new changes when the last poll found none
+    poll_interval_seconds: PositiveSeconds = 0.2
+    #: changes decoded per poll (whole transactions: a poll may return more)
+    batch_changes: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
 
 
 class PressureConfig(Strict):
@@ -242,6 +264,8 @@ class CutoverCriteria(Strict):
     max_unmirrored_statements: Annotated[int, Field(ge=0)] = 0
     require_backfill_complete: bool = True
     max_mirror_failures: Annotated[int, Field(ge=0)] = 0
+    #: committed changes (capture: both) that statement capture missed and the WAL reader found
+    max_uncaptured_changes: Annotated[int, Field(ge=0)] = 0
 
 
 class ReportConfig(Strict):
@@ -331,6 +355,7 @@ class Config(Strict):
     #: role the application connects as; `dualwrite setup` grants it what the mirror needs
     app_role: str | None = None
     applier: ApplierConfig = ApplierConfig()
+    wal: WalConfig = WalConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
     backfill: BackfillConfig = BackfillConfig()
     report: ReportConfig = ReportConfig()

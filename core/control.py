@@ -203,6 +203,45 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        4,
+        """
+        -- The WAL reader's bookkeeping per slot: the position up to which every change has been
+        -- queued (written in the transaction that queues them; a re-read skips what is below).
+        CREATE TABLE dualwrite.wal_progress (
+            slot text PRIMARY KEY,
+            lsn pg_lsn NOT NULL,
+            transactions bigint NOT NULL DEFAULT 0,
+            changes bigint NOT NULL DEFAULT 0,
+            reader text,
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        -- capture: both. Each committed change of a source that statement capture did not
+        -- record (a function, a DO block, a trigger, COPY, a connection around the sidecar).
+        CREATE TABLE dualwrite.uncaptured_changes (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            mapping text NOT NULL,
+            xid bigint NOT NULL,
+            commit_time timestamptz NOT NULL,
+            lsn pg_lsn NOT NULL,
+            operation text NOT NULL,
+            key jsonb NOT NULL,
+            found_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX uncaptured_changes_mapping ON dualwrite.uncaptured_changes (mapping, found_at);
+
+        -- Mappings whose target can no longer be trusted from capture alone (a TRUNCATE of the
+        -- source, a slot dropped for retaining too much WAL): they need a full resync.
+        CREATE TABLE dualwrite.resync_needed (
+            mapping text PRIMARY KEY,
+            reason text NOT NULL,
+            events bigint NOT NULL DEFAULT 1,
+            first_at timestamptz NOT NULL DEFAULT now(),
+            last_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 ]
 
 
@@ -350,7 +389,11 @@ async def grant(
         f"GRANT INSERT ON {SCHEMA}.outbox TO {who}",
     ]
     for mapping in mappings:
-        if mapping.source is not None and mapping.catalog is not None:
+        if (
+            mapping.capture.rewrites_statements
+            and mapping.source is not None
+            and mapping.catalog is not None
+        ):
             # The rewrite adds RETURNING of the columns the mapping reads: an insert-only
             # role (an audit writer) needs SELECT on exactly those columns.
             columns = ", ".join(quote_ident(c) for c in mapping.catalog.source_columns_read)

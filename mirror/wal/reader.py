@@ -1,0 +1,369 @@
+"""The WAL reader: turns every committed change of a WAL-read source into outbox keys.
+
+One reader per slot across all sidecars: each sidecar's reader tries a session advisory lock
+on its own connection; the one that gets it reads, the others retry every few polls and take
+over when the leader's connection dies (the lock goes with it).
+
+A poll, on the leader's connection:
+
+1. note the server's flushed WAL position ``upto``;
+2. ``pg_logical_slot_peek_binary_changes(slot, upto, batch_changes, pgoutput...)``: decode,
+   without consuming, the transactions committed before ``upto`` (whole transactions);
+3. have PostgreSQL compute each changed row's mapping key (mirror/wal/keys.py);
+4. in one transaction: insert the keys into ``dualwrite.outbox`` (for ``both``, only the keys
+   of changes statement capture did not record, which are also written to
+   ``dualwrite.uncaptured_changes``), mark truncated mappings for resync, and move
+   ``dualwrite.wal_progress`` to the position covered;
+5. after that commit, ``pg_replication_slot_advance`` the slot to the same position.
+
+A kill between 4 and 5, or a PostgreSQL restart that forgets an advance (the slot is saved at
+checkpoints), makes the next poll decode those transactions again; the ones whose commit ends
+at or below ``wal_progress`` are skipped, so nothing is lost and nothing is counted twice. When
+the poll covered everything up to ``upto`` (the common case, and always when the mapped
+tables were idle), the slot advances to ``upto`` itself: a quiet mapping never pins WAL that
+other tables' traffic writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import asyncpg
+
+from core import metrics
+from core.config import WalConfig
+from core.control import LOCK_CLASS
+from core.logs import get_logger
+from core.mapping import CompiledMapping
+from core.sqltext import QualifiedName
+from mirror.wal import pgoutput, slot
+from mirror.wal.keys import KeyDeriver
+
+_log = get_logger("wal")
+
+#: advisory lock class of the reader's leadership (LOCK_CLASS: sync_keys, +1: compare's runs)
+WAL_LOCK_CLASS = LOCK_CLASS + 2
+#: seconds between retained-WAL checks by the leader
+GUARD_INTERVAL_SECONDS = 5.0
+#: a standby tries to take over this many poll intervals apart
+STANDBY_POLLS = 5
+
+_PEEK = """
+SELECT data FROM pg_logical_slot_peek_binary_changes(
+    $1, $2::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)
+"""
+_QUEUE = """
+INSERT INTO dualwrite.outbox (mapping, key)
+SELECT m, k::jsonb FROM unnest($1::text[], $2::text[]) AS u(m, k)
+"""
+_RECORD_UNCAPTURED = """
+INSERT INTO dualwrite.uncaptured_changes (mapping, xid, commit_time, lsn, operation, key)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::timestamptz[], $4::pg_lsn[], $5::text[],
+                     $6::jsonb[])
+"""
+#: every one of these 32-bit xids is visible to a snapshot taken now (widened to 64 bits with
+#: the current epoch, or the one before for an xid above the snapshot's xmax)
+_VISIBLE = """
+SELECT coalesce(bool_and(txid_visible_in_snapshot(
+           CASE WHEN (e.base | x) > e.xmax THEN (e.base | x) - 4294967296 ELSE e.base | x END,
+           e.snap)), true)
+FROM (SELECT s AS snap, txid_snapshot_xmax(s) AS xmax,
+             txid_snapshot_xmax(s) & ~4294967295::bigint AS base
+      FROM txid_current_snapshot() AS s) AS e,
+     unnest($1::bigint[]) AS x
+"""
+#: how long the reader waits for decoded transactions to become visible before it retries
+VISIBLE_WAIT_SECONDS = 10.0
+_PROGRESS = """
+INSERT INTO dualwrite.wal_progress AS p (slot, lsn, transactions, changes, reader)
+VALUES ($1, $2::pg_lsn, $3, $4, $5)
+ON CONFLICT (slot) DO UPDATE SET lsn = greatest(p.lsn, EXCLUDED.lsn),
+    transactions = p.transactions + EXCLUDED.transactions, changes = p.changes + EXCLUDED.changes,
+    reader = EXCLUDED.reader, updated_at = now()
+"""
+
+
+@dataclass
+class PollResult:
+    """What one poll did (the tests and the bench read it)."""
+
+    transactions: int = 0
+    changes: int = 0
+    skipped_transactions: int = 0
+    keys_queued: dict[str, int] = field(default_factory=dict)
+    uncaptured: dict[str, int] = field(default_factory=dict)
+    truncated: list[str] = field(default_factory=list)
+    #: the position the slot was confirmed to (None: nothing new)
+    confirmed: int | None = None
+
+
+@dataclass
+class _Batch:
+    """Per mapping, the rows whose keys a poll must compute, and what each change needs."""
+
+    rows: dict[str, list[dict[str, object]]] = field(default_factory=lambda: defaultdict(list))
+    #: (mapping, txn, change, index of the new/old row in rows[mapping] or -1)
+    changes: list[tuple[CompiledMapping, pgoutput.Transaction, pgoutput.Change, int, int]] = (
+        field(default_factory=list)
+    )
+
+    def add(self, mapping: CompiledMapping, row: dict[str, object] | None) -> int:
+        if row is None:
+            return -1
+        rows = self.rows[mapping.name]
+        rows.append(row)
+        return len(rows) - 1
+
+
+class WalReader:
+    """Decodes the slot of one source database for the WAL-read mappings of a sidecar."""
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
+        mappings: Sequence[CompiledMapping],
+        config: WalConfig,
+        *,
+        reader_id: str,
+    ) -> None:
+        self.connect = connect
+        self.mappings = slot.wal_mappings(mappings)
+        self.config = config
+        self.reader_id = reader_id
+        self.publications = slot.publication_names(config, self.mappings)
+        self._by_source: dict[tuple[str, str], list[CompiledMapping]] = defaultdict(list)
+        for mapping in self.mappings:
+            source: QualifiedName = mapping.binding().source
+            self._by_source[(source.schema, source.name)].append(mapping)
+        self._derivers = {m.name: KeyDeriver(m) for m in self.mappings}
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self.leader = False
+        self.last_error: str | None = None
+        #: the position the slot was last advanced to by this reader
+        self._advanced: int = 0
+        self._guarded_at = -GUARD_INTERVAL_SECONDS
+        #: wakes the loop early (tests, shutdown)
+        self.polls = 0
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="wal-reader")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._release()
+
+    async def _release(self) -> None:
+        self._set_leader(False)
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            try:
+                await asyncio.wait_for(conn.close(), 5)
+            except (OSError, asyncpg.InterfaceError, TimeoutError):
+                conn.terminate()
+
+    def _set_leader(self, leader: bool) -> None:
+        self.leader = leader
+        metrics.WAL_READER_LEADER.labels(slot=self.config.slot_name).set(1 if leader else 0)
+
+    async def _run(self) -> None:
+        interval = self.config.poll_interval_seconds
+        while True:
+            try:
+                if not await self.lead():
+                    await asyncio.sleep(interval * STANDBY_POLLS)
+                    continue
+                result = await self.poll()
+                self.last_error = None
+                if result.transactions == 0:
+                    await asyncio.sleep(interval)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                # a lost connection, a slot held by a dying backend, a restart: let go of the
+                # leadership and try again; nothing was confirmed past what is queued
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                _log.warning("wal_reader_retry", error=self.last_error)
+                await self._release()
+                await asyncio.sleep(interval * STANDBY_POLLS)
+
+    async def lead(self) -> bool:
+        """Be the slot's reader: True when this process holds the leadership lock."""
+        if self.leader and self._conn is not None and not self._conn.is_closed():
+            return True
+        await self._release()
+        conn = await self.connect()
+        got = await conn.fetchval(
+            "SELECT pg_try_advisory_lock($1, hashtext($2))", WAL_LOCK_CLASS, self.config.slot_name
+        )
+        if not got:
+            await conn.close()
+            return False
+        self._conn = conn
+        self._set_leader(True)
+        created = await slot.ensure_slot(conn, self.config.slot_name)
+        if created and await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM dualwrite.wal_progress WHERE slot = $1)",
+            self.config.slot_name,
+        ):
+            # the slot was dropped outside dualwrite while it had a history: changes between
+            # the drop and now were never decoded
+            async with conn.transaction():
+                await slot.mark_resync(
+                    conn, [m.name for m in self.mappings], "replication slot was recreated"
+                )
+                await conn.execute(
+                    "DELETE FROM dualwrite.wal_progress WHERE slot = $1", self.config.slot_name
+                )
+        _log.info("wal_reader_leading", slot=self.config.slot_name, reader=self.reader_id)
+        return True
+
+    # --- one poll ---------------------------------------------------------------------------
+
+    async def poll(self) -> PollResult:
+        """Decode, queue and confirm what committed since the last poll (needs leadership)."""
+        conn = self._conn
+        assert conn is not None, "poll() needs the leadership (lead())"
+        started = time.perf_counter()
+        await self._guard(conn)
+        # asyncpg passes pg_lsn as an int
+        upto: int = await conn.fetchval("SELECT pg_current_wal_flush_lsn()")
+        rows = await conn.fetch(
+            _PEEK, self.config.slot_name, upto,
+            self.config.batch_changes, ",".join(self.publications),
+        )
+        self.polls += 1
+        result = PollResult()
+        assembler = pgoutput.TransactionAssembler()
+        txns = list(assembler.feed_all(pgoutput.decode(bytes(r["data"])) for r in rows))
+        # a poll cut short by batch_changes covers only up to its last commit
+        covered = txns[-1].end_lsn if len(rows) >= self.config.batch_changes and txns else upto
+        if txns:
+            age = (datetime.now(UTC) - txns[0].commit_time).total_seconds()
+            metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(max(age, 0))
+            done: int = await conn.fetchval(
+                "SELECT coalesce((SELECT lsn FROM dualwrite.wal_progress WHERE slot = $1), "
+                "'0/0')",
+                self.config.slot_name,
+            )
+            fresh = [t for t in txns if t.end_lsn > done]
+            result.skipped_transactions = len(txns) - len(fresh)
+            await self._queue(conn, fresh, covered, result)
+        if covered > self._advanced:
+            await conn.execute(
+                "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", self.config.slot_name, covered
+            )
+            self._advanced = covered
+            result.confirmed = covered
+        metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(0)
+        metrics.WAL_POLL_SECONDS.observe(time.perf_counter() - started)
+        return result
+
+    async def _guard(self, conn: asyncpg.Connection) -> None:
+        now = time.monotonic()
+        if now - self._guarded_at < GUARD_INTERVAL_SECONDS:
+            return
+        self._guarded_at = now
+        if await slot.guard_retained(conn, self.config, self.mappings) is None:
+            await slot.ensure_slot(conn, self.config.slot_name)
+            self._advanced = 0
+
+    @staticmethod
+    async def _wait_visible(conn: asyncpg.Connection, xids: list[int]) -> None:
+        """Until every decoded transaction is visible to new snapshots.
+
+        Why: a commit is in the WAL (and decodable) a moment before it leaves the set of
+        running transactions. The applier copies the source rows as they are when it runs;
+        if it ran in that moment, it would read the rows before the change and drop the key.
+        """
+        if not xids:
+            return
+        deadline = time.monotonic() + VISIBLE_WAIT_SECONDS
+        while not await conn.fetchval(_VISIBLE, xids):
+            if time.monotonic() > deadline:
+                raise asyncpg.InterfaceError(f"decoded transactions {xids[:5]} are not visible")
+            await asyncio.sleep(0.001)
+
+    async def _queue(
+        self,
+        conn: asyncpg.Connection,
+        txns: list[pgoutput.Transaction],
+        covered: int,
+        result: PollResult,
+    ) -> None:
+        """Compute the keys of these transactions' changes and queue them, with the progress,
+        in one transaction."""
+        await self._wait_visible(conn, [t.xid for t in txns])
+        batch = _Batch()
+        #: (xid, mapping, key) of the outbox rows statement capture wrote, per transaction
+        captured: Counter[tuple[int, str, str]] = Counter()
+        truncated: Counter[str] = Counter()
+        for txn in txns:
+            for change in txn.changes:
+                relation = (change.relation.schema, change.relation.name)
+                if relation == slot.OUTBOX_TABLE:
+                    if change.operation == "insert" and change.new is not None:
+                        mark = (txn.xid, str(change.new["mapping"]), str(change.new["key"]))
+                        captured[mark] += 1
+                    continue
+                for mapping in self._by_source.get(relation, ()):
+                    new_at = batch.add(mapping, change.new)
+                    old_at = batch.add(mapping, change.old)
+                    batch.changes.append((mapping, txn, change, new_at, old_at))
+            for gone in txn.truncated:
+                for mapping in self._by_source.get((gone.schema, gone.name), ()):
+                    truncated[mapping.name] += 1
+        keys = {
+            name: await self._derivers[name].keys(conn, rows) for name, rows in batch.rows.items()
+        }
+        queue: dict[str, set[str]] = defaultdict(set)
+        uncaptured: list[tuple[str, int, datetime, int, str, str]] = []
+        for mapping, txn, change, new_at, old_at in batch.changes:
+            mine = keys[mapping.name]
+            changed = [mine[i] for i in (new_at, old_at) if i >= 0]
+            metrics.WAL_CHANGES.labels(mapping=mapping.name, operation=change.operation).inc()
+            if mapping.capture.audits_statement_capture:
+                mark = (txn.xid, mapping.name, changed[0])
+                if captured[mark] > 0:
+                    captured[mark] -= 1
+                    continue
+                uncaptured.append(
+                    (mapping.name, txn.xid, txn.commit_time, txn.commit_lsn, change.operation,
+                     changed[0])
+                )
+            queue[mapping.name].update(changed)
+        names = [m for m, ks in queue.items() for _ in ks]
+        values = [k for ks in queue.values() for k in ks]
+        async with conn.transaction():
+            if values:
+                await conn.execute(_QUEUE, names, values)
+            if uncaptured:
+                await conn.execute(_RECORD_UNCAPTURED, *map(list, zip(*uncaptured, strict=True)))
+            for name, events in truncated.items():
+                await slot.mark_resync(conn, [name], "TRUNCATE of the source", events)
+            await conn.execute(
+                _PROGRESS, self.config.slot_name, covered, len(txns),
+                len(batch.changes), self.reader_id,
+            )
+        result.transactions = len(txns)
+        result.changes = len(batch.changes)
+        result.keys_queued = {m: len(ks) for m, ks in queue.items()}
+        for name, count in result.keys_queued.items():
+            metrics.WAL_KEYS_QUEUED.labels(mapping=name).inc(count)
+        for row in uncaptured:
+            result.uncaptured[row[0]] = result.uncaptured.get(row[0], 0) + 1
+        for name, count in result.uncaptured.items():
+            metrics.UNCAPTURED_CHANGES.labels(mapping=name).inc(count)
+        result.truncated = sorted(truncated)
+        for name, events in truncated.items():
+            metrics.WAL_TRUNCATES.labels(mapping=name).inc(events)
