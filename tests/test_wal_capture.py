@@ -9,11 +9,17 @@ changes it missed. Then TRUNCATE, replica identity, teardown.
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import pytest
 from support import pos, wal
 
-pytestmark = pytest.mark.usefixtures("logical_db")
-
+from core.config import parse_config
+from core.errors import WalNotReady
+from dualwrite.service import check_live, teardown, validated_mappings
+from mirror.wal import slot as wal_slot
+from mirror.wal.reader import WalReader
 
 def _start(logical_db, logical_sidecar, capture: str, **wal_settings):
     slot = logical_db.name
@@ -88,3 +94,142 @@ def test_capture_both_counts_exactly_the_writes_statement_capture_missed(
         "SELECT count(*) FROM dualwrite.uncaptured_changes "
         "WHERE xid > 0 AND commit_time <= now() AND jsonb_array_length(key) = 1"
     ) == writes.bypassing
+
+
+def test_a_quiet_mapping_never_pins_the_wal_other_tables_write(logical_db, logical_sidecar):
+    handle, slot, _ = _start(logical_db, logical_sidecar, "wal")
+    logical_db.sql(
+        "CREATE TABLE busy (id int, pad text);"
+        "INSERT INTO busy SELECT i, repeat(md5(i::text), 20) FROM generate_series(1, 5000) i"
+    )
+    wal.wait_confirmed(logical_db, slot)  # confirmed past all of it, with no mapped change
+    assert logical_db.scalar("SELECT coalesce(sum(changes), 0) FROM dualwrite.wal_progress") == 0
+    assert pos.outbox_depth(logical_db) == 0
+
+
+def test_truncate_of_the_source_marks_the_mapping_for_resync_and_is_counted(
+    logical_db, logical_sidecar
+):
+    handle, slot, _ = _start(logical_db, logical_sidecar, "wal")
+    before = pos.scrape("dualwrite_wal_truncates_total", mapping=wal.MAPPING)
+    logical_db.sql("INSERT INTO audit_log (tenant_id, action, entity) VALUES (1, 'a', 'b')")
+    logical_db.sql("TRUNCATE audit_log")
+    logical_db.sql("TRUNCATE audit_log")
+    wal.wait_confirmed(logical_db, slot)
+    assert logical_db.sql("SELECT mapping, reason, events FROM dualwrite.resync_needed") == [
+        (wal.MAPPING, "TRUNCATE of the source", 2)
+    ]
+    assert pos.scrape("dualwrite_wal_truncates_total", mapping=wal.MAPPING) - before == 2
+    assert pos.scrape("dualwrite_resync_needed", mapping=wal.MAPPING) == 1
+
+
+def test_teardown_drops_the_slot_and_publications_and_says_so(logical_db):
+    slot = logical_db.name
+    config = wal.migration("both", slot)
+    lines = wal.prepare(logical_db, config)
+    assert f"publication {slot}_outbox: created on dualwrite.outbox" in lines
+    again = pos.run_setup(logical_db, config)
+    for line in (
+        f"publication {slot}: already current",
+        f"publication {slot}_outbox: already current",
+        f"replication slot {slot}: already present",
+    ):
+        assert line in again
+    parsed = parse_config(pos.service_config(logical_db, config))
+    removed = asyncio.run(teardown(parsed))
+    assert removed[0].startswith(f"replication slot {slot}: dropped (it retained ")
+    assert removed[1:] == [f"publication {slot}: dropped", f"publication {slot}_outbox: dropped"]
+    assert logical_db.scalar("SELECT count(*) FROM pg_replication_slots") == 0
+    assert logical_db.scalar("SELECT count(*) FROM pg_publication") == 0
+    assert asyncio.run(teardown(parsed)) == [
+        f"replication slot {slot}: not present",
+        f"publication {slot}: not present",
+        f"publication {slot}_outbox: not present",
+    ]
+
+
+def test_past_max_retained_bytes_the_slot_is_dropped_loudly_and_the_mapping_needs_resync(
+    logical_db,
+):
+    slot = logical_db.name
+    config = wal.migration("wal", slot, max_retained_bytes=1 << 20)
+    wal.prepare(logical_db, config)
+    # no reader runs: the slot holds back everything written from now on
+    logical_db.sql(
+        "CREATE TABLE busy (id int, pad text);"
+        "INSERT INTO busy SELECT i, repeat(md5(i::text), 20) FROM generate_series(1, 5000) i"
+    )
+    dropped = pos.scrape("dualwrite_wal_slot_dropped_total", slot=slot)
+    parsed = parse_config(pos.service_config(logical_db, config))
+
+    async def one_poll() -> None:
+        conn = await asyncpg.connect(logical_db.dsn)
+        try:
+            mappings, _ = await validated_mappings(conn, parsed)
+        finally:
+            await conn.close()
+        reader = WalReader(
+            lambda: asyncpg.connect(logical_db.dsn), mappings, parsed.wal, reader_id="test"
+        )
+        assert await reader.lead()
+        await reader.poll()
+        await reader.stop()
+
+    asyncio.run(one_poll())
+    assert pos.scrape("dualwrite_wal_slot_dropped_total", slot=slot) - dropped == 1
+    ((mapping, reason),) = logical_db.sql("SELECT mapping, reason FROM dualwrite.resync_needed")
+    assert mapping == wal.MAPPING
+    assert f"slot {slot} retained " in reason
+    assert "(> wal.max_retained_bytes 1048576) and was dropped" in reason
+    # a new slot reads on from now (the resync covers the gap)
+    assert logical_db.scalar(
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn) < 1048576 "
+        "FROM pg_replication_slots WHERE slot_name = %s",
+        slot,
+    )
+
+
+def test_check_explains_what_the_wal_reader_is_missing(logical_db, db, pg):
+    # the CI server: wal_level = replica
+    config = wal.migration("wal", db.name)
+    with pytest.raises(WalNotReady, match="wal_level is not logical: set wal_level = logical"):
+        wal.prepare(db, config)
+    with pytest.raises(WalNotReady, match="wal_level is not logical"):
+        asyncio.run(check_live(parse_config({
+            **pos.service_config(db, config), "upstream": {"host": pg.host, "port": pg.port}
+        })))
+    # the logical cluster: a role without REPLICATION, a source whose deletes carry no key
+    slot = logical_db.name
+    config = wal.migration("wal", slot)
+    wal.prepare(logical_db, config)
+    logical_db.sql("ALTER TABLE audit_log REPLICA IDENTITY NOTHING")
+    logical_db.sql(
+        "DO $$ BEGIN CREATE ROLE wal_nobody LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; "
+        "END $$"
+    )
+    parsed = parse_config(pos.service_config(logical_db, config))
+
+    async def problems() -> list[str]:
+        conn = await asyncpg.connect(logical_db.dsn)
+        try:
+            mappings, _ = await validated_mappings(conn, parsed)
+        finally:
+            await conn.close()
+        conn = await asyncpg.connect(logical_db.dsn_as("wal_nobody"))
+        try:
+            return await wal_slot.problems(conn, parsed.wal, mappings)
+        finally:
+            await conn.close()
+
+    found = asyncio.run(problems())
+    assert found == [
+        'role wal_nobody lacks the REPLICATION attribute: ALTER ROLE "wal_nobody" REPLICATION (on '
+        "Supabase use the postgres role, which has it; on RDS GRANT rds_replication)",
+        "mapping audit_events: the replica identity of public.audit_log is NOTHING, so a "
+        "DELETE's WAL record does not carry the key columns (id): ALTER TABLE "
+        '"public"."audit_log" REPLICA IDENTITY FULL, or REPLICA IDENTITY USING INDEX <a unique '
+        "index on (id)>",
+    ]
+    logical_db.sql("ALTER TABLE audit_log REPLICA IDENTITY FULL")
+    logical_db.sql("ALTER ROLE wal_nobody REPLICATION")
+    assert asyncio.run(problems()) == []
