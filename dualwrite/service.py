@@ -445,6 +445,13 @@ class Sidecar:
             "sidecar": self.recorder.sidecar,
             "started_at": self.started_at,
             "proxy": self.proxy.status(),
+            "wal_reader": None
+            if self.wal_reader is None
+            else {
+                "slot": self.config.wal.slot_name,
+                "leader": self.wal_reader.leader,
+                "last_error": self.wal_reader.last_error,
+            },
             "mappings": {
                 m.name: {
                     "mode": m.mode,
@@ -472,6 +479,7 @@ class Sidecar:
         self._gauges_refreshed = now
         async with self.pool.acquire() as conn:
             await export_gauges(conn, [m.name for m in self.mappings])
+            await wal_slot.export_resync(conn, [m.name for m in self.mappings])
 
     async def _reconcile_history(self) -> dict[str, dict[str, Any]]:
         if self.pool is None:

@@ -40,14 +40,24 @@ def _seed_schema(db: Any) -> None:
         db.sql("CREATE ROLE pos_app LOGIN")
 
 
+def _reads_wal(path: Path) -> bool:
+    return any(m.capture.reads_wal for m in load_config(path).mappings)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 async def test_example_config_is_valid_against_the_seed_schema(
-    path: Path, db: Any, pg: Any, tmp_path: Path
+    path: Path, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    # a config captured from the WAL needs wal_level = logical: the logical cluster's database
+    wal = _reads_wal(path)
+    db = request.getfixturevalue("logical_db" if wal else "db")
+    pg = request.getfixturevalue("pg_logical" if wal else "pg")
     _seed_schema(db)
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     raw["service_dsn"] = db.dsn
     raw["upstream"] = {"host": pg.host, "port": pg.port}
+    if wal:  # slots are cluster-wide: one of this database's own
+        raw["wal"] = {**raw.get("wal", {}), "slot_name": db.name, "publication_name": db.name}
     config = load_config(_write(tmp_path / path.name, raw))
     lines = await setup(config)
     assert any("ok" in line for line in lines)

@@ -27,6 +27,8 @@ CRITERIA = {
     "outbox_age",
     "unmirrored_statements",
     "mirror_failures",
+    "uncaptured_changes",
+    "resync",
     "backfill",
     "mirroring_active",
 }
@@ -235,6 +237,22 @@ def _mirror_failure(db: Any) -> None:
     add_activity(db, 5, statements=10, rows=10, failures=1)
 
 
+def _uncaptured_change(db: Any) -> None:
+    db.sql(
+        "INSERT INTO dualwrite.uncaptured_changes (mapping, xid, commit_time, lsn, operation, key)"
+        " VALUES (%s, 742, now() - interval '2 hours', '0/16B3748', 'insert', '[9]')",
+        MAPPING,
+    )
+
+
+def _resync_marked(db: Any) -> None:
+    db.sql(
+        "INSERT INTO dualwrite.resync_needed (mapping, reason)"
+        " VALUES (%s, 'TRUNCATE of the source')",
+        MAPPING,
+    )
+
+
 def _backfill_running(db: Any) -> None:
     db.sql("UPDATE dualwrite.backfill_state SET status = 'running', finished_at = NULL")
 
@@ -263,6 +281,8 @@ def _paused(db: Any) -> None:
         (_old_outbox_key, "outbox_age"),
         (_unmirrored_statement, "unmirrored_statements"),
         (_mirror_failure, "mirror_failures"),
+        (_uncaptured_change, "uncaptured_changes"),
+        (_resync_marked, "resync"),
         (_backfill_running, "backfill"),
         (_backfill_never_run, "backfill"),
         (_paused, "mirroring_active"),
@@ -520,3 +540,19 @@ def test_status_url_of_a_dead_sidecar_is_no_go(control, tmp_path, capsys):
     assert [(c["name"], c["passed"]) for c in data["overall_criteria"]] == [
         ("sidecar_status", False)
     ]
+
+
+def test_a_resync_mark_is_cleared_by_a_clean_full_pass_started_after_it(
+    control, tmp_path, capsys
+):
+    healthy(control)  # hourly clean passes up to a quarter of an hour ago
+    control.sql(
+        "INSERT INTO dualwrite.resync_needed (mapping, reason, first_at, last_at)"
+        " VALUES (%s, 'TRUNCATE of the source', now() - interval '3 hours',"
+        " now() - interval '3 hours')",
+        MAPPING,
+    )
+    code, data = report_json(write_config(tmp_path, control.dsn), capsys)
+    assert code == 0, failed(data)
+    assert criterion(data, "resync")["measured"] == "none"
+    assert "a clean pass since" in criterion(data, "resync")["detail"]

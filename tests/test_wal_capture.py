@@ -21,6 +21,7 @@ from dualwrite.service import check_live, teardown, validated_mappings
 from mirror.wal import slot as wal_slot
 from mirror.wal.reader import WalReader
 
+
 def _start(logical_db, logical_sidecar, capture: str, **wal_settings):
     slot = logical_db.name
     config = wal.migration(capture, slot, **wal_settings)
@@ -97,7 +98,7 @@ def test_capture_both_counts_exactly_the_writes_statement_capture_missed(
 
 
 def test_a_quiet_mapping_never_pins_the_wal_other_tables_write(logical_db, logical_sidecar):
-    handle, slot, _ = _start(logical_db, logical_sidecar, "wal")
+    _, slot, _ = _start(logical_db, logical_sidecar, "wal")
     logical_db.sql(
         "CREATE TABLE busy (id int, pad text);"
         "INSERT INTO busy SELECT i, repeat(md5(i::text), 20) FROM generate_series(1, 5000) i"
@@ -110,7 +111,7 @@ def test_a_quiet_mapping_never_pins_the_wal_other_tables_write(logical_db, logic
 def test_truncate_of_the_source_marks_the_mapping_for_resync_and_is_counted(
     logical_db, logical_sidecar
 ):
-    handle, slot, _ = _start(logical_db, logical_sidecar, "wal")
+    _, slot, _ = _start(logical_db, logical_sidecar, "wal")
     before = pos.scrape("dualwrite_wal_truncates_total", mapping=wal.MAPPING)
     logical_db.sql("INSERT INTO audit_log (tenant_id, action, entity) VALUES (1, 'a', 'b')")
     logical_db.sql("TRUNCATE audit_log")

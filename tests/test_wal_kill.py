@@ -67,7 +67,7 @@ class Load:
                                 self.deleted.add(new)
             except psycopg.OperationalError:
                 self._stop.wait(0.1)  # the server is restarting: connect again
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
+            except BaseException as exc:
                 self.errors.append(exc)
                 return
 

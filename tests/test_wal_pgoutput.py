@@ -43,13 +43,17 @@ RELATION = (
     + b"\x00" + _s("details") + struct.pack("!Ii", 3802, -1)
 )
 INSERT = b"I" + struct.pack("!I", 16384) + b"N" + _tuple(7, "login", '{"a": "x\\"y"}')
-UPDATE_SAME_KEY = b"U" + struct.pack("!I", 16384) + b"N" + _tuple(7, "seen", pgoutput.UNCHANGED_TOAST)
+UPDATE_SAME_KEY = (
+    b"U" + struct.pack("!I", 16384) + b"N" + _tuple(7, "seen", pgoutput.UNCHANGED_TOAST)
+)
 UPDATE_NEW_KEY = (
     b"U" + struct.pack("!I", 16384) + b"K" + _tuple(7, None, None) + b"N" + _tuple(8, "moved", None)
 )
 DELETE = b"D" + struct.pack("!I", 16384) + b"K" + _tuple(8, None, None)
 TRUNCATE = b"T" + struct.pack("!ibI", 1, 2, 16384)
-MESSAGE = b"M" + struct.pack("!bQ", 1, 0x1_0000_0110) + _s("dualwrite") + struct.pack("!i", 3) + b"abc"
+MESSAGE = (
+    b"M" + struct.pack("!bQ", 1, 0x1_0000_0110) + _s("dualwrite") + struct.pack("!i", 3) + b"abc"
+)
 ORIGIN = b"O" + struct.pack("!Q", 5) + _s("upstream")
 TYPE = b"Y" + struct.pack("!I", 99999) + _s("public") + _s("mood")
 ALL = [BEGIN, RELATION, INSERT, UPDATE_SAME_KEY, UPDATE_NEW_KEY, DELETE, TRUNCATE, MESSAGE,
@@ -76,7 +80,9 @@ def test_each_message_kind_decodes_to_its_fields() -> None:
     )
     assert pgoutput.decode(DELETE) == pgoutput.Delete(16384, ("8", None, None))
     assert pgoutput.decode(TRUNCATE) == pgoutput.Truncate((16384,), False, True)
-    assert pgoutput.decode(MESSAGE) == pgoutput.LogicalMessage(True, 0x1_0000_0110, "dualwrite", b"abc")
+    assert pgoutput.decode(MESSAGE) == pgoutput.LogicalMessage(
+        True, 0x1_0000_0110, "dualwrite", b"abc"
+    )
     assert pgoutput.decode(ORIGIN) == pgoutput.Origin(5, "upstream")
     assert pgoutput.decode(TYPE) == pgoutput.TypeInfo(99999, "public", "mood")
 

@@ -11,7 +11,9 @@ and interrupted passes are no evidence either way; only the gap bound limits the
 
 The other criteria are read at report time (dead letters, outbox age, backfill, paused) or
 summed over the criteria window, the last ``clean_window_hours`` (unmirrored statements,
-mirror failures).
+mirror failures, changes statement capture missed). A mapping marked for a full resync (a
+TRUNCATE of its source, a dropped replication slot) fails until a clean full pass starts after
+the mark.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ CLEAN_WINDOW_DEFINITION = (
     "clean (no missing, extra or changed rows) and no stretch without a pass, including the "
     "one up to now, is longer than the allowed gap; the window runs from the start of the "
     "oldest such pass to the end of the newest and must be at least the required length. "
-    "Any divergent pass ends it; failed passes count as no pass. Unmirrored statements and "
-    "mirror failures are summed over the criteria window (the last clean_window_hours); dead "
-    "letters, outbox age, backfill and pause state are read at report time."
+    "Any divergent pass ends it; failed passes count as no pass. Unmirrored statements, "
+    "mirror failures and uncaptured changes are summed over the criteria window (the last "
+    "clean_window_hours); dead letters, outbox age, backfill, a pending resync and pause state "
+    "are read at report time."
 )
 
 
@@ -94,6 +97,8 @@ def judge(facts: Facts, criteria: CutoverCriteria, window: Window) -> list[Crite
         outbox_age(facts, criteria),
         unmirrored(facts, criteria, window),
         mirror_failures(facts, criteria, window),
+        uncaptured(facts, criteria, window),
+        resync(facts),
         mirroring_active(facts),
     ]
     if criteria.require_backfill_complete:
@@ -175,6 +180,45 @@ def mirror_failures(facts: Facts, criteria: CutoverCriteria, window: Window) -> 
         criteria.max_mirror_failures,
         window,
         f"rewritten statements that failed, since {timestamp_text(window.start)}",
+    )
+
+
+def uncaptured(facts: Facts, criteria: CutoverCriteria, window: Window) -> Criterion:
+    return _at_most_in_window(
+        "uncaptured_changes",
+        "Changes statement capture missed",
+        facts.uncaptured_in_window,
+        criteria.max_uncaptured_changes,
+        window,
+        f"found in the WAL (capture: both), committed since {timestamp_text(window.start)}",
+    )
+
+
+def resync(facts: Facts) -> Criterion:
+    """Passes unless the mapping was marked for a full resync and no clean full pass has
+    started since the (latest) mark."""
+    marked = facts.resync_marked_at
+    cleared = marked is not None and any(
+        p.full and p.clean and p.started_at > marked for p in facts.passes
+    )
+    passed = marked is None or cleared
+    if marked is None:
+        detail = ""
+    elif cleared:
+        detail = f"marked {timestamp_text(marked)} ({facts.resync_reason}); a clean pass since"
+    else:
+        detail = (
+            f"marked {timestamp_text(marked)}: {facts.resync_reason}; run a full reconcile "
+            "(with --repair) to clear it"
+        )
+    return Criterion(
+        name="resync",
+        title="No full resync pending",
+        measured="pending" if not passed else "none",
+        measured_text="pending" if not passed else "none",
+        threshold_text="none",
+        passed=passed,
+        detail=detail,
     )
 
 

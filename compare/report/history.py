@@ -45,6 +45,10 @@ _FAILURES_SINCE = """
 SELECT coalesce(sum(failures), 0) FROM dualwrite.mirror_activity
 WHERE mapping = $1 AND period_end > $2
 """
+_UNCAPTURED_SINCE = """
+SELECT count(*) FROM dualwrite.uncaptured_changes WHERE mapping = $1 AND commit_time > $2
+"""
+_RESYNC = "SELECT reason, last_at FROM dualwrite.resync_needed WHERE mapping = $1"
 _BACKFILL = """
 SELECT status, rows_done, rows_estimate, finished_at
 FROM dualwrite.backfill_state WHERE mapping = $1
@@ -108,6 +112,7 @@ async def read_facts(
     """Everything the report needs about one mapping (one connection, a handful of queries)."""
     dead = {r["sqlstate"]: int(r["n"]) for r in await conn.fetch(_DEAD_LETTERS, mapping)}
     outbox = await conn.fetchrow(_OUTBOX, mapping)
+    resync = await conn.fetchrow(_RESYNC, mapping)
     return Facts(
         passes=await read_passes(conn, mapping, passes_since),
         passes_since=passes_since,
@@ -118,6 +123,9 @@ async def read_facts(
         outbox_oldest_age_seconds=float(outbox["age"]),
         unmirrored_in_window=int(await conn.fetchval(_UNMIRRORED_SINCE, mapping, window_start)),
         mirror_failures_in_window=int(await conn.fetchval(_FAILURES_SINCE, mapping, window_start)),
+        uncaptured_in_window=int(await conn.fetchval(_UNCAPTURED_SINCE, mapping, window_start)),
+        resync_reason=resync["reason"] if resync else None,
+        resync_marked_at=resync["last_at"] if resync else None,
         backfill=await read_backfill(conn, mapping),
         paused=bool(await conn.fetchval(_PAUSED, mapping)),
         activity=await read_activity(conn, mapping, history_start, bucket, now),

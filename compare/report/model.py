@@ -74,6 +74,11 @@ class Facts:
     #: totals over the criteria window
     unmirrored_in_window: int = 0
     mirror_failures_in_window: int = 0
+    #: capture: both. Committed changes statement capture missed, found in the WAL
+    uncaptured_in_window: int = 0
+    #: the mapping was marked for a full resync (a TRUNCATE, a dropped slot): why, and when last
+    resync_reason: str | None = None
+    resync_marked_at: datetime | None = None
     backfill: Backfill | None = None
     paused: bool = False
     #: mirroring per bucket over the history window, oldest first

@@ -67,6 +67,8 @@ def _mapping_json(report: Report, mapping: MappingReport) -> dict[str, Any]:
             "outbox_oldest_age_seconds": facts.outbox_oldest_age_seconds,
             "unmirrored_in_window": facts.unmirrored_in_window,
             "mirror_failures_in_window": facts.mirror_failures_in_window,
+            "uncaptured_in_window": facts.uncaptured_in_window,
+            "resync_reason": facts.resync_reason,
             "paused": facts.paused,
             "unfinished_passes": facts.unfinished_passes,
             "backfill": asdict(facts.backfill) if facts.backfill else None,

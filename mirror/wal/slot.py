@@ -264,6 +264,13 @@ async def mark_resync(
         metrics.RESYNC_NEEDED.labels(mapping=mapping).set(1)
 
 
+async def export_resync(conn: asyncpg.Connection, mappings: Sequence[str]) -> None:
+    """``dualwrite_resync_needed`` of these mappings from the control schema (whoever marked)."""
+    marked = {r["mapping"] for r in await conn.fetch("SELECT mapping FROM dualwrite.resync_needed")}
+    for mapping in mappings:
+        metrics.RESYNC_NEEDED.labels(mapping=mapping).set(1 if mapping in marked else 0)
+
+
 async def guard_retained(
     conn: asyncpg.Connection, config: WalConfig, mappings: Sequence[CompiledMapping]
 ) -> SlotInfo | None:

@@ -95,7 +95,8 @@ def write_every_way(proxy_dsn: str, direct_dsn: str, writes: Writes, tenant: int
         conn.execute("UPDATE audit_log SET details = '{\"ok\": true}' WHERE id = %s", (new_id,))
         writes.add("statement", 1)
         gone = conn.execute(
-            "INSERT INTO audit_log (tenant_id, action, entity) VALUES (%s, 'tmp', 'x') RETURNING id",
+            "INSERT INTO audit_log (tenant_id, action, entity) VALUES (%s, 'tmp', 'x') "
+            "RETURNING id",
             (tenant,),
         ).fetchone()[0]
         writes.add("statement", 1)
@@ -137,7 +138,7 @@ def run_concurrently(work: Callable[[int], None], threads: int) -> None:
     def run(i: int) -> None:
         try:
             work(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
