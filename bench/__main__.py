@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "drain": "bench.drain",
     "replay": "bench.replay",
     "lint": "bench.lint",
+    "wal": "bench.wal",
 }
 
 

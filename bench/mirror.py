@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,11 +35,22 @@ from bench.measure import (
 
 #: none: straight to PostgreSQL, nothing mirrored; trigger: straight to PostgreSQL with a
 #: PL/pgSQL AFTER ... FOR EACH ROW trigger per mapping; sync/outbox: through `dualwrite run`
-#: with the mappings in that mode; relay (opt-in): through `dualwrite run` with no mappings
-MODES = ("none", "trigger", "sync", "outbox", "relay")
+#: with the mappings in that mode; wal/both (opt-in, need wal_level = logical): through
+#: `dualwrite run` with outbox mappings captured from the WAL, or by statement and audited by
+#: the WAL; relay (opt-in): through `dualwrite run` with no mappings
+MODES = ("none", "trigger", "sync", "outbox", "wal", "both", "relay")
 DEFAULT_MODES = ("none", "trigger", "sync", "outbox")
-MIRRORING = frozenset({"trigger", "sync", "outbox"})
+MIRRORING = frozenset({"trigger", "sync", "outbox", "wal", "both"})
+#: sidecars started once, for the whole benchmark
 SIDECAR_MODES = ("sync", "outbox", "relay")
+#: sidecars started for each of their runs, with their replication slot: a slot that lived
+#: through the other modes' runs would decode (and its reader queue) their writes too
+WAL_MODES = ("wal", "both")
+#: modes whose keys an applier drains after the run (their e2e figures include the drain)
+QUEUE_MODES = ("outbox", "wal", "both")
+#: issue 12's goals for capture: wal, as ratios to the trigger: PostgreSQL CPU per TPC-B
+#: transaction (at most), bulk rows/s end to end (at least)
+WAL_GOALS = {"tpcb": ("pg", 0.9), "bulk": ("e2e", 1.5)}
 WORKLOAD_NAMES = ("tpcb", "bulk")
 #: what issue 3 asks of each proxy mode, as a ratio to the trigger (TPS for TPC-B, rows/s bulk)
 GOALS = {"tpcb": 0.85, "bulk": 1.5}
@@ -73,13 +85,15 @@ class MappingSpec:
         return f"{self.name}_{mode}"
 
     def config(self, mode: str) -> dict[str, Any]:
+        wal = mode in WAL_MODES
         return {
             "name": self.sidecar_name(mode),
             "source": self.source,
             "target": self.target,
             "key": [self.key],
             "columns": dict(self.columns),
-            "mode": mode,
+            "mode": "outbox" if wal else mode,
+            "capture": mode if wal else "statement",
             # an unmirrorable statement fails the run instead of silently diverging
             "unsupported": "reject",
         }
@@ -339,8 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         type=common.csv_choices(MODES),
         default=list(DEFAULT_MODES),
-        help="comma-separated: none,trigger,sync,outbox,relay (default none,trigger,sync,outbox;"
-        " relay is the sidecar with no mappings, to separate the hop from the mirror)",
+        help="comma-separated: none,trigger,sync,outbox,wal,both,relay (default none,trigger,"
+        "sync,outbox; wal and both capture from the WAL and need wal_level = logical; relay is "
+        "the sidecar with no mappings, to separate the hop from the mirror)",
     )
     common.add_protocols_option(p)
     p.add_argument(
@@ -458,6 +473,22 @@ class Monitor:
             self.value("SELECT count(*) FROM dualwrite.dead_letters WHERE mapping = ANY($1)", names)
         )
 
+    def wait_wal_read(self, slot: str, target: Target, timeout: float) -> None:
+        """Until the slot's reader confirmed every commit made so far (so its keys are queued).
+
+        A transactional logical message from this session, committed synchronously, flushes
+        every earlier commit: the flushed position then covers all of pgbench's."""
+        self.value("SET synchronous_commit = on")
+        self.value("SELECT pg_logical_emit_message(true, 'dwbench', 'flush')")
+        lsn = self.value("SELECT pg_current_wal_flush_lsn()")
+        deadline = time.monotonic() + timeout
+        sql = "SELECT confirmed_flush_lsn >= $2 FROM pg_replication_slots WHERE slot_name = $1"
+        while not self.value(sql, slot, lsn):
+            common.check_alive(target)
+            if time.monotonic() > deadline:
+                raise BenchError(f"slot {slot} not confirmed to {lsn} {timeout:.0f} s after a run")
+            time.sleep(0.02)
+
     def wait_drained(self, names: Sequence[str], target: Target, timeout: float) -> float:
         """Poll until the outbox holds no key of these mappings; the monotonic time it did."""
         deadline = time.monotonic() + timeout
@@ -507,16 +538,47 @@ def sidecar_extra(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     """The part of a sidecar's config that differs by mode (mappings and applier)."""
     if mode == "relay":
         return {}
-    applier: dict[str, Any] = {"enabled": mode == "outbox"}
-    if mode == "outbox":
+    applier: dict[str, Any] = {"enabled": mode in QUEUE_MODES}
+    if mode in QUEUE_MODES:
         if args.applier_workers is not None:
             applier["workers"] = args.applier_workers
         if args.applier_batch_size is not None:
             applier["batch_size"] = args.applier_batch_size
-    return {
+    extra: dict[str, Any] = {
         "mappings": [spec.config(mode) for spec in SPECS if spec.workload in args.workloads],
         "applier": applier,
     }
+    if mode in WAL_MODES:
+        extra["wal"] = {"slot_name": wal_slot(mode), "publication_name": wal_slot(mode)}
+    return extra
+
+
+def wal_slot(mode: str) -> str:
+    return f"dwbench_{mode}"
+
+
+@contextlib.contextmanager
+def wal_sidecar(ctx: Context, mode: str) -> Iterator[Target]:
+    """A sidecar of a WAL mode for one run: ``dualwrite setup`` creates its publication and slot,
+    and on exit the sidecar stops and ``dualwrite teardown`` drops them."""
+    extra = sidecar_extra(ctx.args, mode)
+    path = ctx.workdir / f"setup-{mode}.yaml"
+    path.write_text(yaml.safe_dump(common.sidecar_config(ctx.server, 0, extra)))
+    with contextlib.ExitStack() as stack:
+        common.dualwrite_setup(path, ctx.server, what=f"dualwrite setup ({mode})")
+        stack.callback(dualwrite_teardown, path, ctx.server)
+        target = common.start_sidecar(stack, ctx.server, extra, name=f"dualwrite-{mode}")
+        yield target
+
+
+def dualwrite_teardown(config_path: Path, server: Server) -> None:
+    argv = [*common.dualwrite_command(), "teardown", "--config", str(config_path)]
+    done = subprocess.run(
+        argv, env=server.env(), cwd=common.REPO_ROOT, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"dualwrite teardown failed: {done.stdout}{done.stderr}")
 
 
 def dualwrite_setup(server: Server, extra: dict[str, Any], workdir: Path, mode: str) -> None:
@@ -545,6 +607,11 @@ def start_sidecars(
             f"  {target.name}: {target.server.host}:{target.server.port}, pid {target.process.pid}"
         )
         sidecars[mode] = target
+    for mode in WAL_MODES:
+        if mode in args.modes:
+            # the control schema and the mappings checked now; the slot lives only during runs
+            dualwrite_setup(server, sidecar_extra(args, mode), workdir, mode)
+            dualwrite_teardown(workdir / f"setup-{mode}.yaml", server)
     return sidecars
 
 
@@ -552,7 +619,7 @@ def start_sidecars(
 
 
 def all_sidecar_names() -> list[str]:
-    return [spec.sidecar_name(mode) for spec in SPECS for mode in ("sync", "outbox")]
+    return [spec.sidecar_name(mode) for spec in SPECS for mode in ("sync", *QUEUE_MODES)]
 
 
 def reset(server: Server, monitor: Monitor, workload: str, args: argparse.Namespace) -> None:
@@ -609,20 +676,39 @@ class Context:
     workloads: dict[str, BenchWorkload]
     targets: dict[str, Target]
     sidecars: list[Target]
+    workdir: Path
 
 
 def measure(ctx: Context, cell: Cell, mode: str, round_: int) -> Run:
     """Reset, run pgbench (and wait for the outbox to drain), read CPU, verify."""
+    if mode not in WAL_MODES:
+        return measure_with(ctx, cell, mode, round_, ctx.targets[mode], ctx.sidecars)
+    reset(ctx.server, ctx.monitor, cell.workload, ctx.args)  # before the slot exists
+    with wal_sidecar(ctx, mode) as target:
+        ctx.targets[mode] = target
+        return measure_with(ctx, cell, mode, round_, target, [*ctx.sidecars, target], reset_=False)
+
+
+def measure_with(
+    ctx: Context,
+    cell: Cell,
+    mode: str,
+    round_: int,
+    target: Target,
+    sidecars: list[Target],
+    *,
+    reset_: bool = True,
+) -> Run:
     args, server, monitor = ctx.args, ctx.server, ctx.monitor
     bench_workload = ctx.workloads[cell.workload]
-    target = ctx.targets[mode]
     specs = specs_of(cell.workload)
-    reset(server, monitor, cell.workload, args)
+    if reset_:
+        reset(server, monitor, cell.workload, args)
     if mode == "trigger":
         common.psql(server, *(spec.create_trigger() for spec in specs))
     sampler = monitor.sampler()
     try:
-        before = snapshot(ctx.sidecars)
+        before = snapshot(sidecars)
         if sampler is not None:
             sampler.start()
         result = common.run_pgbench(
@@ -635,14 +721,16 @@ def measure(ctx: Context, cell: Cell, mode: str, round_: int) -> Run:
         )
         ended = time.monotonic()
         tail = None
-        if mode == "outbox":
+        if mode in WAL_MODES:
+            monitor.wait_wal_read(wal_slot(mode), target, args.drain_timeout)
+        if mode in QUEUE_MODES:
             names = [spec.sidecar_name(mode) for spec in specs]
             tail = monitor.wait_drained(names, target, args.drain_timeout) - ended
             dead = monitor.dead_letters(names)
             if dead:
                 raise BenchError(f"{dead} keys dead-lettered in {cell.label} outbox")
         monitor.wait_sessions_gone()
-        after = snapshot(ctx.sidecars)
+        after = snapshot(sidecars)
     finally:
         pg_cpu = sampler.stop() if sampler is not None else None
         common.check_alive(target)
@@ -727,17 +815,22 @@ def warm_up(ctx: Context) -> None:
         seen.add(target.name)
         for workload in args.workloads:
             reset(ctx.server, ctx.monitor, workload, args)
-            common.pgbench_against(
-                target,
-                ctx.workloads[workload].workload,
-                args.protocols[-1],
-                clients=args.clients,
-                jobs=args.jobs,
-                seconds=args.warmup,
-            )
-            if mode == "outbox":
-                names = [spec.sidecar_name(mode) for spec in specs_of(workload)]
-                ctx.monitor.wait_drained(names, target, args.drain_timeout)
+            with contextlib.ExitStack() as stack:
+                if mode in WAL_MODES:
+                    target = stack.enter_context(wal_sidecar(ctx, mode))
+                common.pgbench_against(
+                    target,
+                    ctx.workloads[workload].workload,
+                    args.protocols[-1],
+                    clients=args.clients,
+                    jobs=args.jobs,
+                    seconds=args.warmup,
+                )
+                if mode in WAL_MODES:
+                    ctx.monitor.wait_wal_read(wal_slot(mode), target, args.drain_timeout)
+                if mode in QUEUE_MODES:
+                    names = [spec.sidecar_name(mode) for spec in specs_of(workload)]
+                    ctx.monitor.wait_drained(names, target, args.drain_timeout)
 
 
 def measure_cell(ctx: Context, cell: Cell) -> list[Run]:
@@ -768,6 +861,7 @@ def summarise(cell: Cell, runs: Sequence[Run], modes: Sequence[str]) -> dict[str
         goal = GOALS[cell.workload]
         client = vs_trigger(runs, mode, "rows_per_s") if mode != "trigger" else 1.0
         e2e = vs_trigger(runs, mode, "e2e_rows_per_s") if mode != "trigger" else 1.0
+        pg = vs_trigger(runs, mode, "pg_cpu_us_per_txn") if mode != "trigger" else 1.0
         per_mode[mode] = {
             "median_tps": common.median(tps),
             "median_rows_per_s": common.median(run.rows_per_s for run in mine),
@@ -785,6 +879,8 @@ def summarise(cell: Cell, runs: Sequence[Run], modes: Sequence[str]) -> dict[str
             "failed": sum(run.failed for run in mine),
             "vs_trigger_client": client,
             "vs_trigger_e2e": e2e,
+            "vs_trigger_pg_cpu": pg,
+            "wal_goal": wal_goal(cell.workload, mode, pg, e2e),
             "goal": goal if mode in ("sync", "outbox") else None,
             "goal_met_client": None
             if mode not in ("sync", "outbox") or client is None
@@ -794,7 +890,23 @@ def summarise(cell: Cell, runs: Sequence[Run], modes: Sequence[str]) -> dict[str
     return {"workload": cell.workload, "protocol": cell.protocol, "modes": per_mode}
 
 
+def wal_goal(workload: str, mode: str, pg: float | None, e2e: float | None) -> str | None:
+    """Issue 12's goal for this workload, judged (capture modes only)."""
+    if mode not in WAL_MODES:
+        return None
+    what, bound = WAL_GOALS[workload]
+    if what == "pg":
+        met = None if pg is None else pg <= bound
+        text = f"PG CPU ≤{bound:.2f}x"
+    else:
+        met = None if e2e is None else e2e >= bound
+        text = f"e2e ≥{bound:.2f}x"
+    return f"{text}: {'n/a' if met is None else 'met' if met else 'MISS'}"
+
+
 def verdict(entry: dict[str, Any], mode: str) -> str:
+    if entry.get("wal_goal"):
+        return str(entry["wal_goal"])
     if entry["goal"] is None:
         return ""
     goal = f"≥{entry['goal']:.2f}x"
@@ -822,6 +934,7 @@ def table(summaries: Sequence[dict[str, Any]], workloads: dict[str, BenchWorkloa
         "drain tail s",
         "sidecar µs/txn",
         "PG µs/txn",
+        "PG vs trigger",
     ]
     rows = []
     for s in summaries:
@@ -838,11 +951,12 @@ def table(summaries: Sequence[dict[str, Any]], workloads: dict[str, BenchWorkloa
                     common.fmt(e["vs_trigger_e2e"], ".2f", "x"),
                     verdict(e, mode),
                     common.fmt(e["median_latency_ms"], ".2f"),
-                    common.fmt(e["median_drain_tail_s"], ".2f") if mode == "outbox" else "-",
+                    common.fmt(e["median_drain_tail_s"], ".2f") if mode in QUEUE_MODES else "-",
                     common.fmt(e["median_sidecar_cpu_us_per_txn"], ",.0f")
-                    if mode in SIDECAR_MODES
+                    if mode in SIDECAR_MODES or mode in WAL_MODES
                     else "-",
                     common.fmt(e["median_pg_cpu_us_per_txn"], ",.0f"),
+                    common.fmt(e.get("vs_trigger_pg_cpu"), ".2f", "x"),
                 ]
             )
     return common.markdown_table(headers, rows)
@@ -888,9 +1002,15 @@ def report(
         table(summaries, workloads),
         "",
         "TPS excludes connection time. rows/s = rows written to mapped tables per second on the "
-        "client side; e2e rows/s also waits for the mirror: for outbox it is rows over "
-        "(pgbench's time + the drain tail, until `dualwrite.outbox` of the mappings was empty "
-        "again with the sidecar's applier working), for the others it equals rows/s. "
+        "client side; e2e rows/s also waits for the mirror: for outbox, wal and both it is rows "
+        "over (pgbench's time + the drain tail, until the WAL reader had confirmed every commit "
+        "(wal, both) and `dualwrite.outbox` of the mappings was empty again with the sidecar's "
+        "applier working), for the others it equals rows/s. wal/both sidecars are started with "
+        "their replication slot for each of their runs and torn down after it, so no slot "
+        "decodes the other modes' runs; pgbench goes through the sidecar in both (with wal "
+        "the proxy relays the writes untouched). PG vs trigger = PG µs/txn over the "
+        "trigger's, median of per-round ratios (issue 12's goals: ≤0.9x on TPC-B, and bulk e2e "
+        "rows/s ≥1.5x). "
         "vs trigger = median over rounds of the run's rows/s (or e2e rows/s) over the trigger "
         "run's rows/s in the same round (= the TPS ratio). Goals (issue 3): TPC-B ≥ 0.85x the "
         "trigger, bulk ≥ 1.5x. sidecar µs/txn = the sidecar's user+system CPU over the run "
@@ -961,7 +1081,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
         common.progress("PostgreSQL is not local (or not readable): no PG CPU figures")
     direct = Target("direct", bench_db)
     targets = {mode: sidecars.get(mode, direct) for mode in args.modes}
-    ctx = Context(args, bench_db, monitor, workloads, targets, list(sidecars.values()))
+    ctx = Context(args, bench_db, monitor, workloads, targets, list(sidecars.values()), workdir)
     meta = describe_run(started, argv, bench_db, origin, args)
     warm_up(ctx)
     runs: list[Run] = []

@@ -289,7 +289,11 @@ class Sidecar:
             async with self.pool.acquire() as conn:
                 await wal_slot.require_ready(conn, config.wal, wal)
             self.wal_reader = WalReader(
-                lambda: connect_service(config), wal, config.wal, reader_id=self.recorder.sidecar
+                lambda: connect_service(config),
+                wal,
+                config.wal,
+                reader_id=self.recorder.sidecar,
+                states=self.states,
             )
             await self.wal_reader.start()
         if config.reconcile.interval_seconds is not None:

@@ -13,7 +13,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from support import pos, wal
+from support import pos, wait_until, wal
 
 from core.config import parse_config
 from core.errors import WalNotReady
@@ -234,3 +234,28 @@ def test_check_explains_what_the_wal_reader_is_missing(logical_db, db, pg):
     logical_db.sql("ALTER TABLE audit_log REPLICA IDENTITY FULL")
     logical_db.sql("ALTER ROLE wal_nobody REPLICATION")
     assert asyncio.run(problems()) == []
+
+
+def test_a_key_the_target_refuses_goes_through_the_outbox_to_the_dead_letters(
+    logical_db, logical_sidecar
+):
+    _, slot, _ = _start(logical_db, logical_sidecar, "wal")
+    logical_db.sql(
+        "ALTER TABLE v2.audit_events ADD CONSTRAINT no_forbidden CHECK (action <> 'forbidden')"
+    )
+    bad = logical_db.scalar(
+        "INSERT INTO audit_log (tenant_id, action, entity) VALUES (1, 'forbidden', 'x') "
+        "RETURNING id"
+    )
+    good = logical_db.scalar(
+        "INSERT INTO audit_log (tenant_id, action, entity) VALUES (1, 'fine', 'x') RETURNING id"
+    )
+    wal.wait_confirmed(logical_db, slot)
+    wait_until(
+        lambda: logical_db.sql("SELECT mapping, key::text, sqlstate FROM dualwrite.dead_letters"),
+        what="the refused key to be dead-lettered",
+    )
+    assert logical_db.sql("SELECT mapping, key::text, sqlstate FROM dualwrite.dead_letters") == [
+        (wal.MAPPING, f"[{bad}]", "23514")
+    ]
+    assert logical_db.sql("SELECT id FROM v2.audit_events") == [(good,)]

@@ -10,10 +10,12 @@ A poll, on the leader's connection:
 2. ``pg_logical_slot_peek_binary_changes(slot, upto, batch_changes, pgoutput...)``: decode,
    without consuming, the transactions committed before ``upto`` (whole transactions);
 3. have PostgreSQL compute each changed row's mapping key (mirror/wal/keys.py);
-4. in one transaction: insert the keys into ``dualwrite.outbox`` (for ``both``, only the keys
-   of changes statement capture did not record, which are also written to
-   ``dualwrite.uncaptured_changes``), mark truncated mappings for resync, and move
-   ``dualwrite.wal_progress`` to the position covered;
+4. in one transaction: apply the keys to the target with ``sync_keys`` (same-database,
+   unpaused mappings; in a savepoint) or, when that is not possible or the target refuses,
+   insert them into ``dualwrite.outbox`` for the applier, whose dead-letter handling then
+   decides key by key (for ``both``, only the keys of changes statement capture did not
+   record, which are also written to ``dualwrite.uncaptured_changes``); mark truncated
+   mappings for resync; and move ``dualwrite.wal_progress`` to the position covered;
 5. after that commit, ``pg_replication_slot_advance`` the slot to the same position.
 
 A kill between 4 and 5, or a PostgreSQL restart that forgets an advance (the slot is saved at
@@ -37,10 +39,11 @@ import asyncpg
 
 from core import metrics
 from core.config import WalConfig
-from core.control import LOCK_CLASS
+from core.control import LOCK_CLASS, MappingStates
 from core.logs import get_logger
 from core.mapping import CompiledMapping
 from core.sqltext import QualifiedName
+from mirror.keysync import sync_keys
 from mirror.wal import pgoutput, slot
 from mirror.wal.keys import KeyDeriver
 
@@ -77,6 +80,17 @@ FROM (SELECT s AS snap, txid_snapshot_xmax(s) AS xmax,
       FROM txid_current_snapshot() AS s) AS e,
      unnest($1::bigint[]) AS x
 """
+#: PostgreSQL decodes from the slot's restart_lsn on every call, and restart_lsn moves only past
+#: a running-transactions record (the background writer logs one every 15 s). On PostgreSQL 16
+#: and later, when the slot's restart_lsn trails its confirmed position by more than this, the
+#: reader logs one itself, so a poll re-reads about one poll's WAL instead of up to 15 s of it.
+RESTART_LAG_BYTES = 1 << 20
+_NUDGE_RESTART = """
+SELECT pg_log_standby_snapshot() FROM pg_replication_slots
+WHERE slot_name = $1 AND pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn) > $2
+"""
+#: the reader's own apply gives way quickly (its keys then go through the outbox)
+APPLY_LOCK_TIMEOUT_MS = 200
 #: how long the reader waits for decoded transactions to become visible before it retries
 VISIBLE_WAIT_SECONDS = 10.0
 _PROGRESS = """
@@ -96,6 +110,8 @@ class PollResult:
     changes: int = 0
     skipped_transactions: int = 0
     keys_queued: dict[str, int] = field(default_factory=dict)
+    #: keys applied to the target by the reader itself (not queued)
+    keys_applied: dict[str, int] = field(default_factory=dict)
     uncaptured: dict[str, int] = field(default_factory=dict)
     truncated: list[str] = field(default_factory=list)
     #: the position the slot was confirmed to (None: nothing new)
@@ -130,11 +146,15 @@ class WalReader:
         config: WalConfig,
         *,
         reader_id: str,
+        states: MappingStates | None = None,
     ) -> None:
         self.connect = connect
         self.mappings = slot.wal_mappings(mappings)
         self.config = config
         self.reader_id = reader_id
+        #: pause flags: a paused mapping's keys are queued, never applied here
+        self.states = states or MappingStates()
+        self._by_name = {m.name: m for m in self.mappings}
         self.publications = slot.publication_names(config, self.mappings)
         self._by_source: dict[tuple[str, str], list[CompiledMapping]] = defaultdict(list)
         for mapping in self.mappings:
@@ -148,6 +168,8 @@ class WalReader:
         #: the position the slot was last advanced to by this reader
         self._advanced: int = 0
         self._guarded_at = -GUARD_INTERVAL_SECONDS
+        #: log running-transactions records to move restart_lsn (PostgreSQL 16+, if allowed)
+        self._nudge = False
         #: wakes the loop early (tests, shutdown)
         self.polls = 0
 
@@ -211,6 +233,7 @@ class WalReader:
             return False
         self._conn = conn
         self._set_leader(True)
+        self._nudge = int(await conn.fetchval("SHOW server_version_num")) >= 160000
         created = await slot.ensure_slot(conn, self.config.slot_name)
         if created and await conn.fetchval(
             "SELECT EXISTS (SELECT FROM dualwrite.wal_progress WHERE slot = $1)",
@@ -265,9 +288,19 @@ class WalReader:
             )
             self._advanced = covered
             result.confirmed = covered
+            if txns and self._nudge:
+                await self._nudge_restart(conn)
         metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(0)
         metrics.WAL_POLL_SECONDS.observe(time.perf_counter() - started)
         return result
+
+    async def _nudge_restart(self, conn: asyncpg.Connection) -> None:
+        try:
+            await conn.execute(_NUDGE_RESTART, self.config.slot_name, RESTART_LAG_BYTES)
+        except asyncpg.InsufficientPrivilegeError:
+            # granted to superusers only by default: without it decoding re-reads more WAL
+            _log.info("wal_restart_nudge_unavailable", reason="pg_log_standby_snapshot denied")
+            self._nudge = False
 
     async def _guard(self, conn: asyncpg.Connection) -> None:
         now = time.monotonic()
@@ -293,6 +326,31 @@ class WalReader:
             if time.monotonic() > deadline:
                 raise asyncpg.InterfaceError(f"decoded transactions {xids[:5]} are not visible")
             await asyncio.sleep(0.001)
+
+    async def _apply(
+        self, conn: asyncpg.Connection, mapping: CompiledMapping, keys: set[str]
+    ) -> bool:
+        """Copy the keys' source rows to the target now, in a savepoint of the bookkeeping
+        transaction; False (nothing written) when they must go through the outbox instead.
+
+        Why apply here: the keys would otherwise be inserted into the outbox, claimed and
+        deleted by the applier in another transaction: three writes per key for the same
+        result. The outbox stays the path for what the applier handles better: a target in
+        another database, a paused mapping, and a target that refuses a key (the applier
+        bisects the batch and dead-letters the key, with retries and backoff).
+        """
+        if mapping.cross_database or self.states.is_paused(mapping.name):
+            return False
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {APPLY_LOCK_TIMEOUT_MS}")
+                done = await sync_keys(conn, mapping, sorted(keys))
+        except asyncpg.PostgresError as exc:
+            _log.info("wal_apply_deferred", mapping=mapping.name, error=str(exc))
+            return False
+        metrics.APPLIER_ROWS.labels(mapping=mapping.name, outcome="upserted").inc(done.upserted)
+        metrics.APPLIER_ROWS.labels(mapping=mapping.name, outcome="deleted").inc(done.deleted)
+        return True
 
     async def _queue(
         self,
@@ -342,9 +400,14 @@ class WalReader:
                      changed[0])
                 )
             queue[mapping.name].update(changed)
-        names = [m for m, ks in queue.items() for _ in ks]
-        values = [k for ks in queue.values() for k in ks]
         async with conn.transaction():
+            applied = {
+                name: await self._apply(conn, self._by_name[name], keys)
+                for name, keys in queue.items()
+            }
+            queued = {name: keys for name, keys in queue.items() if not applied[name]}
+            names = [m for m, ks in queued.items() for _ in ks]
+            values = [k for ks in queued.values() for k in ks]
             if values:
                 await conn.execute(_QUEUE, names, values)
             if uncaptured:
@@ -357,7 +420,8 @@ class WalReader:
             )
         result.transactions = len(txns)
         result.changes = len(batch.changes)
-        result.keys_queued = {m: len(ks) for m, ks in queue.items()}
+        result.keys_queued = {m: len(ks) for m, ks in queued.items()}
+        result.keys_applied = {m: len(ks) for m, ks in queue.items() if applied[m]}
         for name, count in result.keys_queued.items():
             metrics.WAL_KEYS_QUEUED.labels(mapping=name).inc(count)
         for row in uncaptured:
