@@ -64,6 +64,28 @@ async def _poll_trials(server: Server, args: argparse.Namespace, total: int) -> 
             walls.append(time.perf_counter() - t0)
             cpus.append(_backend_cpu(pid) - cpu0)
             pys.append(_python_decode_seconds(rows))
+        # an idle poll after the slot was confirmed past everything, but its restart_lsn still
+        # before all of it (as between two running-transactions records): every poll re-reads
+        await conn.execute(
+            "SELECT pg_replication_slot_advance($1, pg_current_wal_flush_lsn())", _slot("idle")
+        )
+        behind = await conn.fetchval(
+            "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = $1", _slot("idle")
+        )
+        idle_behind = await _idle_poll_us(conn, max(args.idle_polls // 10, 5))
+        # then with restart_lsn caught up (what the reader's nudge does on PostgreSQL 16+)
+        if int(await conn.fetchval("SHOW server_version_num")) >= 160000:
+            await conn.execute("SELECT pg_log_standby_snapshot()")
+        for _ in range(2):
+            await conn.execute(
+                "SELECT pg_replication_slot_advance($1, pg_current_wal_flush_lsn())",
+                _slot("idle"),
+            )
+        caught_up = await conn.fetchval(
+            "SELECT pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn)::bigint "
+            "FROM pg_replication_slots WHERE slot_name = $1", _slot("idle")
+        )
         idle = await _idle_poll_us(conn, args.idle_polls)
     finally:
         await conn.close()
@@ -75,6 +97,9 @@ async def _poll_trials(server: Server, args: argparse.Namespace, total: int) -> 
         "server_cpu_us_per_change": (common.median(cpus) or 0.0) * 1e6 / total,
         "python_decode_us_per_change": (common.median(pys) or 0.0) * 1e6 / total,
         "idle_poll_us": idle,
+        "idle_poll_restart_behind_bytes": caught_up,
+        "idle_poll_rereading_us": idle_behind,
+        "rereading_bytes": behind,
     }
 
 
@@ -171,8 +196,12 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
           f"pgoutput (proto 1, text values), median of {args.trials}\n")
     print(common.markdown_table(["transport", "wall s", "changes/s", "server CPU µs/change"],
                                 rows))
-    print(f"\nIdle poll (flushed position + an empty peek): {poll['idle_poll_us']:,.0f} µs. "
-          f"The reader's Python decode: {poll['python_decode_us_per_change']:.2f} µs/change.")
+    print(f"\nIdle poll (flushed position + an empty peek), restart_lsn "
+          f"{poll['idle_poll_restart_behind_bytes']:,} bytes behind: "
+          f"{poll['idle_poll_us']:,.0f} µs; with restart_lsn {poll['rereading_bytes']:,} bytes "
+          f"behind (all of the above re-read, no output): {poll['idle_poll_rereading_us']:,.0f} "
+          f"µs. The reader's Python decode: {poll['python_decode_us_per_change']:.2f} "
+          f"µs/change.")
     data = {**meta, "poll": poll, "streams": streams, "changes": total}
     common.progress(f"results written to {common.write_json('wal', started, data)}")
     return 0
