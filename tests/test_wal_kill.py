@@ -4,8 +4,11 @@ acknowledged write is in the target afterwards, and the slot survives."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from pathlib import Path
 
@@ -113,13 +116,18 @@ def test_kill_9_of_the_reader_mid_stream_loses_nothing_and_a_standby_takes_over(
     assert db.scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot) == 1
 
 
-def test_a_postgresql_crash_restart_under_load_loses_nothing(tmp_path: Path):
+def test_a_postgresql_crash_restart_under_load_loses_nothing():
     port = free_port()
+    # a data directory that survives the restart, where the unprivileged server user can reach
+    # it when the tests run as root (pytest's tmp_path is private to root)
+    root = Path(tempfile.mkdtemp(prefix="dualwrite-pg-"))
     # synchronous commits: an acknowledged write must survive the crash in the source itself
     cluster = EmbeddedPostgres(
-        tmp_path / "pgdata", port=port, settings={**LOGICAL_SETTINGS, "synchronous_commit": "on"}
+        root / "data", port=port, settings={**LOGICAL_SETTINGS, "synchronous_commit": "on"}
     )
-    with cluster:
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+        cleanup.enter_context(cluster)
         server = PgServer.from_embedded(cluster)
         db = server.create_database()
         slot = db.name
