@@ -88,6 +88,9 @@ class LimitsConfig(Strict):
     startup_timeout_seconds: PositiveSeconds = 10.0
     #: bytes queued towards a slow peer before the other side stops being read
     write_buffer_high_bytes: Annotated[int, Field(ge=4096)] = 1 << 20
+    #: server-side prepared statements per connection for the shapes of simple-protocol
+    #: writes to mapped tables (least recently used deallocated first); 0 turns them off
+    prepared_writes_per_connection: Annotated[int, Field(ge=0, le=10000)] = 256
 
 
 class ShutdownConfig(Strict):

@@ -152,6 +152,13 @@ REJECTED_STATEMENTS: Final = Counter(
     "Writes to a mapped table refused (policy reject)",
     ["mapping", "reason"],
 )
+PREPARED_WRITES: Final = Counter(
+    "dualwrite_prepared_writes_total",
+    "Simple-protocol writes to mapped tables and the server-side prepared statements made for "
+    "their shapes, by outcome: prepared, parse_failed, executed, unprepared (ran as a simple "
+    "Query), evicted, invalidated",
+    ["outcome"],
+)
 MAPPING_PAUSED: Final = Gauge(
     "dualwrite_mapping_paused", "1 while a mapping is paused, else 0", ["mapping"]
 )

@@ -16,6 +16,9 @@ from typing import Any, Final
 from core import metrics
 from core.control import ActivityRecorder
 from proxy.classify import statement_kind
+from proxy.literals import parameterize
+from proxy.prepared_reply import PreparedReply
+from proxy.prepared_writes import READY, PreparedShape, PreparedWrites, drops_statements
 from proxy.reply_repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
 from proxy.rewrite import (
     REJECT,
@@ -27,7 +30,7 @@ from proxy.rewrite import (
     StatementPlan,
     reject_message,
 )
-from proxy.tracker import Pending
+from proxy.tracker import Pending, ResponseTracker
 from proxy.traffic import ConnectionTraffic, TrafficRecorder
 from proxy.wire import messages as m
 from proxy.wire.frames import frame_end
@@ -47,6 +50,15 @@ _ENCODINGS: Final = {
 }
 
 _STATEMENT_COUNTS = metrics.HOT.statements
+_DESCRIBE_UNNAMED_PORTAL: Final = m.build_describe(ord("P"), b"")
+_EXECUTE_UNNAMED_PORTAL: Final = m.build_execute(b"", 0)
+_CLOSE_UNNAMED_STATEMENT: Final = m.build_close(ord("S"), b"")
+#: transaction statuses a prepared write may run in (idle, in a transaction block)
+_LIVE: Final = (b"I", b"T")
+
+
+def _prepared_outcome(outcome: str) -> None:
+    metrics.child(metrics.PREPARED_WRITES, outcome).inc()
 
 
 def python_codec(pg_encoding: str) -> str:
@@ -90,6 +102,7 @@ class Frontend:
         *,
         statement_log: Any = None,
         traffic: TrafficRecorder | None = None,
+        prepared_writes: int = 256,
     ) -> None:
         self.rewriter = rewriter
         self.recorder = recorder
@@ -102,6 +115,15 @@ class Frontend:
         self.portals: dict[bytes, Portal] = {}
         #: after the proxy refused a Parse, drop client messages until Sync
         self.discarding = False
+        #: the connection's tracker, set by whoever owns it: without it the proxy cannot tell
+        #: when the connection is at rest, and writes are never prepared
+        self.tracker: ResponseTracker | None = None
+        #: simple-protocol writes to mapped tables as prepared statements (None: off)
+        self.prepared_writes = (
+            PreparedWrites(prepared_writes) if rewriter is not None and prepared_writes else None
+        )
+        #: the client prepared an unnamed statement, which a simple Query would drop
+        self.unnamed_statement = False
 
     @property
     def inspects_extended(self) -> bool:
@@ -151,6 +173,9 @@ class Frontend:
             return False
         sql = m.parse_query(body)
         if self.rewriter is not None and self.rewriter.candidate(sql):
+            return False
+        writes = self.prepared_writes
+        if writes is not None and (writes.pending or (writes.shapes and drops_statements(sql))):
             return False
         if self.traffic is not None:
             self.traffic.query(sql)
@@ -223,6 +248,33 @@ class Frontend:
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
         if self.traffic is not None:
             self.traffic.query(sql)
+        writes = self.prepared_writes
+        if writes is None or self.tracker is None:
+            return self._simple_query(sql, body)
+        if writes.shapes and drops_statements(sql):
+            writes.forget_all()
+        shape, params = self._prepared_write(writes, sql)
+        # The proxy's own batch (Parses at rest, Closes) goes first; it may prepare ``shape``.
+        lead, lead_entries = (
+            writes.housekeeping(self.tracker.status_at_rest(), self.tracker.synced)
+            if writes.pending
+            else (b"", [])
+        )
+        # Only at rest outside a failed transaction: there the server would refuse the Bind,
+        # not the Query, and say so from another place in its code.
+        if shape is not None and params is not None and self.tracker.status_at_rest() in _LIVE:
+            main, entries = self._run_prepared(writes, shape, params)
+        else:
+            if shape is not None:
+                _prepared_outcome("unprepared")
+            replacement, entries = self._simple_query(sql, body)
+            if not lead:
+                return replacement, entries
+            main = replacement if replacement is not None else m.frame_of(m.QUERY, body)
+        return (lead + main if lead else main), [*lead_entries, *entries]
+
+    def _simple_query(self, sql: bytes, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        """The Query as it always ran: rewritten (and repaired) when it concerns a mapping."""
         rewritten = self._plan(sql, prepared=False)
         if rewritten is None:
             return None, [m.QUERY]
@@ -232,8 +284,68 @@ class Frontend:
         replacement = m.build_query(self._encode(rewritten.sql))
         return replacement, [Pending(m.QUERY, QueryRepair(rewritten, self.recorder))]
 
+    def _prepared_write(
+        self, writes: PreparedWrites, sql: bytes
+    ) -> tuple[PreparedShape | None, Any]:
+        """The prepared shape for a write to a mapped table, with its literals; (shape, None)
+        when the shape is not ready yet (a new one is added); (None, None) when the statement
+        does not qualify (not one rewritten write, or nothing to take out of it)."""
+        rewriter = self.rewriter
+        if rewriter is None or not rewriter.candidate(sql):
+            return None, None
+        params = parameterize(sql.decode(self.codec, "surrogateescape"))
+        if params is None:
+            return None, None
+        shaped = rewriter.rewrite(params.shape, remember_text=True)
+        if shaped is None or len(shaped.statements) != 1 or shaped.statements[0].action != REWRITE:
+            return None, None
+        key = (params.shape, params.types, rewriter.states.version)
+        shape = writes.get(key)
+        if shape is None:
+            writes.add(key, shaped, self._encode(shaped.sql), params.types)
+            return writes.get(key), None
+        if shape.state != READY:
+            return shape, None
+        return shape, params
+
+    def _run_prepared(
+        self, writes: PreparedWrites, shape: PreparedShape, params: Any
+    ) -> tuple[bytes, list[int | Pending]]:
+        """Bind, Describe, Execute, Sync for one write of a prepared shape."""
+        _prepared_outcome("executed")
+        rewritten = shape.rewritten
+        assert isinstance(rewritten, Rewritten)
+        reply = rewritten.statements[0].template.reply
+        assert reply is not None
+
+        def broken(exists: bool) -> None:
+            writes.invalidate(shape, exists=exists)
+
+        plan = PreparedReply(reply, rewritten, params, broken, self.recorder)
+        values = [self._encode(lit.value) for lit in params.literals]
+        out = [
+            m.build_bind_text(b"", shape.name, values),
+            _DESCRIBE_UNNAMED_PORTAL,
+            _EXECUTE_UNNAMED_PORTAL,
+            m.SYNC_MESSAGE,
+        ]
+        entries: list[int | Pending] = [
+            Pending(m.BIND, plan),
+            Pending(m.DESCRIBE, plan),
+            Pending(m.EXECUTE, plan),
+            Pending(m.SYNC, plan),
+        ]
+        if self.unnamed_statement:
+            # A simple Query drops the unnamed statement; so does the prepared form of it.
+            self.unnamed_statement = False
+            out.insert(0, _CLOSE_UNNAMED_STATEMENT)
+            entries.insert(0, Pending(m.CLOSE, plan))
+        return b"".join(out), entries
+
     def _parse(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         parse = m.parse_parse(body)
+        if not parse.name:
+            self.unnamed_statement = True
         _STATEMENT_COUNTS[statement_kind(parse.sql)] += 1
         if self.traffic is not None:
             self.traffic.parse(parse.name, parse.sql)

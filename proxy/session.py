@@ -115,7 +115,9 @@ class Session:
             mirror.recorder if mirror is not None else None,
             statement_log=self.log if logging.level == "debug" and logging.log_statements else None,
             traffic=mirror.traffic if mirror is not None else None,
+            prepared_writes=limits.prepared_writes_per_connection,
         )
+        self.frontend.tracker = self.tracker
         self.client_scan = FrameScanner(
             _CLIENT_TABLE, max_length=limits.max_message_bytes, streamable=_STREAMABLE_CLIENT
         )

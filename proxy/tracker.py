@@ -142,6 +142,27 @@ class ResponseTracker:
             return self.cycles == 0 and not self.open and not self.unsynced
         return not self.queue and not self.copy_in and not self.unsynced
 
+    def status_at_rest(self) -> bytes | None:
+        """The transaction status when nothing is in flight and no extended-protocol batch is
+        open (the proxy may then send a Sync-terminated batch of its own without changing what
+        the client's messages mean), else None."""
+        if self.unsynced or self.skipping or self.copy_in:
+            return None
+        if self.queue is None:
+            if self.cycles or self.open:
+                return None
+        elif self.queue:
+            return None
+        return self.status
+
+    @property
+    def synced(self) -> bool:
+        """The last message sent ended a cycle: a batch of the proxy's own, ended by its own
+        Sync, may follow it (replies to earlier messages may still be owed)."""
+        if self.unsynced or self.skipping or self.copy_in:
+            return False
+        return self.queue is not None or not self.open
+
     @property
     def head(self) -> int | Pending | None:
         queue = self.queue

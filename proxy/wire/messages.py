@@ -312,6 +312,20 @@ def build_execute(portal: bytes = b"", max_rows: int = 0) -> bytes:
     return frame(b"E", portal + b"\x00" + _INT32.pack(max_rows))
 
 
+def build_bind_text(portal: bytes, statement: bytes, params: Sequence[bytes]) -> bytes:
+    """A Bind with every parameter and every result column in text format."""
+    body = [portal, b"\x00", statement, b"\x00\x00\x00", _INT16.pack(len(params))]
+    for value in params:
+        body += [_INT32.pack(len(value)), value]
+    body.append(b"\x00\x00")
+    return frame(b"B", b"".join(body))
+
+
+def build_describe(kind: int, name: bytes) -> bytes:
+    """A Describe of a statement (``ord('S')``) or portal (``ord('P')``)."""
+    return frame(b"D", bytes((kind,)) + name + b"\x00")
+
+
 SYNC_MESSAGE: Final = frame(b"S", b"")
 TERMINATE_MESSAGE: Final = frame(b"X", b"")
 

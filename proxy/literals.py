@@ -1,0 +1,202 @@
+"""Literals of one SQL statement as parameters: the statement's shape text with ``$n``, typed
+the way PostgreSQL's parser types the constants it replaces.
+
+A literal becomes a parameter only where a parameter means the same thing:
+
+* integer literals are ``int4`` when they fit in 32 bits, else ``int8`` when they fit in 64
+  bits, else ``numeric`` (PostgreSQL's ``make_const``); a leading minus sign that the parser
+  folds into the constant goes with it; decimal literals are ``numeric``;
+* string literals are ``unknown`` (type 0): the server resolves them from their context at
+  Parse, as it resolves an unknown literal;
+* everything else stays in the text: booleans, NULL, bit strings, ``E''``/``U&''`` strings and
+  strings with a backslash (their meaning depends on standard_conforming_strings), type
+  modifiers (``varchar(10)``), the literal of a prefix cast (``interval '1 day'``), positional
+  ``ORDER BY 1`` / ``GROUP BY 1``, non-decimal integers.
+
+A text that already has ``$`` in it (parameters, dollar quotes) is left alone, as is a text
+with more than one statement.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pglast import parser as pgparser
+
+INT4: Final = 23
+INT8: Final = 20
+NUMERIC: Final = 1700
+UNKNOWN: Final = 0
+
+_INT4_RANGE: Final = range(-(2**31), 2**31)
+_INT8_RANGE: Final = range(-(2**63), 2**63)
+_DECIMAL_INT: Final = re.compile(r"-?[0-9]+")
+_DECIMAL: Final = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_NUMBER_TOKENS: Final = frozenset({"ICONST", "FCONST"})
+_BLANKS: Final = frozenset(" \t\r\n\f\v")
+_QUOTE: Final = "'"
+
+
+@dataclass(frozen=True, slots=True)
+class Literal:
+    """One literal replaced by a parameter."""
+
+    #: character offsets of the literal in the original text (``end`` exclusive)
+    start: int
+    end: int
+    type_oid: int
+    #: the parameter's value in text format
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Parameterized:
+    """A statement as its shape text plus the literals taken out of it."""
+
+    shape: str
+    literals: tuple[Literal, ...]
+
+    @property
+    def types(self) -> tuple[int, ...]:
+        return tuple(lit.type_oid for lit in self.literals)
+
+    def original_position(self, position: int) -> int | None:
+        """A 1-based character position in the shape text as one in the original text; None
+        when it falls inside a ``$n`` (which the original has no single position for)."""
+        shift = 0
+        for number, lit in enumerate(self.literals, start=1):
+            at = lit.start - shift  # where ``$n`` starts in the shape (0-based)
+            width = len(f"${number}")
+            if position - 1 < at:
+                break
+            if position - 1 < at + width:
+                return lit.start + 1 if position - 1 == at else None
+            shift += (lit.end - lit.start) - width
+        return position + shift
+
+    def literal_position(self, number: int) -> int:
+        """The 1-based character position of parameter ``$number``'s literal."""
+        return self.literals[number - 1].start + 1
+
+
+def parameterize(text: str) -> Parameterized | None:
+    """The text with its literals as parameters; None when there is nothing to take out or
+    the text does not qualify (see the module docstring)."""
+    if "$" in text:
+        return None
+    try:
+        tree = json.loads(pgparser.parse_sql_json(text))
+    except pgparser.ParseError:
+        return None
+    statements = tree.get("stmts", [])
+    if len(statements) != 1:
+        return None
+    consts: list[dict[str, Any]] = []
+    _collect(statements[0].get("stmt", {}), consts)
+    if not consts:
+        return None
+    # The parser's locations are byte offsets into the UTF-8 text, the scanner's are
+    # characters (as are the positions PostgreSQL reports).
+    source = text.encode("utf-8", "surrogatepass") if not text.isascii() else None
+    tokens = {t.start: t for t in pgparser.scan(text)}
+    literals = []
+    for const in sorted(consts, key=lambda c: int(c["location"])):
+        at = int(const["location"])
+        if source is not None:
+            at = len(source[:at].decode("utf-8", "surrogatepass"))
+        literal = _literal(text, at, const, tokens)
+        if literal is not None:
+            literals.append(literal)
+    if not literals:
+        return None
+    pieces: list[str] = []
+    cursor = 0
+    for number, lit in enumerate(literals, start=1):
+        pieces += [text[cursor : lit.start], f"${number}"]
+        cursor = lit.end
+    pieces.append(text[cursor:])
+    return Parameterized("".join(pieces), tuple(literals))
+
+
+def _collect(node: Any, out: list[dict[str, Any]]) -> None:
+    """Every A_Const a parameter could replace, in any order."""
+    if isinstance(node, list):
+        for item in node:
+            _collect(item, out)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key == "A_Const":
+            if isinstance(value, dict) and "location" in value:
+                out.append(value)
+        elif key == "TypeName":
+            continue  # type modifiers and array bounds are not expressions
+        elif key == "TypeCast" and isinstance(value, dict):
+            _collect_cast(value, out)
+        elif key == "SortBy" and isinstance(value, dict):
+            _collect({k: v for k, v in value.items() if not _is_const(v)}, out)
+        elif key == "groupClause" and isinstance(value, list):
+            _collect([item for item in value if not _is_const(item)], out)
+        elif isinstance(value, dict | list):
+            _collect(value, out)
+
+
+def _collect_cast(cast: dict[str, Any], out: list[dict[str, Any]]) -> None:
+    arg = cast.get("arg")
+    if _is_const(arg):
+        const = arg["A_Const"]  # type: ignore[index]
+        type_at = int((cast.get("typeName") or {}).get("location", -1))
+        if 0 <= type_at < int(const.get("location", -1)):
+            return  # ``interval '1 day'``: the literal is part of the type's syntax
+    _collect({k: v for k, v in cast.items() if k != "typeName"}, out)
+
+
+def _is_const(node: Any) -> bool:
+    return isinstance(node, dict) and "A_Const" in node
+
+
+def _literal(source: str, at: int, const: dict[str, Any], tokens: dict[int, Any]) -> Literal | None:
+    """The parameter for the constant at ``at``, or None when it stays in the text."""
+    token = tokens.get(at)
+    if token is None:
+        return None
+    if "sval" in const:
+        if token.name != "SCONST" or source[at] != _QUOTE:
+            return None
+        end = token.end + 1
+        if "\\" in source[at:end]:
+            return None
+        return Literal(at, end, UNKNOWN, const["sval"].get("sval", ""))
+    if "ival" not in const and "fval" not in const:
+        return None  # boolean, NULL, bit string
+    if token.name == "ASCII_45":  # a minus sign the parser folded into the constant
+        number = _next_token(tokens, token.end + 1, source)
+        if number is None or number.name not in _NUMBER_TOKENS:
+            return None
+        end = number.end + 1
+    elif token.name in _NUMBER_TOKENS:
+        end = token.end + 1
+    else:
+        return None
+    number_text = "".join(source[at:end].split())
+    if _DECIMAL_INT.fullmatch(number_text):
+        value = int(number_text)
+        if value in _INT4_RANGE:
+            return Literal(at, end, INT4, number_text)
+        if value in _INT8_RANGE:
+            return Literal(at, end, INT8, number_text)
+        return Literal(at, end, NUMERIC, number_text)
+    if _DECIMAL.fullmatch(number_text):
+        return Literal(at, end, NUMERIC, number_text)
+    return None  # 0x1F, 1_000 and the like: the server decides what they are
+
+
+def _next_token(tokens: dict[int, Any], after: int, source: str) -> Any:
+    pos = after
+    while pos < len(source) and source[pos] in _BLANKS:
+        pos += 1
+    return tokens.get(pos)
