@@ -490,11 +490,15 @@ class Workload:
     label: str
     flags: tuple[str, ...]
     writes: bool
+    #: a fixed number of clients (and threads), whatever --clients says
+    clients: int | None = None
 
 
 WORKLOADS: dict[str, Workload] = {
     "select": Workload("select", "select-only (-S)", ("-S",), writes=False),
     "tpcb": Workload("tpcb", "TPC-B (default)", (), writes=True),
+    # one client, so each transaction's time is the round trip: what a relay adds to latency
+    "latency": Workload("latency", "latency (-c 1 -S)", ("-S",), writes=False, clients=1),
 }
 PROTOCOLS = ("simple", "extended", "prepared")
 

@@ -371,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--applier-workers", type=int, help="outbox sidecar applier.workers (default: config's)"
     )
     p.add_argument(
+        "--prepared-writes",
+        type=int,
+        help="the sidecars' limits.prepared_writes_per_connection (default: config's; 0 runs "
+        "simple-protocol mirrored writes as simple Queries, as before prepared writes)",
+    )
+    p.add_argument(
         "--applier-batch-size",
         type=int,
         help="outbox sidecar applier.batch_size (default: config's)",
@@ -550,6 +556,8 @@ def sidecar_extra(args: argparse.Namespace, mode: str) -> dict[str, Any]:
     }
     if mode in WAL_MODES:
         extra["wal"] = {"slot_name": wal_slot(mode), "publication_name": wal_slot(mode)}
+    if args.prepared_writes is not None:
+        extra["limits"] = {"prepared_writes_per_connection": args.prepared_writes}
     return extra
 
 
@@ -1062,6 +1070,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "bulk_preload",
         "applier_workers",
         "applier_batch_size",
+        "prepared_writes",
     )
     return {key: getattr(args, key) for key in keys}
 

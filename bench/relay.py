@@ -69,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--workloads",
         type=common.csv_choices(list(common.WORKLOADS)),
         default=["select", "tpcb"],
-        help="comma-separated: select,tpcb (default both)",
+        help=(
+            "comma-separated: select,tpcb,latency (default select,tpcb; latency is select-only "
+            "with one client, for the added µs per transaction)"
+        ),
     )
     common.add_protocols_option(p)
     p.add_argument(
@@ -140,12 +143,13 @@ def measure(
     workload = common.WORKLOADS[cell.workload]
     common.reset_pgbench_tables(direct, checkpoint=workload.writes)
     before = target.cpu_seconds()
+    clients = workload.clients or args.clients
     result = common.pgbench_against(
         target,
         workload,
         cell.protocol,
-        clients=args.clients,
-        jobs=args.jobs,
+        clients=clients,
+        jobs=min(args.jobs, clients),
         seconds=args.duration,
     )
     after = target.cpu_seconds()
@@ -221,7 +225,23 @@ def summarise(cell: Cell, runs: Sequence[Run], names: Sequence[str]) -> dict[str
         "dualwrite_vs_direct_paired": paired_tps_ratio(runs, "dualwrite", "direct"),
         "bare_vs_pgbouncer_paired": paired_tps_ratio(runs, "bare", "pgbouncer"),
         "dualwrite_vs_bare_paired": paired_tps_ratio(runs, "dualwrite", "bare"),
+        "added_us_vs_direct": {
+            name: added_latency_us(runs, name) for name in names if name != "direct"
+        },
     }
+
+
+def added_latency_us(runs: Sequence[Run], name: str) -> float | None:
+    """Median over rounds of the target's average latency minus direct's in the same round,
+    in µs per transaction: what the target adds to each round trip."""
+    by_round: dict[int, dict[str, float]] = {}
+    for run in runs:
+        by_round.setdefault(run.round, {})[run.target] = run.latency_ms
+    return common.median(
+        (values[name] - values["direct"]) * 1000.0
+        for values in by_round.values()
+        if name in values and "direct" in values
+    )
 
 
 def paired_tps_ratio(runs: Sequence[Run], numerator: str, denominator: str) -> float | None:
@@ -241,6 +261,8 @@ def table(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
     headers += [f"{n} ms" for n in names]
     cpu_names = [n for n in names if n != "direct"]
     headers += [f"{n} CPU µs/txn" for n in cpu_names]
+    added_names = cpu_names if "direct" in names else []
+    headers += [f"{n} +µs/txn" for n in added_names]
     rows = []
     for s in summaries:
         row = [common.WORKLOADS[s["workload"]].label, s["protocol"]]
@@ -252,6 +274,7 @@ def table(summaries: Sequence[dict[str, Any]], names: Sequence[str]) -> str:
             row += [common.fmt(s["dualwrite_vs_bare_paired"], ".2f", "x")]
         row += [common.fmt(_column(s, n, "median_latency_ms"), ".3f") for n in names]
         row += [common.fmt(_column(s, n, "median_cpu_us_per_txn"), ".1f") for n in cpu_names]
+        row += [common.fmt(s["added_us_vs_direct"].get(n), ".0f") for n in added_names]
         rows.append(row)
     return common.markdown_table(headers, rows)
 
@@ -286,7 +309,9 @@ def report(
         "TPS excludes connection time; ms is pgbench's average latency; the ratios are the "
         "median of each round's own TPS ratio (runs next to each other in time share the "
         "drift); CPU µs/txn is the process's user+system time (/proc/<pid>/stat) over the run "
-        "divided by transactions, the steadiest measure of relay cost on a busy box. "
+        "divided by transactions, the steadiest measure of relay cost on a busy box; +µs/txn "
+        "is the median over rounds of the target's average latency minus direct's (the "
+        "latency row runs one client, so that is the time the relay adds to a round trip). "
         f"Widest TPS spread across rounds: {widest_spread(summaries, 'targets')}.",
     ]
     return "\n".join(lines)

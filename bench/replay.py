@@ -68,6 +68,50 @@ class _Transport:
         pass
 
 
+class _Capture(_Transport):
+    """Keeps what the session writes (to answer it while the replay learns its steps)."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+
+def _answer(sent: bytes, rows: bytes, status: bytes) -> bytes:
+    """What PostgreSQL answers to the frames ``sent``, ``rows`` being the statement's result
+    (RowDescription if any, DataRows, CommandComplete) and ``status`` its transaction status."""
+    out = []
+    pos = 0
+    while pos < len(sent):
+        typ = sent[pos : pos + 1]
+        end = pos + 1 + int.from_bytes(sent[pos + 1 : pos + 5], "big")
+        if typ == b"Q":
+            out.append(rows + m.ready_for_query(status))
+        elif typ == b"P":
+            out.append(frame(b"1", b""))
+        elif typ == b"B":
+            out.append(frame(b"2", b""))
+        elif typ == b"C":
+            out.append(frame(b"3", b""))
+        elif typ == b"D":
+            out.append(_split_rows(rows)[0] or frame(b"n", b""))
+        elif typ == b"E":
+            out.append(_split_rows(rows)[1])
+        elif typ == b"S":
+            out.append(m.ready_for_query(status))
+        pos = end
+    return b"".join(out)
+
+
+def _split_rows(rows: bytes) -> tuple[bytes, bytes]:
+    """(RowDescription or b"", the rest)."""
+    if not rows.startswith(b"T"):
+        return b"", rows
+    end = 1 + int.from_bytes(rows[1:5], "big")
+    return rows[:end], rows[end:]
+
+
 def _cstr(text: bytes) -> bytes:
     return text + b"\0"
 
@@ -105,6 +149,8 @@ class Replay:
     def __init__(self, session: Session, protocol: str, mirrored: bool) -> None:
         self.session = session
         self.steps: list[tuple[bytes, bytes]] = []
+        #: per simple step: the statement's result and the status after it
+        self.results: list[tuple[bytes, bytes]] = []
         for number, (sql, params, write) in enumerate(TPCB):
             rewritten = mirrored and write
             last = number == len(TPCB) - 1
@@ -123,6 +169,7 @@ class Replay:
                 rows = m.command_complete(_tag(sql))
             if protocol == "simple":
                 self.steps.append((m.build_query(_literal(sql, params).encode()), rows + ready))
+                self.results.append((rows, ready[5:6]))
                 continue
             name = f"P0_{number}".encode()
             session._client_data(m.build_parse(name, sql.encode(), ()) + m.SYNC_MESSAGE)
@@ -141,6 +188,29 @@ class Replay:
             if not rows.startswith(b"T"):
                 rows = frame(b"n", b"") + rows
             self.steps.append((client, frame(b"2", b"") + rows + ready))
+
+    def learn(self, transactions: int = 3) -> None:
+        """Simple protocol: answer what the session really sends upstream (it may prepare
+        mirrored writes: Parse at rest, then Bind/Describe/Execute/Sync), until that is the
+        same every transaction; the timed loop then replays the last transaction's answers."""
+        if not self.results:
+            return
+        capture = _Capture()
+        transport = self.session.upstream.transport
+        self.session.upstream.transport = capture  # type: ignore[assignment]
+        try:
+            for _ in range(transactions):
+                learned = []
+                for (client, _), (rows, status) in zip(self.steps, self.results, strict=True):
+                    self.session._client_data(client)
+                    sent = bytes(capture.written)
+                    capture.written.clear()
+                    reply = _answer(sent, rows, status)
+                    self.session._upstream_data(reply)
+                    learned.append((client, reply))
+                self.steps = learned
+        finally:
+            self.session.upstream.transport = transport
 
     def transaction(self) -> None:
         session = self.session
@@ -211,6 +281,7 @@ async def _measure(server: Server, args: argparse.Namespace) -> list[dict[str, A
         for protocol in PROTOCOLS:
             session = await _session(config, mode != "relay", args.traffic)
             replay = Replay(session, protocol, mode != "relay")
+            replay.learn()
             before, warm = _rewritten(), args.transactions // 10
             for _ in range(warm):  # warm the caches
                 replay.transaction()

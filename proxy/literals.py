@@ -84,7 +84,31 @@ class Parameterized:
 
 def parameterize(text: str) -> Parameterized | None:
     """The text with its literals as parameters; None when there is nothing to take out or
-    the text does not qualify (see the module docstring)."""
+    the text does not qualify (see the module docstring).
+
+    The analysis (a parse and a scan) runs once per normalized statement; a statement of a
+    known shape is then split along that shape's fixed text with a few regular expressions.
+    """
+    if "$" in text:
+        return None
+    try:
+        normalized = pgparser.normalize(text)
+    except pgparser.ParseError:
+        return None
+    plan = _PLANS.get(normalized, _UNKNOWN)
+    if plan is _UNKNOWN:
+        full = analyze(text)
+        _remember(normalized, _plan(text, normalized, full))
+        return full
+    if plan is None:
+        return analyze(text)
+    assert isinstance(plan, _Plan)
+    fast = _split(plan, text)
+    return fast if fast is not None else analyze(text)
+
+
+def analyze(text: str) -> Parameterized | None:
+    """``parameterize`` from scratch: the parser's constants, typed and placed."""
     if "$" in text:
         return None
     try:
@@ -182,7 +206,11 @@ def _literal(source: str, at: int, const: dict[str, Any], tokens: dict[int, Any]
         end = token.end + 1
     else:
         return None
-    number_text = "".join(source[at:end].split())
+    return _typed_number(at, end, "".join(source[at:end].split()))
+
+
+def _typed_number(at: int, end: int, number_text: str) -> Literal | None:
+    """A numeric literal typed as PostgreSQL's make_const types it."""
     if _DECIMAL_INT.fullmatch(number_text):
         value = int(number_text)
         if value in _INT4_RANGE:
@@ -200,3 +228,125 @@ def _next_token(tokens: dict[int, Any], after: int, source: str) -> Any:
     while pos < len(source) and source[pos] in _BLANKS:
         pos += 1
     return tokens.get(pos)
+
+
+# --- the fast path: statements of a known shape -------------------------------------------------
+
+_PLAN_CACHE_SIZE: Final = 4096
+_STRING: Final = re.compile(r"'(?:[^']|'')*'")
+#: a numeric constant as PostgreSQL's lexer reads one, with a minus the parser folds into it
+_NUMBER: Final = re.compile(
+    r"-?[ \t\r\n\f\v]*(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][+-]?[0-9]+)?"
+)
+_PLACEHOLDER: Final = re.compile(r"\$[0-9]+")
+STRING, NUMBER, OTHER = "string", "number", "other"
+
+
+@dataclass(frozen=True, slots=True)
+class _Slot:
+    """One constant of a normalized statement: what kind, and whether it is a parameter."""
+
+    kind: str
+    param: bool
+    #: for OTHER (true, NULL, B'1', E'x'): the exact text, which the fast path requires
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A normalized statement: its fixed text between the constants, and the constants."""
+
+    segments: tuple[str, ...]
+    slots: tuple[_Slot, ...]
+
+
+_UNKNOWN: Final = object()
+_PLANS: dict[str, _Plan | None] = {}
+
+
+def known_shape(text: str) -> bool:
+    """True when statements shaped like ``text`` take the fast path."""
+    try:
+        return _PLANS.get(pgparser.normalize(text)) is not None
+    except pgparser.ParseError:
+        return False
+
+
+def _remember(normalized: str, plan: _Plan | None) -> None:
+    if len(_PLANS) >= _PLAN_CACHE_SIZE:
+        del _PLANS[next(iter(_PLANS))]  # the oldest: dicts keep insertion order
+    _PLANS[normalized] = plan
+
+
+def _plan(text: str, normalized: str, full: Parameterized | None) -> _Plan | None:
+    """Line ``text`` up with its normalized form; None when they do not line up exactly."""
+    if full is None:
+        return None
+    segments = _PLACEHOLDER.split(normalized)
+    tokens = {t.start: t for t in pgparser.scan(text)}
+    params = {lit.start: lit.end for lit in full.literals}
+    slots = []
+    pos = 0
+    for segment in segments[:-1]:
+        if not text.startswith(segment, pos):
+            return None
+        pos += len(segment)
+        token = tokens.get(pos)
+        if token is None:
+            return None
+        kind, end = OTHER, token.end + 1
+        if token.name == "SCONST" and text[pos] == _QUOTE:
+            kind = STRING
+        elif token.name in _NUMBER_TOKENS:
+            kind = NUMBER
+        elif token.name == "ASCII_45":
+            number = _next_token(tokens, token.end + 1, text)
+            if number is None or number.name not in _NUMBER_TOKENS:
+                return None
+            kind, end = NUMBER, number.end + 1
+        slots.append(_Slot(kind, params.get(pos) == end, text[pos:end]))
+        pos = end
+    if text[pos:] != segments[-1]:
+        return None
+    return _Plan(tuple(segments), tuple(slots))
+
+
+def _split(plan: _Plan, text: str) -> Parameterized | None:
+    """A statement of a known shape as parameters; None when it does not fit the shape."""
+    pieces: list[str] = []
+    literals: list[Literal] = []
+    pos = 0
+    for segment, slot in zip(plan.segments, plan.slots, strict=False):
+        if not text.startswith(segment, pos):
+            return None
+        pieces.append(segment)
+        pos += len(segment)
+        if slot.kind == OTHER:
+            if not text.startswith(slot.text, pos):
+                return None
+            pieces.append(slot.text)
+            pos += len(slot.text)
+            continue
+        found = (_STRING if slot.kind == STRING else _NUMBER).match(text, pos)
+        if found is None:
+            return None
+        end = found.end()
+        literal = found.group()
+        if not slot.param:
+            pieces.append(literal)
+        elif slot.kind == STRING:
+            if "\\" in literal:
+                return None
+            literals.append(Literal(pos, end, UNKNOWN, literal[1:-1].replace("''", "'")))
+            pieces.append(f"${len(literals)}")
+        else:
+            typed = _typed_number(pos, end, "".join(literal.split()))
+            if typed is None:
+                return None
+            literals.append(typed)
+            pieces.append(f"${len(literals)}")
+        pos = end
+    if text[pos:] != plan.segments[-1] or not literals:
+        return None
+    pieces.append(plan.segments[-1])
+    return Parameterized("".join(pieces), tuple(literals))

@@ -25,7 +25,8 @@ from support import pos
 from support.transparency import Message
 from test_mirror_transparency import Side, query
 
-from proxy.literals import INT4, INT8, NUMERIC, UNKNOWN, parameterize
+from proxy import literals
+from proxy.literals import INT4, INT8, NUMERIC, UNKNOWN, analyze, parameterize
 
 PREPARED = "dualwrite_prepared_writes_total"
 #: the transparency suite's two databases and sidecars (plain relay, mirroring sidecar)
@@ -93,6 +94,26 @@ def test_positions_map_back_to_the_original_text():
     assert found.original_position(found.shape.index("$1") + 1) == text.index("'long") + 1
     assert found.original_position(found.shape.index("$1") + 2) is None
     assert found.literal_position(2) == text.index("12345") + 1
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "UPDATE t SET a = a + {n}, b = {s}, c = true WHERE id = {n} AND d = interval {s}",
+        "INSERT INTO t (a, b) VALUES ({n}, {s}), ({n}, 'fixed') RETURNING a, {n}",
+        "DELETE FROM t WHERE a IN ({n}, {n}) AND b LIKE {s} -- note {n}\n AND c = {n}",
+        "INSERT INTO t SELECT {s}::varchar(10), x[{n}] FROM u WHERE y = {n} GROUP BY 1 ORDER BY 1",
+    ],
+)
+def test_the_fast_path_agrees_with_the_analysis(template):
+    """Statements of a known shape are split without a parse: same result as the analysis."""
+    numbers = ["1", "-5", "2147483648", "- 7", "1.5", "-2147483648", "99999999999999999999"]
+    strings = ["'x'", "'it''s'", "'zoë'", "''", "'back\\slash'", "E'x'"]
+    for i in range(len(numbers) * 2):
+        text = template.format(n=numbers[i % len(numbers)], s=strings[i % len(strings)])
+        assert parameterize(text) == analyze(text), text
+        assert parameterize(text) == analyze(text), text  # the second time from the plan
+        assert literals.known_shape(text)
 
 
 # --- the wire -------------------------------------------------------------------------------------
