@@ -263,7 +263,7 @@ class Frontend:
         # Only at rest outside a failed transaction: there the server would refuse the Bind,
         # not the Query, and say so from another place in its code.
         if shape is not None and params is not None and self.tracker.status_at_rest() in _LIVE:
-            main, entries = self._run_prepared(writes, shape, params)
+            main, entries = self._run_prepared(writes, shape, params, sql)
         else:
             if shape is not None:
                 _prepared_outcome("unprepared")
@@ -309,10 +309,11 @@ class Frontend:
         return shape, params
 
     def _run_prepared(
-        self, writes: PreparedWrites, shape: PreparedShape, params: Any
+        self, writes: PreparedWrites, shape: PreparedShape, params: Any, sql: bytes
     ) -> tuple[bytes, list[int | Pending]]:
         """Bind, Describe, Execute, Sync for one write of a prepared shape."""
         _prepared_outcome("executed")
+        self._log_statement(sql)
         rewritten = shape.rewritten
         assert isinstance(rewritten, Rewritten)
         reply = rewritten.statements[0].template.reply
