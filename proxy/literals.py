@@ -98,8 +98,13 @@ def parameterize(text: str) -> Parameterized | None:
     plan = _PLANS.get(normalized, _UNKNOWN)
     if plan is _UNKNOWN:
         full = analyze(text)
-        _remember(normalized, _plan(text, normalized, full))
+        if full is None and not _one_statement_with_constants(normalized):
+            _remember(normalized, _NEVER)
+        else:
+            _remember(normalized, _plan(text, normalized, full))
         return full
+    if plan is _NEVER:
+        return None
     if plan is None:
         return analyze(text)
     assert isinstance(plan, _Plan)
@@ -261,15 +266,27 @@ class _Plan:
 
 
 _UNKNOWN: Final = object()
+#: a shape that never has parameters: several statements, or no constants
+_NEVER: Final = _Plan((), ())
 _PLANS: dict[str, _Plan | None] = {}
+
+
+def _one_statement_with_constants(normalized: str) -> bool:
+    if _PLACEHOLDER.search(normalized) is None:
+        return False
+    try:
+        return len(pgparser.split(normalized, with_parser=True, only_slices=True)) == 1
+    except pgparser.ParseError:
+        return False
 
 
 def known_shape(text: str) -> bool:
     """True when statements shaped like ``text`` take the fast path."""
     try:
-        return _PLANS.get(pgparser.normalize(text)) is not None
+        plan = _PLANS.get(pgparser.normalize(text))
     except pgparser.ParseError:
         return False
+    return plan is not None and plan is not _NEVER
 
 
 def _remember(normalized: str, plan: _Plan | None) -> None:
