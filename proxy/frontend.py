@@ -15,7 +15,9 @@ from typing import Any, Final
 
 from core import metrics
 from core.control import ActivityRecorder
+from core.sqllex import lexes_alike
 from proxy.classify import statement_kind
+from proxy.lexing import AMBIGUOUS, SessionLexing
 from proxy.literals import parameterize
 from proxy.prepared_reply import PreparedReply
 from proxy.prepared_writes import READY, PreparedShape, PreparedWrites, drops_statements
@@ -83,6 +85,9 @@ class Prepared:
     param_types: tuple[int, ...]
     #: mapping-state version the rewrite was planned under
     version: int
+    #: standard_conforming_strings when the server parsed it (how its text reads); None when
+    #: that could not be known and mattered (the statement got the unsupported policy)
+    standard: bool | None = True
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,7 @@ class Frontend:
         #: a logger when statement text may be logged (debug level and log_statements only)
         self.statement_log = statement_log
         self.codec = "utf-8"
+        self.lexing = SessionLexing()
         self.statements: dict[bytes, Prepared] = {}
         self.portals: dict[bytes, Portal] = {}
         #: after the proxy refused a Parse, drop client messages until Sync
@@ -134,6 +140,13 @@ class Frontend:
         self.codec = python_codec(pg_encoding)
         if self.traffic is not None:
             self.traffic.codec = self.codec
+
+    def server_parameter(self, name: str, value: str) -> None:
+        """A ParameterStatus from the server: the settings statement text is read with."""
+        if name == "client_encoding":
+            self.set_client_encoding(value)
+        else:
+            self.lexing.server_parameter(name, value)
 
     # --- one message ---------------------------------------------------------------------
 
@@ -220,13 +233,33 @@ class Frontend:
             text = sql[:200].decode(self.codec, "replace")
             self.statement_log.debug("statement", sql=text, truncated=len(sql) > 200)
 
-    def _plan(self, sql: bytes, *, prepared: bool) -> Rewritten | None:
+    def _settled(self) -> bool:
+        """Every message sent has been answered: the settings the server reported are the
+        ones it will read the next text with (a message in flight may be changing them)."""
+        return self.tracker is None or self.tracker.status_at_rest() is not None
+
+    def _plan(
+        self, sql: bytes, *, prepared: bool, standard: bool | None = None
+    ) -> Rewritten | None:
+        """The rewrite of a Query's or Parse's text, read as the server reads it (with
+        ``standard``, as it read it then); None when it concerns no mapping."""
         self._log_statement(sql)
         rewriter = self.rewriter
         if rewriter is None or not rewriter.candidate(sql):
             return None
-        text = sql.decode(self.codec, "surrogateescape")
-        return rewriter.rewrite(text, remember_text=prepared)
+        try:
+            text = sql.decode(self.codec)
+        except UnicodeDecodeError:
+            if self.codec == "utf-8":
+                return None  # the server refuses it (22021) before running any of it
+            text = sql.decode(self.codec, "surrogateescape")  # the rewriter applies a policy
+        reading = self.lexing.read(text, settled=self._settled(), standard=standard)
+        if reading.kind == AMBIGUOUS:
+            return rewriter.unsupported_text(text, "lexing")
+        if reading.respelled is None:
+            return rewriter.rewrite(text, remember_text=prepared)
+        rewritten = rewriter.rewrite(reading.text, remember_text=False)
+        return rewritten.respelled_from(reading.respelled) if rewritten is not None else None
 
     def _encode(self, text: str) -> bytes:
         return text.encode(self.codec, "surrogateescape")
@@ -293,8 +326,16 @@ class Frontend:
         rewriter = self.rewriter
         if rewriter is None or not rewriter.candidate(sql):
             return None, None
-        params = parameterize(sql.decode(self.codec, "surrogateescape"))
-        if params is None:
+        if not self.lexing.standard_conforming_strings:
+            return None, None  # read as the server reads it: the plain path respells it
+        try:
+            text = sql.decode(self.codec)
+        except UnicodeDecodeError:
+            return None, None  # the plain path forwards it for the server's own error
+        params = parameterize(text)
+        # The shape is prepared later, at rest: it must read the same whatever the setting
+        # is by then (a plain literal holding a backslash stays in the shape's text).
+        if params is None or not lexes_alike(params.shape):
             return None, None
         shaped = rewriter.rewrite(params.shape, remember_text=True)
         if shaped is None or len(shaped.statements) != 1 or shaped.statements[0].action != REWRITE:
@@ -365,7 +406,12 @@ class Frontend:
             return None, [m.PARSE]
         assert self.rewriter is not None
         self.statements[parse.name] = Prepared(
-            rewritten, plan, parse.sql, parse.param_types, self.rewriter.states.version
+            rewritten,
+            plan,
+            parse.sql,
+            parse.param_types,
+            self.rewriter.states.version,
+            None if plan.template.reason == "lexing" else self.lexing.standard_conforming_strings,
         )
         if plan.action == UNMIRRORED:
             return None, [m.PARSE]
@@ -381,9 +427,13 @@ class Frontend:
         the client prepared before the pause (and start again on resume).
         """
         rewriter = self.rewriter
-        if rewriter is None or prepared.version == rewriter.states.version:
+        if (
+            rewriter is None
+            or prepared.version == rewriter.states.version
+            or prepared.standard is None
+        ):
             return prepared, b"", []
-        rewritten = self._plan(prepared.sql, prepared=True)
+        rewritten = self._plan(prepared.sql, prepared=True, standard=prepared.standard)
         if rewritten is None or len(rewritten.statements) != 1:
             return prepared, b"", []
         fresh = Prepared(
@@ -392,6 +442,7 @@ class Frontend:
             prepared.sql,
             prepared.param_types,
             rewriter.states.version,
+            prepared.standard,
         )
         self.statements[name] = fresh
         if rewritten.sql == prepared.rewritten.sql or fresh.plan.action != REWRITE:

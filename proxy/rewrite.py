@@ -34,6 +34,7 @@ from pglast import parser as pgparser
 from core import metrics
 from core.control import MappingStates, delete_call_sql
 from core.mapping import CompiledMapping, read_columns
+from core.sqllex import Respelled
 from core.sqltext import QualifiedName, quote_ident, utf8_literal
 from proxy.classify import READ, first_keyword, statement_kind
 from proxy.mirror_sql import outbox_capture_sql, upsert_sql
@@ -68,6 +69,10 @@ REASONS: Final = {
     "unparseable": "the statement could not be parsed",
     "explain": "EXPLAIN ANALYZE executes the write without a way to mirror it",
     "multiple_writes": "the statement writes a mapped table more than once",
+    "lexing": (
+        "the statement reads differently with standard_conforming_strings on and off, and a "
+        "statement still in flight may be changing it"
+    ),
 }
 
 
@@ -150,6 +155,23 @@ class Rewritten:
                 return None  # inside text the rewrite added
             shift += insertion.length
         return position - shift
+
+    def respelled_from(self, respelled: Respelled) -> Rewritten:
+        """This result, planned on ``respelled.text``, as a result for the text before it was
+        respelled: the respelling's insertions join the rewrite's, so error positions map
+        back to the application's own text."""
+        moved: list[Insertion] = []
+        added = 0  # length the rewrite inserted before the current respelled position
+        ours = iter(self.insertions)
+        pending = next(ours, None)
+        for at, length in respelled.insertions:
+            # a rewrite insertion at or before ``at`` (in respelled coordinates) shifts it
+            while pending is not None and pending.at - added <= at:
+                added += pending.length
+                pending = next(ours, None)
+            moved.append(Insertion(at + added, length))
+        merged = sorted([*self.insertions, *moved], key=lambda i: i.at)
+        return Rewritten(self.sql, self.statements, tuple(merged))
 
 
 def _statement_slices(text: str, statements: int) -> tuple[slice, ...]:
@@ -267,12 +289,13 @@ class Rewriter:
 
         A single statement that starts with SELECT, VALUES, TABLE, SHOW or FETCH writes
         nothing (what functions it calls may, but no rewrite could see that); only text that
-        names a mapped table is looked at further.
+        names a mapped table, or spells a name with Unicode escapes, is looked at further.
         """
         if _single_read(sql):
             return False
         lowered = sql.lower()
-        return any(needle in lowered for needle in self.needles)
+        # U&"\0061..." spells any name: the parser resolves it, so let the parser look.
+        return b"u&" in lowered or any(needle in lowered for needle in self.needles)
 
     def rewrite(self, text: str, *, remember_text: bool = True) -> Rewritten | None:
         """Plan a Query's or Parse's SQL text; None when nothing in it concerns a mapping.
@@ -293,7 +316,16 @@ class Rewriter:
             self._remember(self._texts, key, result)
         return result
 
+    def unsupported_text(self, text: str, reason: str) -> Rewritten:
+        """The whole text gets the ``unsupported`` policy of the mappings it may concern."""
+        return self._whole_text(text, self._unsupported(reason, self._named_in(text)))
+
     def _rewrite_uncached(self, text: str) -> Rewritten | None:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Bytes the client encoding's codec could not decode: no parse, no guess.
+            return self._whole_text(text, self._unparseable(text))
         templates = self._templates(text)
         if templates is None:
             return None
@@ -329,14 +361,19 @@ class Rewriter:
             cache.popitem(last=False)
 
     def _unparseable(self, text: str) -> Template:
+        return self._unsupported("unparseable", self._named_in(text))
+
+    def _named_in(self, text: str) -> tuple[str, ...]:
+        """Mappings whose source a text names literally (none: it may name any, as U&"...")."""
         lowered = text.encode("utf-8", "surrogateescape").lower()
-        names = tuple(
+        if b"u&" in lowered:
+            return ()
+        return tuple(
             m.name
             for source, maps in self.by_source.items()
             if any(needle in lowered for needle in _needles(source.name))
             for m in maps
         )
-        return self._unsupported("unparseable", names)
 
     def _resolve(self, rangevar: dict[str, Any]) -> QualifiedName | None:
         schema = rangevar.get("schemaname")
@@ -433,9 +470,7 @@ class Rewriter:
         )
         mirrors, targets, deletes = self._mirror_ctes(node, mappings)
         # The one-row join makes the delete CTEs run; it changes neither rows nor count.
-        done = (
-            f", (SELECT 1 FROM {', '.join(deletes)}) AS {CTE}_done" if deletes else ""
-        )
+        done = f", (SELECT 1 FROM {', '.join(deletes)}) AS {CTE}_done" if deletes else ""
         outer = (
             f"SELECT {CTE}.* FROM {CTE}{done}" if returning else f"SELECT count(*) FROM {CTE}{done}"
         )
@@ -504,12 +539,7 @@ class Rewriter:
         if len(slices) != len(templates):
             # Unparseable text, or (cannot happen with one parser) a disagreement about
             # where statements are: never guess, apply the unsupported policy to all of it.
-            template = self._unparseable(text)
-            return Rewritten(
-                self._reject_sql(template) if template.action == REJECT else text,
-                (StatementPlan(template.action, template),),
-                (),
-            )
+            return self._whole_text(text, self._unparseable(text))
         out: list[str] = []
         insertions: list[Insertion] = []
         plans: list[StatementPlan] = []
@@ -545,6 +575,13 @@ class Rewriter:
             cursor = stop
         out.append(text[cursor:])
         return Rewritten("".join(out), tuple(plans), tuple(i for i in insertions if i.length > 0))
+
+    def _whole_text(self, text: str, template: Template) -> Rewritten:
+        return Rewritten(
+            self._reject_sql(template) if template.action == REJECT else text,
+            (StatementPlan(template.action, template),),
+            (),
+        )
 
     @staticmethod
     def _main_keyword(text: str, span: slice, template: Template) -> int:

@@ -479,12 +479,14 @@ class Session:
             self.client.transport.resume_reading()
 
     def _parameter_status(self, buf: bytes, kinds: bytes, starts: list[int]) -> None:
-        """Follow client_encoding: the rewrite decodes statement text with it."""
+        """Follow client_encoding and standard_conforming_strings: the rewrite decodes and
+        lexes statement text with them."""
         for typ, start in zip(kinds, starts, strict=True):
             if typ == m.PARAMETER_STATUS:
                 name, value = m.parse_parameter_status(buf[start + 5 : frame_end(buf, start)])
-                if name == b"client_encoding":
-                    self.frontend.set_client_encoding(value.decode("ascii", "replace"))
+                self.frontend.server_parameter(
+                    name.decode("ascii", "replace"), value.decode("ascii", "replace")
+                )
 
     def _send_client(self, buf: bytes, ready: int) -> None:
         client = self.client.transport
