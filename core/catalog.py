@@ -18,8 +18,8 @@ import asyncpg
 
 from core.control import delete_function_problem
 from core.errors import MappingValidationError
-from core.mapping import CatalogFacts, CompiledMapping, bind_catalog
-from core.sqltext import QualifiedName
+from core.mapping import CatalogFacts, CompiledMapping, bind_catalog, pin_expressions
+from core.sqltext import QualifiedName, pinned_select_list, quote_ident
 
 _RESOLVE = """
 SELECT n.nspname, c.relname, c.relkind::text, c.relhasrules
@@ -158,6 +158,7 @@ async def validate_mapping(
             target_types=tuple(target_cols[c]["type"] for c in mapping.columns),
         ),
     )
+    bound = await _pinned(conn, bound, fail)
     checks = [*_mapping_checks(bound), *(s for of in statements for s in of(bound))]
     for check in checks:
         db = (target_conn or conn) if check.in_target else conn
@@ -186,6 +187,48 @@ async def _key_types(
         raise fail(f"key expressions do not evaluate: {exc}") from None
     assert row is not None
     return tuple(str(v) for v in row)
+
+
+_PIN_VIEW = "pg_temp.__dualwrite_pin"
+
+
+async def _pinned(conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any) -> CompiledMapping:
+    """The mapping with its expressions and filter resolved now, once, for every session.
+
+    Rewritten statements evaluate them in the application's session, under its search_path:
+    unpinned, ``upper(status)`` would call whatever ``upper`` comes first there. PostgreSQL
+    resolves the expressions of a view when it is created (here, under validation's path) and
+    prints them back qualified where a name is not visible: under an empty search_path, all
+    but pg_catalog's, which :func:`pinned_select_list` then qualifies too. The view is a temp
+    one, in a transaction rolled back at once.
+    """
+    source, _, _ = mapping.binding()
+    parts = list(mapping.expressions.items())
+    if mapping.filter is not None:
+        parts.append(("", mapping.filter))
+    select = ", ".join(
+        f"({expr.sql}) AS {quote_ident(f'e{i}')}" for i, (_, expr) in enumerate(parts)
+    )
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(
+            f"CREATE TEMP VIEW {_PIN_VIEW} AS SELECT {select} FROM {source.sql} AS src"
+        )
+        await conn.execute("SELECT pg_catalog.set_config('search_path', '', true)")
+        viewdef = await conn.fetchval(
+            f"SELECT pg_catalog.pg_get_viewdef('{_PIN_VIEW}'::pg_catalog.regclass)"
+        )
+    except asyncpg.PostgresError as exc:
+        raise fail(f"expressions and filter: {exc}") from None
+    finally:
+        await transaction.rollback()
+    try:
+        pinned = pinned_select_list(str(viewdef))
+    except ValueError as exc:
+        raise fail(f"expressions and filter: {exc}") from None
+    texts = dict(zip((column for column, _ in parts), pinned, strict=True))
+    return pin_expressions(mapping, texts)
 
 
 def _mapping_checks(mapping: CompiledMapping) -> list[Prepared]:

@@ -339,8 +339,9 @@ def delete_call_sql(mapping: CompiledMapping, from_sql: str, *, only_filtered_ou
     """One row: the target rows keyed by ``from_sql``'s rows deleted (filtered-out only)."""
     cond = f"WHERE NOT {mapping.filter_sql()}" if only_filtered_out else ""
     return (
-        f"SELECT {delete_function(mapping).sql}(coalesce(jsonb_agg({mapping.key_json_sql()}), "
-        f"'[]'::jsonb)) AS deleted FROM {from_sql} AS {SRC} {cond}"
+        f"SELECT {delete_function(mapping).sql}(coalesce(pg_catalog.jsonb_agg("
+        f"{mapping.key_json_sql()}), '[]'::pg_catalog.jsonb)) AS deleted "
+        f"FROM {from_sql} AS {SRC} {cond}"
     )
 
 
@@ -357,9 +358,7 @@ async def create_delete_functions(
             await conn.execute(delete_function_ddl(mapping))
 
 
-async def delete_function_problem(
-    conn: asyncpg.Connection, mapping: CompiledMapping
-) -> str | None:
+async def delete_function_problem(conn: asyncpg.Connection, mapping: CompiledMapping) -> str | None:
     """Why the mapping's delete function cannot be used (None: it matches and prepares)."""
     source, _, _ = mapping.binding()
     function = delete_function(mapping)

@@ -127,7 +127,7 @@ class CompiledMapping:
 
     def key_json_sql(self) -> str:
         """The key of a source row as a jsonb array (how keys travel through the outbox)."""
-        return "jsonb_build_array(" + ", ".join(self.key_exprs()) + ")"
+        return "pg_catalog.jsonb_build_array(" + ", ".join(self.key_exprs()) + ")"
 
     def target_column_list(self) -> str:
         return ", ".join(quote_ident(c) for c in self.columns)
@@ -179,10 +179,14 @@ class CompiledMapping:
         sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
         current = ", ".join(self._comparable(f"{TGT}.{quote_ident(c)}", c) for c in others)
         excluded = ", ".join(self._comparable(f"EXCLUDED.{quote_ident(c)}", c) for c in others)
-        # Skip rows that would not change: no new row version, no WAL, no trigger work.
+        # Skip rows that would not change: no new row version, no WAL, no trigger work. As
+        # records, compared by record equality (NULLs equal to each other, like IS NOT
+        # DISTINCT FROM), through an operator named in full: this runs in the application's
+        # session, under its search_path.
         return (
             f"ON CONFLICT ({self.target_key_list()}) DO UPDATE SET {sets} "
-            f"WHERE ({current}) IS DISTINCT FROM ({excluded})"
+            f"WHERE NOT (ROW({current})::pg_catalog.record OPERATOR(pg_catalog.=) "
+            f"ROW({excluded})::pg_catalog.record)"
         )
 
     def _comparable(self, ref: str, column: str) -> str:
@@ -192,9 +196,9 @@ class CompiledMapping:
             return ref
         base = types[self.columns.index(column)].partition("(")[0].strip()
         if base == "json":
-            return f"{ref}::jsonb"
+            return f"{ref}::pg_catalog.jsonb"
         if base in _NO_EQUALITY:
-            return f"{ref}::text"
+            return f"{ref}::pg_catalog.text"
         return ref
 
 
@@ -254,6 +258,16 @@ def bind_catalog(
 ) -> CompiledMapping:
     """A copy of ``mapping`` that knows its resolved tables and types."""
     return replace(mapping, source=source, target=target, catalog=catalog)
+
+
+def pin_expressions(mapping: CompiledMapping, texts: dict[str, str]) -> CompiledMapping:
+    """A copy whose expressions (by target column; the filter under ``""``) read ``texts``:
+    the same expressions with every name resolved (see core/catalog.py's pinning)."""
+    expressions = {c: replace(e, sql=texts[c]) for c, e in mapping.expressions.items()}
+    filter_expr = mapping.filter
+    if filter_expr is not None:
+        filter_expr = replace(filter_expr, sql=texts[""])
+    return replace(mapping, expressions=expressions, filter=filter_expr)
 
 
 def read_columns(mappings: Sequence[CompiledMapping]) -> tuple[str, ...]:

@@ -7,14 +7,33 @@ from configuration is parsed by the PostgreSQL parser and deparsed, never splice
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pglast import parse_sql
-from pglast.ast import ColumnRef, Node, RangeVar, ResTarget, SelectStmt, String
+from pglast.ast import (
+    A_Expr,
+    CaseExpr,
+    CollateClause,
+    ColumnRef,
+    CommonTableExpr,
+    FuncCall,
+    Node,
+    RangeVar,
+    ResTarget,
+    SelectStmt,
+    String,
+    SubLink,
+    TypeName,
+)
+from pglast.enums.parsenodes import A_Expr_Kind
+from pglast.enums.primnodes import SubLinkType
 from pglast.parser import ParseError
 from pglast.stream import RawStream
 from pglast.visitors import Skip, Visitor
+
+from core.sqllex import neutral_text
 
 
 def quote_ident(name: str) -> str:
@@ -34,7 +53,7 @@ def utf8_literal(value: str) -> str:
     Used where generated SQL embeds arbitrary text inside a dollar-quoted body (DO blocks).
     """
     encoded = base64.b64encode(value.encode("utf-8")).decode("ascii")
-    return f"convert_from(decode('{encoded}', 'base64'), 'UTF8')"
+    return f"pg_catalog.convert_from(pg_catalog.decode('{encoded}', 'base64'), 'UTF8')"
 
 
 @dataclass(frozen=True, order=True)
@@ -154,3 +173,144 @@ def _qualified_outside_subqueries(expr: Node) -> list[str]:
 
     Outer()(expr)
     return found
+
+
+# --- pinning: expressions that resolve the same whatever the session's search_path -----------
+
+_CATALOG: Final = "pg_catalog"
+_NAME_OPERATORS: Final = frozenset(
+    {
+        A_Expr_Kind.AEXPR_OP,
+        A_Expr_Kind.AEXPR_OP_ANY,
+        A_Expr_Kind.AEXPR_OP_ALL,
+        A_Expr_Kind.AEXPR_LIKE,
+        A_Expr_Kind.AEXPR_ILIKE,
+        A_Expr_Kind.AEXPR_SIMILAR,
+    }
+)
+
+
+def pinned_select_list(viewdef: str) -> list[str]:
+    """The select list of ``pg_get_viewdef`` text read under ``search_path = ''``, with every
+    name PostgreSQL resolves through the search path made explicit.
+
+    Under an empty path the server already qualified what is not in pg_catalog; what it left
+    bare is pg_catalog's (functions, operators and types are never looked up in pg_temp, and
+    validation has no temp relations). Each of those gets ``pg_catalog.``: functions, types,
+    collations, relations in subqueries, and operators as ``OPERATOR(pg_catalog.=)``.
+    Constructs that look an operator up by name without naming it (``IS DISTINCT FROM``,
+    ``NULLIF``, ``CASE x WHEN``) are spelled out with a named one. Literals are respelled to
+    read the same under either ``standard_conforming_strings``.
+    """
+    try:
+        stmts = parse_sql(viewdef)
+    except ParseError as exc:
+        raise ValueError(f"cannot read back the pinned expressions: {exc}") from None
+    stmt = stmts[0].stmt
+    if not isinstance(stmt, SelectStmt) or not stmt.targetList:
+        raise ValueError("the pinned expressions are not a select list")
+    ctes = {
+        str(cte.ctename)
+        for _, cte in _nodes(stmt)
+        if isinstance(cte, CommonTableExpr) and cte.ctename
+    }
+    out = []
+    for target in stmt.targetList:
+        assert isinstance(target, ResTarget)
+        text = RawStream()(_pin(target.val, ctes))
+        respelled = neutral_text(text, standard_conforming_strings=True)
+        out.append(respelled.text if respelled is not None else text)
+    return out
+
+
+def _nodes(node: Any) -> Iterator[tuple[str | None, Any]]:
+    """Every pglast node under ``node`` (with itself), parents first."""
+    stack: list[Any] = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Node):
+            yield None, item
+            stack.extend(getattr(item, name) for name in item)
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+
+
+def _qualified(names: Any) -> tuple[Any, ...]:
+    names = tuple(names or ())
+    return (String(sval=_CATALOG), *names) if len(names) == 1 else names
+
+
+def _pin(node: Any, ctes: set[str]) -> Any:
+    """``node`` with its children pinned first, then itself (a replacement or the same)."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(_pin(item, ctes) for item in node)
+    if not isinstance(node, Node):
+        return node
+    for name in node:
+        value = getattr(node, name)
+        if isinstance(value, (Node, list, tuple)):
+            setattr(node, name, _pin(value, ctes))
+    if isinstance(node, FuncCall):
+        node.funcname = _qualified(node.funcname)
+    elif isinstance(node, TypeName) and not node.pct_type:
+        node.names = _qualified(node.names)
+    elif isinstance(node, CollateClause):
+        node.collname = _qualified(node.collname)
+    elif isinstance(node, RangeVar) and not node.schemaname and node.relname not in ctes:
+        node.schemaname = _CATALOG
+    elif isinstance(node, SubLink) and node.subLinkType in (
+        SubLinkType.ANY_SUBLINK,
+        SubLinkType.ALL_SUBLINK,
+    ):
+        node.operName = _qualified(node.operName or (String(sval="="),))
+    elif isinstance(node, A_Expr):
+        return _pinned_operator(node)
+    elif isinstance(node, CaseExpr) and node.arg is not None:
+        return _expression(
+            "CASE "
+            + " ".join(
+                f"WHEN ({_sql(node.arg)}) OPERATOR(pg_catalog.=) ({_sql(when.expr)}) "
+                f"THEN {_sql(when.result)}"
+                for when in node.args or ()
+            )
+            + (f" ELSE {_sql(node.defresult)}" if node.defresult is not None else "")
+            + " END"
+        )
+    return node
+
+
+def _pinned_operator(node: A_Expr) -> Any:
+    kind = node.kind
+    if kind in _NAME_OPERATORS:
+        node.name = _qualified(node.name)
+        return node
+    left, right = _sql(node.lexpr), _sql(node.rexpr)
+    equal = f"({left}) OPERATOR(pg_catalog.=) ({right})"
+    if kind == A_Expr_Kind.AEXPR_DISTINCT:
+        return _expression(
+            f"CASE WHEN ({left}) IS NULL THEN ({right}) IS NOT NULL "
+            f"WHEN ({right}) IS NULL THEN true ELSE NOT ({equal}) END"
+        )
+    if kind == A_Expr_Kind.AEXPR_NOT_DISTINCT:
+        return _expression(
+            f"CASE WHEN ({left}) IS NULL THEN ({right}) IS NULL "
+            f"WHEN ({right}) IS NULL THEN false ELSE {equal} END"
+        )
+    if kind == A_Expr_Kind.AEXPR_NULLIF:
+        return _expression(f"CASE WHEN {equal} THEN NULL ELSE ({left}) END")
+    # IN, BETWEEN: pg_get_viewdef prints them as = ANY (...) and >= / <= already
+    raise ValueError(f"cannot pin operator construct {kind!r}")
+
+
+def _sql(node: Any) -> str:
+    return str(RawStream()(node))
+
+
+def _expression(text: str) -> Node:
+    stmt = parse_sql(f"SELECT {text}")[0].stmt
+    assert isinstance(stmt, SelectStmt)
+    assert stmt.targetList
+    target = stmt.targetList[0]
+    assert isinstance(target, ResTarget)
+    assert target.val is not None
+    return target.val

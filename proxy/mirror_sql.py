@@ -25,7 +25,8 @@ def outbox_capture_sql(mappings: Sequence[CompiledMapping], from_sql: str) -> st
     """One INSERT into the outbox of ``(mapping, key)`` for each of ``from_sql``'s rows and
     each of these mappings (one statement, whatever the number of mappings)."""
     rows = " UNION ALL ".join(
-        f"SELECT {quote_literal(m.name)}::text, {m.key_json_sql()} FROM {from_sql} AS {SRC}"
+        f"SELECT {quote_literal(m.name)}::pg_catalog.text, {m.key_json_sql()} "
+        f"FROM {from_sql} AS {SRC}"
         for m in mappings
     )
     return f"INSERT INTO dualwrite.outbox (mapping, key) {rows}"

@@ -472,7 +472,9 @@ class Rewriter:
         # The one-row join makes the delete CTEs run; it changes neither rows nor count.
         done = f", (SELECT 1 FROM {', '.join(deletes)}) AS {CTE}_done" if deletes else ""
         outer = (
-            f"SELECT {CTE}.* FROM {CTE}{done}" if returning else f"SELECT count(*) FROM {CTE}{done}"
+            f"SELECT {CTE}.* FROM {CTE}{done}"
+            if returning
+            else f"SELECT pg_catalog.count(*) FROM {CTE}{done}"
         )
         has_with = bool(fields.get("withClause"))
         prefix = f",\n{CTE} AS (\n" if has_with else f"WITH {CTE} AS (\n"

@@ -208,3 +208,38 @@ def test_invalid_utf8_naming_a_mapped_table_gets_postgresql_s_error(db, sidecar)
             psycopg.ClientCursor(conn).execute(bad)  # simple protocol
         conn.execute("INSERT INTO orders (id, status) VALUES (8, 'ok')")
     assert target_orders(db) == [(8, "OK!")]
+
+
+# --- 7: the session's search_path and the mapping's expressions ---------------------------------
+
+EVIL = """
+CREATE SCHEMA evil;
+CREATE FUNCTION evil.upper(text) RETURNS text LANGUAGE sql AS $$SELECT 'HACKED'$$;
+CREATE FUNCTION evil.cat(text, text) RETURNS text LANGUAGE sql AS $$SELECT 'CAT'$$;
+CREATE OPERATOR evil.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.cat);
+CREATE FUNCTION evil.same(text, text) RETURNS boolean LANGUAGE sql AS $$SELECT true$$;
+CREATE OPERATOR evil.= (LEFTARG = text, RIGHTARG = text, FUNCTION = evil.same);
+CREATE FUNCTION evil.jsonb_build_array(bigint) RETURNS jsonb LANGUAGE sql
+    AS $$SELECT '[666]'::jsonb$$;
+GRANT USAGE ON SCHEMA evil TO PUBLIC;
+"""
+
+
+@pytest.mark.parametrize("mode", ["sync", "outbox"])
+def test_a_session_search_path_cannot_change_what_the_mapping_computes(db, sidecar, mode):
+    handle = start(db, sidecar, mode)
+    db.sql(EVIL)
+    with psycopg.connect(handle.dsn(), autocommit=True) as conn:
+        conn.execute("SET search_path = evil, pg_catalog, public")
+        conn.execute("INSERT INTO orders (id, status) VALUES (1, 'paid')")
+        conn.execute("INSERT INTO orders (id, status) VALUES (2, 'open') RETURNING id")
+        # the upsert's "did it change" test must not use the session's = for text
+        conn.execute("UPDATE orders SET status = 'shipped' WHERE id = %s", (1,))
+        conn.execute("DELETE FROM orders WHERE id = 2")
+    if mode == "outbox":
+        assert db.sql("SELECT DISTINCT key::text FROM dualwrite.outbox ORDER BY 1") == [
+            ("[1]",),
+            ("[2]",),
+        ]
+        pos.drain(handle)
+    assert target_orders(db) == [(1, "SHIPPED!")]
