@@ -224,10 +224,10 @@ async def _session(config: Config, mirrored: bool, traffic: bool) -> Session:
     if mirrored:
         conn = await asyncpg.connect(config.effective_service_dsn())
         try:
-            mappings, unqualified = await validated_mappings(conn, config)
+            mappings = await validated_mappings(conn, config)
         finally:
             await conn.close()
-        rewriter = Rewriter(mappings, unqualified=unqualified, states=MappingStates())
+        rewriter = Rewriter(mappings, states=MappingStates())
         recorder = TrafficRecorder(config.traffic, "bench-replay") if traffic else None
         mirror_context = MirrorContext(rewriter, ActivityRecorder("bench-replay"), recorder)
     session = Session(ProxyServer(config, mirror_context), 1)

@@ -38,6 +38,11 @@ WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
 
+_HAS_CHILDREN = """
+SELECT c.relkind = 'p' OR EXISTS (SELECT FROM pg_inherits i WHERE i.inhparent = c.oid)
+FROM pg_class c WHERE c.oid = $1::regclass
+"""
+
 _UNIQUE_KEYS = """
 SELECT array_agg(a.attname ORDER BY k.ord) AS cols
 FROM pg_index i
@@ -155,6 +160,7 @@ async def validate_mapping(
             source_columns=tuple(source_names),
             source_columns_read=read,
             source_has_rules=bool(source_rules),
+            source_has_children=bool(await conn.fetchval(_HAS_CHILDREN, source_name.sql)),
             target_types=tuple(target_cols[c]["type"] for c in mapping.columns),
         ),
     )
@@ -308,15 +314,3 @@ async def validate_all(
                 "refused (pause or remove one direction)",
             )
     return bound
-
-
-async def resolve_unqualified(
-    conn: asyncpg.Connection, names: Sequence[str], search_path: Sequence[str]
-) -> dict[str, QualifiedName]:
-    """What each unqualified table name means under ``search_path`` (first schema that has it)."""
-    resolved: dict[str, QualifiedName] = {}
-    for name in names:
-        found = await resolve_table(conn, None, name, search_path)
-        if found is not None:
-            resolved[name] = found[0]
-    return resolved

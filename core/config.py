@@ -353,7 +353,7 @@ class Config(Strict):
     limits: LimitsConfig = LimitsConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     logging: LoggingConfig = LoggingConfig()
-    #: how unqualified table names in application SQL are resolved
+    #: how the unqualified table names of mappings are resolved (at validation)
     search_path: Annotated[list[str], Field(min_length=1)] = ["public"]
     #: role the application connects as; `dualwrite setup` grants it what the mirror needs
     app_role: str | None = None

@@ -53,6 +53,9 @@ class CatalogFacts:
     source_columns_read: tuple[str, ...]
     #: the source table has rules, so writes to it cannot be rewritten
     source_has_rules: bool = False
+    #: the source is partitioned or has inheritance children: a row written through it may
+    #: land in another table (its ``tableoid`` is the child's)
+    source_has_children: bool = False
     #: SQL type (with typmod) of each target column, in ``columns`` order
     target_types: tuple[str, ...] = ()
 
@@ -271,11 +274,12 @@ def pin_expressions(mapping: CompiledMapping, texts: dict[str, str]) -> Compiled
 
 
 def read_columns(mappings: Sequence[CompiledMapping]) -> tuple[str, ...]:
-    """Source columns any of these mappings read, in source attnum order."""
+    """Source columns any of these mappings read, in source attnum order (sources in turn,
+    when the mappings have several: a name that several tables have)."""
     needed: set[str] = set()
-    order: tuple[str, ...] = ()
+    order: dict[str, None] = {}
     for mapping in mappings:
         _, _, catalog = mapping.binding()
         needed.update(catalog.source_columns_read)
-        order = catalog.source_columns
+        order.update(dict.fromkeys(catalog.source_columns))
     return tuple(c for c in order if c in needed)

@@ -24,7 +24,7 @@ from compare.continuous import ContinuousReconciler
 from compare.reconciler import PassOptions, reconcile_mapping
 from compare.report.history import export_gauges, latest_runs
 from core import metrics
-from core.catalog import StatementsOf, resolve_unqualified, validate_all
+from core.catalog import StatementsOf, validate_all
 from core.config import Config
 from core.control import (
     ActivityRecorder,
@@ -102,10 +102,10 @@ async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
 
 async def validated_mappings(
     conn: asyncpg.Connection, config: Config, *, require_functions: bool = True
-) -> tuple[list[CompiledMapping], dict[str, Any]]:
-    """Compile, validate and bind every mapping; also resolve unqualified source names."""
+) -> list[CompiledMapping]:
+    """Compile, validate and bind every mapping."""
     compiled = compile_all(config)
-    bound = await validate_all(
+    return await validate_all(
         conn,
         compiled,
         config.search_path,
@@ -113,9 +113,6 @@ async def validated_mappings(
         statements=SIDECAR_STATEMENTS,
         require_functions=require_functions,
     )
-    names = sorted({m.source.name for m in bound if m.source is not None})
-    unqualified = await resolve_unqualified(conn, names, config.search_path)
-    return bound, unqualified
 
 
 async def check_live(config: Config) -> list[str]:
@@ -129,7 +126,7 @@ async def check_live(config: Config) -> list[str]:
     conn = await connect_service(config)
     try:
         await ensure_current(conn)
-        mappings, _ = await validated_mappings(conn, config)
+        mappings = await validated_mappings(conn, config)
         await wal_slot.require_ready(conn, config.wal, wal_slot.wal_mappings(mappings))
     finally:
         await conn.close()
@@ -154,7 +151,7 @@ async def setup(config: Config) -> list[str]:
             if applied
             else "control schema: already current"
         ]
-        mappings, _ = await validated_mappings(conn, config, require_functions=False)
+        mappings = await validated_mappings(conn, config, require_functions=False)
         await create_delete_functions(conn, mappings)
         lines += [
             f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok"
@@ -264,13 +261,13 @@ class Sidecar:
         self.pool = await create_service_pool(config, size=2 + config.applier.workers)
         async with self.pool.acquire() as conn:
             await ensure_current(conn)
-            self.mappings, unqualified = await validated_mappings(conn, config)
+            self.mappings = await validated_mappings(conn, config)
             self.states.update(await load_paused(conn))
         self.validated = True
         _log.info("mappings_validated", mappings=[m.name for m in self.mappings])
         self.watcher = StateWatcher(lambda: connect_service(config), self.states)
         await self.watcher.start()
-        rewriter = Rewriter(self.mappings, unqualified=unqualified, states=self.states)
+        rewriter = Rewriter(self.mappings, states=self.states)
         if config.traffic.enabled:
             self.traffic = TrafficRecorder(config.traffic, self.recorder.sidecar)
             await self.traffic.start(self.pool)
@@ -531,7 +528,7 @@ async def run_applier_until_signalled(config: Config) -> int:
     try:
         async with pool.acquire() as conn:
             await ensure_current(conn)
-            mappings, _ = await validated_mappings(conn, config)
+            mappings = await validated_mappings(conn, config)
             states = MappingStates()
             states.update(await load_paused(conn))
         watcher = StateWatcher(lambda: connect_service(config), states)

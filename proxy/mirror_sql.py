@@ -21,15 +21,32 @@ def upsert_sql(mapping: CompiledMapping, from_sql: str) -> str:
     return mapping.upsert_sql(mapping.expected_rows_sql(from_sql))
 
 
-def outbox_capture_sql(mappings: Sequence[CompiledMapping], from_sql: str) -> str:
-    """One INSERT into the outbox of ``(mapping, key)`` for each of ``from_sql``'s rows and
-    each of these mappings (one statement, whatever the number of mappings)."""
+def outbox_capture_sql(mappings: Sequence[tuple[CompiledMapping, str]]) -> str:
+    """One INSERT into the outbox of ``(mapping, key)`` for each mapping and each row of its
+    ``from_sql`` (one statement, whatever the number of mappings)."""
     rows = " UNION ALL ".join(
         f"SELECT {quote_literal(m.name)}::pg_catalog.text, {m.key_json_sql()} "
         f"FROM {from_sql} AS {SRC}"
-        for m in mappings
+        for m, from_sql in mappings
     )
     return f"INSERT INTO dualwrite.outbox (mapping, key) {rows}"
+
+
+def written_to_source_sql(mapping: CompiledMapping, tableoid: str) -> str:
+    """True for a changed row whose ``tableoid`` is the mapping's source (or a partition or
+    child of it): the statement named the table unqualified, and the session's search_path
+    or a temp table of the same name decided which table that was."""
+    source, _, catalog = mapping.binding()
+    table = f"{quote_literal(source.sql)}::pg_catalog.regclass::pg_catalog.oid"
+    if not catalog.source_has_children:
+        return f"{tableoid} OPERATOR(pg_catalog.=) {table}"
+    # Evaluated once per statement (an uncorrelated subquery): partitions added later count.
+    tree = (
+        f"WITH RECURSIVE tree(relid) AS (SELECT {table} UNION SELECT i.inhrelid "
+        "FROM pg_catalog.pg_inherits AS i JOIN tree "
+        "ON i.inhparent OPERATOR(pg_catalog.=) tree.relid) SELECT relid FROM tree"
+    )
+    return f"{tableoid} OPERATOR(pg_catalog.=) ANY (ARRAY({tree}))"
 
 
 def statements_to_prepare(mapping: CompiledMapping) -> list[Prepared]:

@@ -37,11 +37,13 @@ from core.mapping import CompiledMapping, read_columns
 from core.sqllex import Respelled
 from core.sqltext import QualifiedName, quote_ident, utf8_literal
 from proxy.classify import READ, first_keyword, statement_kind
-from proxy.mirror_sql import outbox_capture_sql, upsert_sql
+from proxy.mirror_sql import outbox_capture_sql, upsert_sql, written_to_source_sql
 
 CTE: Final = "__dualwrite"
 SRC_CTE: Final = "__dualwrite_src"
 COLUMN_PREFIX: Final = "__dualwrite_c"
+#: the ``tableoid`` of a changed row, when the statement named its table unqualified
+TABLE_COLUMN: Final = "__dualwrite_t"
 
 PASS, REWRITE, UNMIRRORED, REJECT = "pass", "rewrite", "unmirrored", "reject"
 
@@ -260,7 +262,6 @@ class Rewriter:
         self,
         mappings: Sequence[CompiledMapping],
         *,
-        unqualified: dict[str, QualifiedName],
         states: MappingStates,
         cache_size: int = 4096,
     ) -> None:
@@ -272,8 +273,11 @@ class Rewriter:
         for mapping in self.mappings:
             assert mapping.source is not None
             self.by_source.setdefault(mapping.source, []).append(mapping)
-        #: unqualified relation name -> the table it means under the configured search_path
-        self.unqualified = unqualified
+        #: table name -> the mapped sources of that name, in any schema: what an unqualified
+        #: name may mean in a session (its search_path and temp tables decide, per statement)
+        self.by_name: dict[str, list[QualifiedName]] = {}
+        for source in self.by_source:
+            self.by_name.setdefault(source.name, []).append(source)
         #: lower-cased table names that make a statement worth a closer look
         self.needles = tuple({n for s in self.by_source for n in _needles(s.name)})
         self._shapes: OrderedDict[tuple[str, int], tuple[Template, ...] | None] = OrderedDict()
@@ -375,18 +379,21 @@ class Rewriter:
             for m in maps
         )
 
-    def _resolve(self, rangevar: dict[str, Any]) -> QualifiedName | None:
+    def _sources(self, rangevar: dict[str, Any]) -> tuple[list[QualifiedName], bool]:
+        """The mapped tables a relation name may mean, and whether the session decides which
+        (an unqualified name: the row's ``tableoid`` tells, see :func:`written_to_source_sql`)."""
         schema = rangevar.get("schemaname")
         name = rangevar.get("relname", "")
         if schema:
-            return QualifiedName(schema, name)
-        return self.unqualified.get(name)
+            table = QualifiedName(schema, name)
+            return ([table] if table in self.by_source else []), False
+        return self.by_name.get(name, []), True
 
     def _mapped(self, rangevar: dict[str, Any] | None) -> list[CompiledMapping]:
         if not rangevar:
             return []
-        table = self._resolve(rangevar)
-        return self.by_source.get(table, []) if table is not None else []
+        sources, _ = self._sources(rangevar)
+        return [m for source in sources for m in self.by_source[source]]
 
     def _analyze(self, stmt: dict[str, Any]) -> Template:
         """Decide what to do with one top-level statement (a parse_sql_json ``stmt``)."""
@@ -459,16 +466,17 @@ class Rewriter:
         alias = (relation.get("alias") or {}).get("aliasname") or relation["relname"]
         ref = quote_ident(alias)
         columns = read_columns(mappings)
+        _, guarded = self._sources(relation)
         returning = bool((fields.get("returningClause") or {}).get("exprs")) or bool(
             fields.get("returningList")
         )
-        additions = ", ".join(
-            f"{ref}.{quote_ident(c)} AS {COLUMN_PREFIX}{i + 1}" for i, c in enumerate(columns)
-        )
-        renames = ", ".join(
-            f"{COLUMN_PREFIX}{i + 1} AS {quote_ident(c)}" for i, c in enumerate(columns)
-        )
-        mirrors, targets, deletes = self._mirror_ctes(node, mappings)
+        added = [f"{ref}.{quote_ident(c)} AS {COLUMN_PREFIX}{i + 1}" for i, c in enumerate(columns)]
+        renamed = [f"{COLUMN_PREFIX}{i + 1} AS {quote_ident(c)}" for i, c in enumerate(columns)]
+        if guarded:
+            added.append(f"{ref}.tableoid AS {TABLE_COLUMN}")
+            renamed.append(TABLE_COLUMN)
+        additions, renames = ", ".join(added), ", ".join(renamed)
+        mirrors, targets, deletes = self._mirror_ctes(node, mappings, guarded=guarded)
         # The one-row join makes the delete CTEs run; it changes neither rows nor count.
         done = f", (SELECT 1 FROM {', '.join(deletes)}) AS {CTE}_done" if deletes else ""
         outer = (
@@ -487,7 +495,7 @@ class Rewriter:
             tag=_TAGS[node],
             operation=_OPERATIONS[node],
             returning=returning,
-            extra_columns=len(columns) if returning else 0,
+            extra_columns=len(added) if returning else 0,
             mappings=tuple(m.name for m in mappings),
             targets=frozenset(targets),
         )
@@ -502,31 +510,37 @@ class Rewriter:
         )
 
     def _mirror_ctes(
-        self, node: str, mappings: list[CompiledMapping]
+        self, node: str, mappings: list[CompiledMapping], *, guarded: bool
     ) -> tuple[str, set[tuple[str, str]], list[str]]:
         """The CTEs after ``__dualwrite_src``; the target tables written in-statement; and the
         names of the CTEs that delete through a function (the outer query must read them,
-        or PostgreSQL would not run them)."""
+        or PostgreSQL would not run them). ``guarded``: each mapping mirrors only the rows
+        its own source holds (the statement named the table unqualified)."""
         parts: list[str] = []
         targets: set[tuple[str, str]] = set()
-        outbox: list[CompiledMapping] = []
+        outbox: list[tuple[CompiledMapping, str]] = []
         deletes: list[str] = []
         for mapping in mappings:
+            rows = (
+                f"(SELECT * FROM {SRC_CTE} WHERE {written_to_source_sql(mapping, TABLE_COLUMN)})"
+                if guarded
+                else SRC_CTE
+            )
             sync = mapping.mode.statement_writes_target and not self.states.is_paused(mapping.name)
             if not sync:
-                outbox.append(mapping)
+                outbox.append((mapping, rows))
                 continue
             assert mapping.target is not None
             targets.add((mapping.target.schema, mapping.target.name))
             n = len(parts)
             if node == "DeleteStmt":
-                deletes.append(delete_call_sql(mapping, SRC_CTE, only_filtered_out=False))
+                deletes.append(delete_call_sql(mapping, rows, only_filtered_out=False))
                 continue
-            parts.append(f"{CTE}_m{n} AS ({upsert_sql(mapping, SRC_CTE)})")
+            parts.append(f"{CTE}_m{n} AS ({upsert_sql(mapping, rows)})")
             if mapping.filter is not None:
-                deletes.append(delete_call_sql(mapping, SRC_CTE, only_filtered_out=True))
+                deletes.append(delete_call_sql(mapping, rows, only_filtered_out=True))
         if outbox:
-            parts.append(f"{CTE}_o AS ({outbox_capture_sql(outbox, SRC_CTE)})")
+            parts.append(f"{CTE}_o AS ({outbox_capture_sql(outbox)})")
         names = [f"{CTE}_d{i}" for i in range(len(deletes))]
         parts += [f"{name} AS ({sql})" for name, sql in zip(names, deletes, strict=True)]
         return "".join(f",\n{p}" for p in parts), targets, names

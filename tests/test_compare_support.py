@@ -45,7 +45,7 @@ async def prepare(data: dict[str, Any]) -> tuple[Config, dict[str, CompiledMappi
     await setup(config)
     conn = await asyncpg.connect(config.service_dsn)
     try:
-        mappings, _ = await validated_mappings(conn, config)
+        mappings = await validated_mappings(conn, config)
     finally:
         await conn.close()
     return config, {m.name: m for m in mappings}

@@ -34,6 +34,10 @@ CREATE SCHEMA v2;
 CREATE TABLE v2.orders (id bigint PRIMARY KEY, status text NOT NULL, amount numeric);
 CREATE TABLE v2.audit_log (id bigint PRIMARY KEY, action text NOT NULL);
 CREATE TABLE v2.items (id bigint PRIMARY KEY, name text NOT NULL);
+CREATE TABLE app.events (id bigint PRIMARY KEY, kind text NOT NULL) PARTITION BY RANGE (id);
+CREATE TABLE app.events_low PARTITION OF app.events FOR VALUES FROM (0) TO (100);
+CREATE TABLE app.events_high PARTITION OF app.events FOR VALUES FROM (100) TO (200);
+CREATE TABLE v2.events (id bigint PRIMARY KEY, kind text NOT NULL);
 INSERT INTO audit_log VALUES (1, 'login'), (2, 'sale');
 """
 
@@ -65,6 +69,15 @@ def mappings(mode: str = "sync") -> dict[str, Any]:
                 "target": "v2.items",
                 "key": ["id"],
                 "columns": {"id": "id", "name": "name"},
+                "mode": mode,
+                "unsupported": "passthrough",
+            },
+            {
+                "name": "events",
+                "source": "app.events",
+                "target": "v2.events",
+                "key": ["id"],
+                "columns": {"id": "id", "kind": "kind"},
                 "mode": mode,
                 "unsupported": "passthrough",
             },
@@ -243,3 +256,43 @@ def test_a_session_search_path_cannot_change_what_the_mapping_computes(db, sidec
         ]
         pos.drain(handle)
     assert target_orders(db) == [(1, "SHIPPED!")]
+
+
+# --- 8: temp tables and the session's search_path decide which table is written -------------
+
+
+def test_the_mirror_follows_the_table_an_unqualified_name_means(db, sidecar):
+    handle = start(db, sidecar)
+    with psycopg.connect(handle.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO orders (id, status) VALUES (1, 'real')")
+        # a temp table of the same name comes first in every session's path
+        conn.execute("CREATE TEMP TABLE orders (LIKE public.orders INCLUDING DEFAULTS)")
+        conn.execute("INSERT INTO orders (id, status) VALUES (1, 'phantom'), (2, 'phantom')")
+        conn.execute("UPDATE orders SET status = %s WHERE id = %s", ("phantom too", 2))
+        conn.execute("DELETE FROM orders WHERE id = 1 RETURNING id")
+        conn.execute("INSERT INTO public.orders (id, status) VALUES (3, 'qualified')")
+        # the reverse: a path that reaches mapped tables the configured path does not
+        conn.execute("SET search_path = app, public")
+        conn.execute("INSERT INTO items (id, name) VALUES (1, 'widget')")
+        conn.execute("UPDATE items SET name = 'gadget' WHERE id = 1 RETURNING name")
+        conn.execute("INSERT INTO events (id, kind) VALUES (1, 'low'), (150, 'high')")
+    db.sql("CREATE TABLE app.events_top PARTITION OF app.events FOR VALUES FROM (200) TO (300)")
+
+    async def extended() -> None:
+        client = await asyncpg.connect(handle.dsn(), server_settings={"search_path": "app"})
+        try:
+            await client.execute("INSERT INTO events (id, kind) VALUES ($1, $2)", 250, "top")
+            await client.execute("CREATE TEMP TABLE items (LIKE app.items)")
+            await client.execute("INSERT INTO items (id, name) VALUES ($1, $2)", 1, "phantom")
+            await client.execute("DELETE FROM items WHERE id = $1", 1)
+        finally:
+            await client.close()
+
+    asyncio.run(extended())
+    assert target_orders(db) == [(1, "REAL!"), (3, "QUALIFIED!")]
+    assert db.sql("SELECT * FROM v2.items") == [(1, "gadget")]
+    assert db.sql("SELECT * FROM v2.events ORDER BY id") == [
+        (1, "low"),
+        (150, "high"),
+        (250, "top"),
+    ]

@@ -38,7 +38,7 @@ async def _validate(dsn: str, data: dict[str, object]) -> list[str]:
     config = parse_config(data)
     conn = await asyncpg.connect(dsn)
     try:
-        mappings, _ = await validated_mappings(conn, config)
+        mappings = await validated_mappings(conn, config)
     finally:
         await conn.close()
     return [m.name for m in mappings]

@@ -166,7 +166,7 @@ def test_past_max_retained_bytes_the_slot_is_dropped_loudly_and_the_mapping_need
     async def one_poll() -> None:
         conn = await asyncpg.connect(logical_db.dsn)
         try:
-            mappings, _ = await validated_mappings(conn, parsed)
+            mappings = await validated_mappings(conn, parsed)
         finally:
             await conn.close()
         reader = WalReader(
@@ -213,7 +213,7 @@ def test_check_explains_what_the_wal_reader_is_missing(logical_db, db, pg):
     async def problems() -> list[str]:
         conn = await asyncpg.connect(logical_db.dsn)
         try:
-            mappings, _ = await validated_mappings(conn, parsed)
+            mappings = await validated_mappings(conn, parsed)
         finally:
             await conn.close()
         conn = await asyncpg.connect(logical_db.dsn_as("wal_nobody"))
