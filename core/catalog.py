@@ -225,6 +225,11 @@ async def _pinned(conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any)
         viewdef = await conn.fetchval(
             f"SELECT pg_catalog.pg_get_viewdef('{_PIN_VIEW}'::pg_catalog.regclass)"
         )
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError) as exc:
+        raise fail(
+            f"expressions and filter: validation pins them with a temporary view, which this "
+            f"session cannot create ({exc}); the service role needs TEMPORARY on the database"
+        ) from None
     except asyncpg.PostgresError as exc:
         raise fail(f"expressions and filter: {exc}") from None
     finally:
