@@ -186,6 +186,21 @@ def test_standard_conforming_strings_off_is_lexed_as_the_server_lexes(db, sideca
     assert audit_rows(db) == 2
 
 
+def test_a_prepared_write_shape_is_not_reused_once_the_lexing_changed(db, sidecar):
+    handle = start(db, sidecar)
+    text = "INSERT INTO orders (id, status) VALUES ({}, 'a\\' || 'b')"
+    with psycopg.connect(handle.dsn(), autocommit=True) as conn:
+        cursor = psycopg.ClientCursor(conn)
+        for key in (20, 21, 22):  # often enough for a shape to be prepared and reused
+            cursor.execute(text.format(key))
+        cursor.execute("SET standard_conforming_strings = off")
+        # now 'a\' || ' is one literal and the statement does not parse: as PostgreSQL says
+        with pytest.raises(psycopg.errors.SyntaxError):
+            cursor.execute(text.format(23))
+    assert target_orders(db) == [(20, "A\\B!"), (21, "A\\B!"), (22, "A\\B!")]
+    assert db.scalar("SELECT count(*) FROM orders WHERE id = 23") == 0
+
+
 def test_a_pipeline_that_may_change_the_lexing_gets_the_unsupported_policy(db, sidecar):
     handle = start(db, sidecar)
 
