@@ -269,6 +269,10 @@ class CutoverCriteria(Strict):
     max_mirror_failures: Annotated[int, Field(ge=0)] = 0
     #: committed changes (capture: both) that statement capture missed and the WAL reader found
     max_uncaptured_changes: Annotated[int, Field(ge=0)] = 0
+    #: shadow reads replayed and compared (0: the shadow criteria are not required)
+    min_shadow_statements: Annotated[int, Field(ge=0)] = 0
+    #: mismatched / (matched + mismatched) shadow reads at most
+    max_shadow_mismatch_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
 
 
 class ReportConfig(Strict):
@@ -342,6 +346,56 @@ class TrafficConfig(Strict):
     flush_interval_seconds: PositiveSeconds = 10.0
 
 
+class ShadowConfig(Strict):
+    """Shadow reads: a sample of the application's reads replayed against the new schema's
+    compatibility views (or, with ``dsn``, unchanged on another server) and compared."""
+
+    #: fraction of eligible reads replayed (0 turns the shadow off)
+    sample_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: the shadow's own connections (a hard cap)
+    max_sessions: Annotated[int, Field(ge=1, le=64)] = 4
+    #: captured reads waiting for replay; what does not fit is dropped and counted
+    queue: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    #: each replayed statement's statement_timeout
+    statement_timeout_ms: Annotated[int, Field(ge=1, le=3_600_000)] = 2000
+    #: replays started per second at most, so the shadow never loads the primary
+    max_replays_per_second: Annotated[float, Field(gt=0, le=100_000)] = 5.0
+    #: old relation -> the relation (usually a view) in the new schema that must answer the same
+    views: dict[str, str] = {}
+    #: replay unchanged against this server instead (e.g. a PostgreSQL upgrade); no password
+    dsn: str | None = None
+    #: result columns whose values a mismatch sample may show (others are redacted)
+    reveal_columns: list[str] = []
+    #: how often the per-fingerprint results are written to the control schema
+    flush_interval_seconds: PositiveSeconds = 10.0
+
+    @field_validator("views")
+    @classmethod
+    def _views_are_qualified(cls, value: dict[str, str]) -> dict[str, str]:
+        for old, new in value.items():
+            for name in (old, new):
+                if name.count(".") != 1 or not all(name.split(".")):
+                    raise ValueError(f"{name!r} must be schema.relation")
+        return value
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_has_no_password(cls, value: str | None) -> str | None:
+        return None if value is None else _check_dsn(value)
+
+    @model_validator(mode="after")
+    def _something_to_compare(self) -> ShadowConfig:
+        if self.sample_rate > 0 and not self.views and self.dsn is None:
+            raise ValueError("sample_rate > 0 needs views (or a dsn) to compare against")
+        if self.views and self.dsn is not None:
+            raise ValueError("set views or dsn, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.sample_rate > 0
+
+
 class Config(Strict):
     """The whole sidecar configuration (one YAML file)."""
 
@@ -364,6 +418,7 @@ class Config(Strict):
     report: ReportConfig = ReportConfig()
     lint: LintConfig = LintConfig()
     traffic: TrafficConfig = TrafficConfig()
+    shadow: ShadowConfig = ShadowConfig()
     mappings: list[MappingConfig] = []
 
     @field_validator("service_dsn")

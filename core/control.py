@@ -242,6 +242,34 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        5,
+        """
+        -- Shadow reads (proxy/shadow, core/shadow.py): per statement fingerprint, how the
+        -- replays against the new schema came out, and one sample per outcome (the statement
+        -- normalized, values redacted but for shadow.reveal_columns).
+        CREATE TABLE dualwrite.shadow_statements (
+            fingerprint text PRIMARY KEY,
+            statement text NOT NULL,
+            matched bigint NOT NULL DEFAULT 0,
+            mismatched bigint NOT NULL DEFAULT 0,
+            noise bigint NOT NULL DEFAULT 0,
+            errors bigint NOT NULL DEFAULT 0,
+            unsafe bigint NOT NULL DEFAULT 0,
+            first_seen timestamptz NOT NULL,
+            last_seen timestamptz NOT NULL,
+            samples jsonb NOT NULL DEFAULT '{}'
+        );
+        -- Latency samples of compared replays: the original (old) and the new side.
+        CREATE TABLE dualwrite.shadow_latency (
+            at timestamptz NOT NULL DEFAULT now(),
+            fingerprint text NOT NULL,
+            old_ms double precision NOT NULL,
+            new_ms double precision NOT NULL
+        );
+        CREATE INDEX shadow_latency_at ON dualwrite.shadow_latency (at);
+        """,
+    ),
 ]
 
 

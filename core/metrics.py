@@ -43,6 +43,10 @@ PROTOCOL_ERRORS: Final = Counter(
 )
 
 
+#: what one shadow read can come to (dualwrite_shadow_statements_total's outcome label)
+SHADOW_OUTCOMES: Final = ("match", "mismatch", "noise", "error", "unsafe", "dropped")
+
+
 class HotCounters(Collector):
     """Counters bumped on the relay's hot path, kept as plain ints and exported at scrape time.
 
@@ -58,6 +62,8 @@ class HotCounters(Collector):
         #: statement texts the traffic recorder saw: a repeat (cached), queued for analysis,
         #: or dropped because the queue was full (the evidence then has a gap)
         self.traffic_statements = {"cached": 0, "queued": 0, "dropped": 0}
+        #: shadow reads by outcome; "dropped" is bumped on the relay path (queue full)
+        self.shadow_statements = dict.fromkeys(SHADOW_OUTCOMES, 0)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         traffic = CounterMetricFamily(
@@ -92,6 +98,15 @@ class HotCounters(Collector):
         for result, count in self.traffic_statements.items():
             recorded.add_metric([result], count)
         yield recorded
+        shadow = CounterMetricFamily(
+            "dualwrite_shadow_statements",
+            "Shadow reads by outcome: match, mismatch, noise (the A/A pair differed), error, "
+            "unsafe (refused by the read-only replay), dropped (the shadow queue was full)",
+            labels=["outcome"],
+        )
+        for outcome, count in self.shadow_statements.items():
+            shadow.add_metric([outcome], count)
+        yield shadow
 
 
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -354,4 +369,16 @@ BACKFILL_PROGRESS: Final = Gauge(
     "dualwrite_backfill_progress_ratio",
     "Backfill progress of the running process: rows done over the estimate (1 when done)",
     ["mapping"],
+)
+
+
+# --- shadow reads ------------------------------------------------------------------------------
+
+SHADOW_LATENCY_RATIO: Final = Histogram(
+    "dualwrite_shadow_latency_ratio",
+    "Replayed read latency, new (view or other server) over old (the original statement)",
+    buckets=(0.25, 0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+)
+SHADOW_QUEUE_DEPTH: Final = Gauge(
+    "dualwrite_shadow_queue_depth", "Captured reads waiting for a shadow replay"
 )

@@ -40,6 +40,7 @@ from core.control import (
 from core.errors import ConfigError
 from core.logs import get_logger
 from core.mapping import CompiledMapping, compile_all
+from core.sqltext import quote_ident
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
 from mirror import statements as key_sync_statements
 from mirror.applier import Applier
@@ -49,6 +50,9 @@ from mirror.wal.reader import WalReader
 from proxy import mirror_sql
 from proxy.rewrite import Rewriter
 from proxy.server import MirrorContext, ProxyServer
+from proxy.shadow.plan import Planner
+from proxy.shadow.replay import ShadowReplayer
+from proxy.shadow.tap import ShadowTap
 from proxy.traffic import TrafficRecorder
 
 _log = get_logger("service")
@@ -85,6 +89,19 @@ def sidecar_id() -> str:
 async def connect_service(config: Config, **kwargs: Any) -> asyncpg.Connection:
     """One connection as the sidecar's own service role."""
     return await asyncpg.connect(config.effective_service_dsn(), **kwargs)
+
+
+async def connect_shadow(dsn: str, search_path: list[str]) -> asyncpg.Connection:
+    """One shadow-read connection: no statement cache (every replay text differs) and the
+    search_path unqualified names resolve through in the configuration."""
+    return await asyncpg.connect(
+        dsn,
+        statement_cache_size=0,
+        server_settings={
+            "application_name": "dualwrite-shadow",
+            "search_path": ", ".join(quote_ident(schema) for schema in search_path),
+        },
+    )
 
 
 async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
@@ -219,6 +236,8 @@ class Sidecar:
         self.recorder = ActivityRecorder(sidecar_id())
         #: lint's traffic evidence (set up with the mirroring, when traffic.enabled)
         self.traffic: TrafficRecorder | None = None
+        #: shadow reads (set up with the mirroring, when shadow.sample_rate > 0)
+        self.shadow: ShadowReplayer | None = None
         self.proxy: ProxyServer = ProxyServer(config)
         self.admin = AdminServer(config.admin, self._hooks())
         self.stopping = asyncio.Event()
@@ -253,6 +272,8 @@ class Sidecar:
     async def start(self) -> None:
         if self.config.mappings:
             await self._start_mirroring()
+        elif self.config.shadow.enabled:
+            await self._start_shadow_only()
         await self.admin.start()
         await self.proxy.start()
 
@@ -271,7 +292,10 @@ class Sidecar:
         if config.traffic.enabled:
             self.traffic = TrafficRecorder(config.traffic, self.recorder.sidecar)
             await self.traffic.start(self.pool)
-        self.proxy = ProxyServer(config, MirrorContext(rewriter, self.recorder, self.traffic))
+        tap = await self._start_shadow() if config.shadow.enabled else None
+        self.proxy = ProxyServer(
+            config, MirrorContext(rewriter, self.recorder, self.traffic, shadow=tap)
+        )
         if config.applier.enabled:
             self.applier = Applier(
                 self.pool,
@@ -300,6 +324,36 @@ class Sidecar:
             await self.reconciler.start()
         self._flusher = asyncio.get_running_loop().create_task(self._flush_activity())
 
+    async def _start_shadow_only(self) -> None:
+        """Shadow reads without mappings (compatibility views over an unchanged schema, or a
+        replay on another server): the relay mirrors nothing, the tap samples reads."""
+        self.pool = await create_service_pool(self.config, size=2)
+        async with self.pool.acquire() as conn:
+            await ensure_current(conn)
+        tap = await self._start_shadow()
+        rewriter = Rewriter([], unqualified={}, states=self.states)
+        self.proxy = ProxyServer(self.config, MirrorContext(rewriter, self.recorder, shadow=tap))
+
+    async def _start_shadow(self) -> ShadowTap:
+        config = self.config
+        shadow = config.shadow
+        tap = ShadowTap(shadow)
+        planner = Planner(shadow.views, config.search_path, other_server=shadow.dsn is not None)
+        other = shadow.dsn
+
+        async def primary() -> asyncpg.Connection:
+            return await connect_shadow(config.effective_service_dsn(), config.search_path)
+
+        async def other_server() -> asyncpg.Connection:
+            assert other is not None
+            return await connect_shadow(other, config.search_path)
+
+        self.shadow = ShadowReplayer(
+            shadow, tap, planner, primary, other_server if other is not None else None
+        )
+        await self.shadow.start(self.pool)
+        return tap
+
     async def stop(self, grace_seconds: float | None = None) -> None:
         """Drain the proxy within the grace period, then stop everything else."""
         if self._stopped:
@@ -321,6 +375,8 @@ class Sidecar:
             await self._flush_once()
         if self.traffic is not None:
             await self.traffic.stop(self.pool)
+        if self.shadow is not None:
+            await self.shadow.stop()
         if self.watcher is not None:
             await self.watcher.stop()
         if self.pool is not None:

@@ -32,6 +32,7 @@ from proxy.rewrite import (
     StatementPlan,
     reject_message,
 )
+from proxy.shadow.tap import ConnectionTap, ShadowTap
 from proxy.tracker import Pending, ResponseTracker
 from proxy.traffic import ConnectionTraffic, TrafficRecorder
 from proxy.wire import messages as m
@@ -108,11 +109,14 @@ class Frontend:
         statement_log: Any = None,
         traffic: TrafficRecorder | None = None,
         prepared_writes: int = 256,
+        shadow: ShadowTap | None = None,
     ) -> None:
         self.rewriter = rewriter
         self.recorder = recorder
         #: notes statement texts for the traffic evidence (None: not recorded)
         self.traffic: ConnectionTraffic | None = traffic.connection() if traffic else None
+        #: samples reads for the shadow replay (None: shadow reads are off)
+        self.shadow: ConnectionTap | None = shadow.connection() if shadow else None
         #: a logger when statement text may be logged (debug level and log_statements only)
         self.statement_log = statement_log
         self.codec = "utf-8"
@@ -133,13 +137,20 @@ class Frontend:
 
     @property
     def inspects_extended(self) -> bool:
-        """Bind/Describe/Execute/Close must be looked at (some statement was rewritten)."""
-        return bool(self.statements) or self.discarding
+        """Bind/Describe/Execute/Close must be looked at (some statement was rewritten, or
+        the shadow samples executions of a prepared read)."""
+        return (
+            bool(self.statements)
+            or self.discarding
+            or (self.shadow is not None and bool(self.shadow.prepared))
+        )
 
     def set_client_encoding(self, pg_encoding: str) -> None:
         self.codec = python_codec(pg_encoding)
         if self.traffic is not None:
             self.traffic.codec = self.codec
+        if self.shadow is not None:
+            self.shadow.codec = self.codec
 
     def server_parameter(self, name: str, value: str) -> None:
         """A ParameterStatus from the server: the settings statement text is read with."""
@@ -171,6 +182,8 @@ class Frontend:
         if typ == m.CLOSE:
             kind, name = m.parse_describe_or_close(body)
             (self.statements if kind == ord("S") else self.portals).pop(name, None)
+            if kind == ord("S") and self.shadow is not None:
+                self.shadow.close(name)
             return None, [typ]
         if typ in (m.SYNC, m.FUNCTION_CALL):
             return None, [typ]
@@ -192,6 +205,8 @@ class Frontend:
             return False
         if self.traffic is not None:
             self.traffic.query(sql)
+        if self.shadow is not None:
+            self.shadow.query(sql)
         self._log_statement(sql)
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
         return True
@@ -206,7 +221,7 @@ class Frontend:
         """
         if self.discarding:
             return False
-        statements, portals = self.statements, self.portals
+        statements, portals, shadow = self.statements, self.portals, self.shadow
         for typ, start in zip(kinds, starts, strict=True):
             if typ == m.SYNC:
                 continue
@@ -215,6 +230,10 @@ class Frontend:
                 portal, statement = m.bind_names(buf, start + 5, end)
                 if statement in statements:
                     return False
+                if shadow is not None:
+                    # (should a later frame send the read to the full path, this Bind is
+                    # sampled a second time there: a rare, harmless extra replay)
+                    shadow.bind(statement, buf, start + 5, end)
                 if portals:
                     portals.pop(portal, None)
             elif typ == m.EXECUTE:
@@ -281,6 +300,8 @@ class Frontend:
         _STATEMENT_COUNTS[statement_kind(sql)] += 1
         if self.traffic is not None:
             self.traffic.query(sql)
+        if self.shadow is not None:
+            self.shadow.query(sql)
         writes = self.prepared_writes
         if writes is None or self.tracker is None:
             return self._simple_query(sql, body)
@@ -391,6 +412,8 @@ class Frontend:
         _STATEMENT_COUNTS[statement_kind(parse.sql)] += 1
         if self.traffic is not None:
             self.traffic.parse(parse.name, parse.sql)
+        if self.shadow is not None:
+            self.shadow.parse(parse)
         rewritten = self._plan(parse.sql, prepared=True)
         if rewritten is None or len(rewritten.statements) != 1:
             self.statements.pop(parse.name, None)
@@ -458,6 +481,8 @@ class Frontend:
 
     def _bind(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         head = m.parse_bind(body)
+        if self.shadow is not None:
+            self.shadow.bind(head.statement, body, 0, len(body))
         prepared = self.statements.get(head.statement)
         if prepared is None:
             self.portals.pop(head.portal, None)

@@ -14,6 +14,7 @@ from core.logs import get_logger
 from proxy.cancel import CancelRegistry
 from proxy.rewrite import Rewriter
 from proxy.session import Session
+from proxy.shadow.tap import ShadowTap
 from proxy.traffic import TrafficRecorder
 
 _log = get_logger("proxy")
@@ -27,6 +28,8 @@ class MirrorContext:
     recorder: ActivityRecorder
     #: notes statement texts for lint's traffic evidence (None: traffic.enabled is false)
     traffic: TrafficRecorder | None = None
+    #: samples reads for the shadow replay (None: shadow reads are off)
+    shadow: ShadowTap | None = None
 
 
 class ProxyServer:

@@ -116,6 +116,7 @@ class Session:
             statement_log=self.log if logging.level == "debug" and logging.log_statements else None,
             traffic=mirror.traffic if mirror is not None else None,
             prepared_writes=limits.prepared_writes_per_connection,
+            shadow=mirror.shadow if mirror is not None else None,
         )
         self.frontend.tracker = self.tracker
         self.client_scan = FrameScanner(

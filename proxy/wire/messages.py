@@ -264,6 +264,34 @@ def parse_bind(body: bytes) -> BindHead:
     return BindHead(portal, statement, tuple(results), at)
 
 
+def bind_parameters(body: bytes) -> tuple[tuple[int, ...], tuple[bytes | None, ...]]:
+    """A Bind's parameters: one format code per value (0 text, 1 binary) and the values."""
+    _, pos = _cstring(body, 0)
+    _, pos = _cstring(body, pos)
+    nformats = _int16(body, pos)
+    if nformats < 0 or pos + 2 + 2 * nformats > len(body):
+        raise ProtocolViolation("invalid Bind message")
+    codes = struct.unpack_from(f"!{nformats}h", body, pos + 2) if nformats else ()
+    pos += 2 + 2 * nformats
+    nparams = _int16(body, pos)
+    if nparams < 0 or nformats not in (0, 1, nparams):
+        raise ProtocolViolation("invalid Bind message")
+    pos += 2
+    values: list[bytes | None] = []
+    for _ in range(nparams):
+        size = _int32(body, pos)
+        pos += 4
+        if size < 0:
+            values.append(None)
+            continue
+        if pos + size > len(body):
+            raise ProtocolViolation("invalid Bind message")
+        values.append(body[pos : pos + size])
+        pos += size
+    formats = codes if nformats == nparams else (codes[0] if codes else 0,) * nparams
+    return tuple(formats), tuple(values)
+
+
 def bind_with_extra_result_columns(body: bytes, head: BindHead, extra: int) -> bytes:
     """Rebuild a Bind whose per-column result formats must cover ``extra`` more columns.
 

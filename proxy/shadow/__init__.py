@@ -1,0 +1,1 @@
+"""Shadow reads: sampled application reads replayed against the new schema and compared."""

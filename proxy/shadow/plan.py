@@ -1,0 +1,150 @@
+"""Which captured reads the shadow replays, and each one's rewrite onto the new schema.
+
+The rewrite works on pglast's tree, never on the text: every relation named under
+``shadow.views`` is replaced by its view, aliased with the old relation's name so that column
+references qualified by it still resolve. A name that a WITH query of the statement defines is
+not a relation and is left alone. Unqualified names resolve through ``search_path`` as the
+sidecar's configuration gives it (the application's own session may differ).
+
+Only a single SELECT (including VALUES, TABLE and set operations) is eligible; whether it
+really reads only is decided by PostgreSQL itself: the replay runs it in a READ ONLY
+transaction, which refuses a write (a data-modifying WITH, nextval(), SELECT INTO).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Final
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError, fingerprint, normalize
+from pglast.stream import RawStream
+from pglast.visitors import Visitor
+
+#: texts whose plan (or ineligibility) is cached
+MAX_CACHED_PLANS: Final = 5000
+
+
+@dataclass(frozen=True)
+class ShadowPlan:
+    """How one statement text is replayed."""
+
+    #: the application's text, run as it is (the "old" side and the A/A baseline)
+    original: str
+    #: the text with the views in place (None: run the original on the other server)
+    rewritten: str | None
+    #: PostgreSQL's fingerprint of the statement: the shape results are grouped by
+    fingerprint: str
+    #: the statement with its literals replaced by $n (what a sample may show)
+    normalized: str
+    #: the top level has ORDER BY: rows are compared in order
+    ordered: bool
+    #: LIMIT/OFFSET without ORDER BY: which rows come back is not decided by the statement
+    deterministic: bool
+
+
+class Planner:
+    """Decides eligibility and builds the rewrite, once per distinct text."""
+
+    def __init__(
+        self, views: dict[str, str], search_path: list[str], *, other_server: bool
+    ) -> None:
+        self.views = {_split(old): _split(new) for old, new in views.items()}
+        self.search_path = search_path
+        self.other_server = other_server
+        self._cache: OrderedDict[str, ShadowPlan | None] = OrderedDict()
+
+    def plan(self, text: str) -> ShadowPlan | None:
+        """The plan for a statement text, or None when the shadow does not replay it."""
+        cache = self._cache
+        if text in cache:
+            cache.move_to_end(text)
+            return cache[text]
+        found = cache[text] = self._plan(text)
+        if len(cache) > MAX_CACHED_PLANS:
+            cache.popitem(last=False)
+        return found
+
+    def _plan(self, text: str) -> ShadowPlan | None:
+        try:
+            statements = parse_sql(text)
+        except ParseError:
+            return None
+        if len(statements) != 1 or not isinstance(statements[0].stmt, ast.SelectStmt):
+            return None
+        select = statements[0].stmt
+        rewritten: str | None = None
+        if not self.other_server:
+            ctes = _WithNames()
+            ctes(statements)
+            swap = _SwapRelations(self._resolve, ctes.names)
+            swap(statements)
+            if not swap.swapped:
+                return None
+            rewritten = RawStream()(statements)
+        top = select
+        ordered = bool(top.sortClause)
+        limited = top.limitCount is not None or top.limitOffset is not None
+        return ShadowPlan(
+            original=text,
+            rewritten=rewritten,
+            fingerprint=fingerprint(text),
+            normalized=normalize(text),
+            ordered=ordered,
+            deterministic=ordered or not limited,
+        )
+
+    def _resolve(self, schema: str | None, name: str) -> tuple[str, str] | None:
+        """The view for a relation as the statement names it (None: not under views)."""
+        if schema is not None:
+            return self.views.get((schema, name))
+        for candidate in self.search_path:
+            found = self.views.get((candidate, name))
+            if found is not None:
+                return found
+        return None
+
+
+class _WithNames(Visitor):
+    """The names WITH queries define anywhere in the statement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def visit_CommonTableExpr(self, ancestors: Any, node: ast.CommonTableExpr) -> None:
+        if node.ctename:
+            self.names.add(node.ctename)
+
+
+class _SwapRelations(Visitor):
+    """Replaces each relation under views by its view (pglast's in-place visitor)."""
+
+    def __init__(self, resolve: Any, ctes: set[str]) -> None:
+        super().__init__()
+        self.resolve = resolve
+        self.ctes = ctes
+        self.swapped = 0
+
+    def visit_RangeVar(self, ancestors: Any, node: ast.RangeVar) -> ast.RangeVar | None:
+        schema = node.schemaname or None
+        name = node.relname or ""
+        if schema is None and name in self.ctes:
+            return None
+        view = self.resolve(schema, name)
+        if view is None:
+            return None
+        self.swapped += 1
+        return ast.RangeVar(
+            schemaname=view[0],
+            relname=view[1],
+            inh=node.inh,
+            relpersistence=node.relpersistence,
+            alias=node.alias or ast.Alias(aliasname=name),
+        )
+
+
+def _split(qualified: str) -> tuple[str, str]:
+    schema, _, name = qualified.partition(".")
+    return schema, name

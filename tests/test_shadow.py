@@ -1,0 +1,310 @@
+"""Shadow reads through the real proxy: the application's reads (psql, psycopg prepared, binary
+and pipelined, asyncpg) are sampled, replayed against compatibility views in one snapshot and
+judged; what the control schema and the metrics then say. Also what the shadow must never do:
+alarm on concurrent writes, write, make the application wait, or change its replies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from support import Database, InProcessSidecar, PgServer
+from support.procs import free_port, run_psql, wait_until
+from support.transparency import RawClient, query
+
+from core import metrics
+from core.control import install
+
+SCHEMA = """
+CREATE TABLE users (
+    id bigint PRIMARY KEY,
+    tenant int NOT NULL,
+    name text NOT NULL,
+    amount numeric(10, 2) NOT NULL
+);
+INSERT INTO users SELECT i, i % 3, 'user ' || i, i * 1.25 FROM generate_series(1, 40) AS i;
+CREATE SEQUENCE tickets;
+CREATE SCHEMA v2compat;
+CREATE VIEW v2compat.users AS SELECT id, tenant, name, amount FROM users;
+-- a compatibility view with two bugs: one row lost, amounts rounded
+CREATE SCHEMA v2bug;
+CREATE VIEW v2bug.users AS
+    SELECT id, tenant, name, round(amount)::numeric(10, 2) AS amount FROM users WHERE id <> 7;
+"""
+OUTCOMES = ("match", "mismatch", "noise", "error", "unsafe")
+
+
+async def _install(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await install(conn)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def app_db(db: Database) -> Database:
+    db.sql(SCHEMA)
+    asyncio.run(_install(db.dsn))
+    return db
+
+
+def start(sidecar: Any, view: str = "v2compat.users", **shadow: Any) -> InProcessSidecar:
+    settings = {
+        "sample_rate": 1.0,
+        "max_replays_per_second": 10_000,
+        "flush_interval_seconds": 3600,
+        "views": {"public.users": view},
+        **shadow,
+    }
+    handle: InProcessSidecar = sidecar({"shadow": settings})
+    return handle
+
+
+def judged() -> int:
+    return sum(metrics.HOT.shadow_statements[outcome] for outcome in OUTCOMES)
+
+
+def settle(handle: InProcessSidecar, since: int, replays: int) -> dict[str, dict[str, Any]]:
+    """Wait for ``replays`` verdicts after ``since``, flush them; the control schema's rows."""
+    wait_until(lambda: judged() - since >= replays, timeout=60, what=f"{replays} replays")
+    sidecar = handle.sidecar
+    assert sidecar is not None
+    assert sidecar.shadow is not None
+    handle.call(sidecar.shadow.flush)
+    with psycopg.connect(handle.config.effective_service_dsn(), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT fingerprint, statement, matched, mismatched, noise, errors, unsafe, "
+            "samples FROM dualwrite.shadow_statements"
+        ).fetchall()
+    return {
+        row[0]: {
+            "statement": row[1],
+            **dict(zip(OUTCOMES, row[2:7], strict=True)),
+            "samples": row[7],
+        }
+        for row in rows
+    }
+
+
+def total(shapes: dict[str, dict[str, Any]], outcome: str) -> int:
+    return sum(shape[outcome] for shape in shapes.values())
+
+
+async def asyncpg_reads(dsn: str) -> list[Any]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        first = await conn.fetch(
+            "SELECT id, amount FROM users WHERE tenant = $1 AND amount > $2 ORDER BY id",
+            1,
+            Decimal("3.5"),
+        )
+        second = await conn.fetchval("SELECT name FROM users WHERE id = $1", 4)
+        return [first, second]
+    finally:
+        await conn.close()
+
+
+def application_reads(dsn: str) -> int:
+    """Reads with every client the issue names; returns how many statements were sent."""
+    done = run_psql(dsn, "SELECT id, name FROM users WHERE tenant = 1", "-v", "ON_ERROR_STOP=1")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(dsn, autocommit=True) as app:
+        for user in (1, 2, 3):  # a named prepared statement, text parameters
+            app.execute("SELECT name, amount FROM users WHERE id = %s", (user,), prepare=True)
+        app.execute("SELECT count(*) FROM users WHERE id > %b", (10,))  # a binary parameter
+        with app.pipeline():
+            app.execute("SELECT sum(amount) FROM users WHERE tenant = %s", (2,))
+            app.execute("SELECT max(id) FROM users u WHERE u.name <> %s", ("x",))
+    asyncio.run(asyncpg_reads(dsn))
+    return 1 + 3 + 1 + 2 + 2
+
+
+def test_correct_views_give_only_matches(app_db: Database, sidecar) -> None:
+    handle = start(sidecar)
+    before = judged()
+    sent = application_reads(handle.dsn())
+    shapes = settle(handle, before, sent)
+    assert total(shapes, "match") == sent, shapes
+    assert total(shapes, "mismatch") == 0
+    assert total(shapes, "error") == 0
+    assert len(shapes) == 7  # grouped by shape: the three prepared executions are one
+    statements = [shape["statement"] for shape in shapes.values()]
+    assert "SELECT id, name FROM users WHERE tenant = $1" in statements  # psql's literal hidden
+
+
+def test_a_buggy_view_gives_mismatches_under_its_shape_with_a_redacted_sample(
+    app_db: Database, sidecar
+) -> None:
+    handle = start(sidecar, view="v2bug.users", reveal_columns=["id"])
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        rows = app.execute(
+            "SELECT id, amount FROM users WHERE tenant = %s", (1,), prepare=True
+        ).fetchall()
+        assert (7, Decimal("8.75")) in rows  # the application's own answer is the old one
+        app.execute("SELECT count(*) FROM users WHERE name = 'user 12'")  # unaffected rows
+    shapes = settle(handle, before, 2)
+    (bad,) = [s for s in shapes.values() if s["mismatch"]]
+    assert bad["mismatch"] == 1
+    assert "tenant = $1" in bad["statement"]
+    sample = bad["samples"]["mismatch"]
+    assert sample["old_rows"] == 14
+    assert sample["new_rows"] == 13
+    assert {"id": 7, "amount": "<redacted>"} in sample["only_old"]
+    assert "8.75" not in json.dumps(sample)
+    (good,) = [s for s in shapes.values() if not s["mismatch"]]
+    assert good["match"] == 1
+
+
+def test_nondeterministic_statements_are_noise_not_mismatches(app_db: Database, sidecar) -> None:
+    handle = start(sidecar)
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        app.execute("SELECT id, random() FROM users WHERE id < 5")
+        app.execute("SELECT clock_timestamp(), count(*) FROM users")
+        # now() is the transaction's start: the same for all three runs of one replay
+        app.execute("SELECT now(), count(*) FROM users WHERE tenant = 0")
+    shapes = settle(handle, before, 3)
+    assert total(shapes, "noise") == 2
+    assert total(shapes, "mismatch") == 0
+    assert total(shapes, "match") == 1
+
+
+def test_concurrent_writes_cause_no_mismatch(app_db: Database, sidecar) -> None:
+    handle = start(sidecar)
+    stop = threading.Event()
+
+    def writer() -> None:
+        with app_db.connect() as conn:
+            n = 1000
+            while not stop.is_set():
+                n += 1
+                conn.execute("UPDATE users SET amount = amount + 1 WHERE id = %s", (n % 40 + 1,))
+                conn.execute("INSERT INTO users VALUES (%s, %s, 'new', 1)", (n, n % 3))
+
+    thread = threading.Thread(target=writer)
+    before = judged()
+    thread.start()
+    try:
+        with psycopg.connect(handle.dsn(), autocommit=True) as app:
+            for _ in range(30):
+                app.execute("SELECT tenant, sum(amount), count(*) FROM users GROUP BY tenant")
+        shapes = settle(handle, before, 30)
+    finally:
+        stop.set()
+        thread.join()
+    assert total(shapes, "mismatch") == 0
+    assert total(shapes, "noise") == 0
+    assert total(shapes, "match") == 30
+
+
+def test_a_statement_that_writes_is_unsafe_and_the_replay_writes_nothing(
+    app_db: Database, sidecar
+) -> None:
+    handle = start(sidecar)
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        app.execute("SELECT nextval('tickets'), name FROM users WHERE id = 1")
+    shapes = settle(handle, before, 1)
+    assert total(shapes, "unsafe") == 1
+    # the application's own call advanced the sequence once; the replay did not
+    assert app_db.scalar("SELECT last_value FROM tickets") == 1
+
+
+def test_a_saturated_shadow_drops_and_counts_and_the_application_does_not_wait(
+    app_db: Database, sidecar
+) -> None:
+    handle = start(sidecar, queue=2, max_replays_per_second=0.5, max_sessions=1)
+    dropped = metrics.HOT.shadow_statements["dropped"]
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for user in range(1, 41):
+            row = app.execute("SELECT name FROM users WHERE id = %s", (user,)).fetchone()
+            assert row == (f"user {user}",)
+    # at most one replay started, two wait in the queue: the rest were dropped, not waited for
+    assert metrics.HOT.shadow_statements["dropped"] - dropped >= 40 - 3
+    sidecar_obj = handle.sidecar
+    assert sidecar_obj is not None
+    assert sidecar_obj.shadow is not None
+    assert len(sidecar_obj.shadow.tap.queue) <= 2
+
+
+def test_a_shadow_server_that_is_down_costs_the_application_nothing(
+    app_db: Database, sidecar, pg: PgServer
+) -> None:
+    dead = f"postgresql://{pg.user}@127.0.0.1:{free_port()}/nowhere"
+    handle: InProcessSidecar = sidecar(
+        {"shadow": {"sample_rate": 1.0, "dsn": dead, "max_replays_per_second": 10_000}}
+    )
+    before = metrics.HOT.shadow_statements["error"]
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for user in range(1, 11):
+            assert app.execute("SELECT id FROM users WHERE id = %s", (user,)).fetchone() == (user,)
+    wait_until(lambda: metrics.HOT.shadow_statements["error"] > before, what="an error counted")
+
+
+@pytest.fixture
+def other_db(pg: PgServer) -> Iterator[Database]:
+    database = pg.create_database()
+    try:
+        yield database
+    finally:
+        database.drop()
+
+
+def test_dsn_mode_replays_unchanged_on_the_other_server(
+    app_db: Database, other_db: Database, sidecar
+) -> None:
+    other_db.sql(SCHEMA)
+    other_db.sql("UPDATE users SET name = 'renamed' WHERE id = 5")
+    handle: InProcessSidecar = sidecar(
+        {
+            "shadow": {
+                "sample_rate": 1.0,
+                "dsn": other_db.dsn,
+                "max_replays_per_second": 10_000,
+                "flush_interval_seconds": 3600,
+            }
+        }
+    )
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        app.execute("SELECT id, name FROM users WHERE id < %s", (4,), prepare=True)
+        app.execute("SELECT id, name FROM users WHERE id BETWEEN %s AND %s", (4, 6), prepare=True)
+    shapes = settle(handle, before, 2)
+    assert total(shapes, "match") == 1
+    assert total(shapes, "mismatch") == 1
+
+
+def _transcript(port: int, user: str, database: str) -> list[tuple[bytes, bytes]]:
+    statements = [
+        "SELECT id, name, amount FROM users WHERE tenant = 2 ORDER BY id",
+        "SELECT count(*), sum(amount) FROM users",
+        "SELECT * FROM users WHERE id = -1",
+        "SELECT no_such_column FROM users",
+    ]
+    with RawClient("127.0.0.1", port) as client:
+        client.startup(user, database)
+        out: list[tuple[bytes, bytes]] = []
+        for sql in statements:
+            client.send(query(sql))
+            out += [(message.typ, message.body) for message in client.until_ready()]
+        return out
+
+
+def test_the_applications_replies_are_byte_identical_with_shadow_on(
+    app_db: Database, sidecar, pg: PgServer
+) -> None:
+    handle = start(sidecar)
+    before = judged()
+    direct = _transcript(pg.port, pg.user, app_db.name)
+    proxied = _transcript(handle.port, pg.user, app_db.name)
+    assert proxied == direct
+    settle(handle, before, 4)  # the shadow did replay them meanwhile

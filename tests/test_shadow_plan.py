@@ -1,0 +1,209 @@
+"""The shadow's parts that need no proxy: which reads are replayed and how they are rewritten
+(pglast), binary parameters turned back into the text PostgreSQL itself prints, the Bind
+codec, the A/A verdicts, and the config section."""
+
+from __future__ import annotations
+
+import pytest
+from support import Database
+
+from core.config import parse_config
+from core.errors import ConfigError
+from proxy.shadow.compare import MATCH, MISMATCH, NOISE, REDACTED, UNSAFE, Answer, judge
+from proxy.shadow.params import UnsupportedParameter, literals
+from proxy.shadow.plan import Planner
+from proxy.wire import messages as m
+
+VIEWS = {"public.users": "v2compat.users", "public.orders": "v2compat.orders"}
+
+
+def planner(**kwargs: object) -> Planner:
+    return Planner(VIEWS, ["public"], other_server=False, **kwargs)  # type: ignore[arg-type]
+
+
+def test_each_old_relation_is_replaced_by_its_view_keeping_its_name_as_alias() -> None:
+    plan = planner().plan(
+        "SELECT users.id, o.total FROM users JOIN public.orders o ON o.user_id = users.id "
+        "WHERE users.id = $1"
+    )
+    assert plan is not None
+    assert plan.rewritten == (
+        "SELECT users.id, o.total FROM v2compat.users AS users "
+        "INNER JOIN v2compat.orders AS o ON o.user_id = users.id WHERE users.id = $1"
+    )
+    assert plan.original.startswith("SELECT users.id")
+
+
+def test_subqueries_and_set_operations_are_rewritten_everywhere() -> None:
+    plan = planner().plan(
+        "SELECT id FROM (SELECT id FROM users) s UNION SELECT user_id FROM orders "
+        "WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = orders.user_id)"
+    )
+    assert plan is not None
+    assert plan.rewritten is not None
+    assert plan.rewritten.count("v2compat.users") == 2
+    assert "v2compat.orders AS orders" in plan.rewritten
+
+
+def test_a_with_query_of_the_same_name_is_not_the_relation() -> None:
+    assert planner().plan("WITH users AS (SELECT 1 AS id) SELECT id FROM users") is None
+    plan = planner().plan("WITH x AS (SELECT 1) SELECT * FROM users, x")
+    assert plan is not None
+    assert plan.rewritten == "WITH x AS (SELECT 1) SELECT * FROM v2compat.users AS users, x"
+
+
+def test_unqualified_names_resolve_through_the_configured_search_path() -> None:
+    other = Planner({"app.users": "v2compat.users"}, ["app", "public"], other_server=False)
+    assert other.plan("SELECT * FROM users") is not None
+    assert other.plan("SELECT * FROM public.users") is None
+    assert planner().plan("SELECT * FROM app.users") is None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE users SET name = 'x'",
+        "INSERT INTO users (id) VALUES (1)",
+        "SELECT 1; SELECT * FROM users",
+        "SELECT * FROM products",
+        "SELEC * FROM users",
+    ],
+)
+def test_only_single_selects_of_a_viewed_relation_are_eligible(sql: str) -> None:
+    assert planner().plan(sql) is None
+
+
+def test_other_server_mode_replays_any_select_unchanged() -> None:
+    plan = Planner({}, ["public"], other_server=True).plan("SELECT * FROM products WHERE id = 1")
+    assert plan is not None
+    assert plan.rewritten is None
+    assert Planner({}, ["public"], other_server=True).plan("DELETE FROM products") is None
+
+
+def test_shape_order_and_determinism() -> None:
+    p = planner()
+    one = p.plan("SELECT * FROM users WHERE name = 'alice' ORDER BY id LIMIT 5")
+    two = p.plan("SELECT * FROM users WHERE name = 'bob' ORDER BY id LIMIT 9")
+    assert one is not None
+    assert two is not None
+    assert one.fingerprint == two.fingerprint
+    assert "alice" not in one.normalized
+    assert one.ordered
+    assert one.deterministic
+    unordered = p.plan("SELECT * FROM users LIMIT 5")
+    assert unordered is not None
+    assert not unordered.ordered
+    assert not unordered.deterministic
+
+
+def test_bind_parameters_text_binary_and_null() -> None:
+    body = (
+        b"portal\x00stmt\x00"
+        + b"\x00\x03\x00\x00\x00\x01\x00\x00"
+        + b"\x00\x03"
+        + b"\x00\x00\x00\x02"
+        + b"42"
+        + b"\x00\x00\x00\x04\x00\x00\x00\x07"
+        + b"\xff\xff\xff\xff"
+        + b"\x00\x00"
+    )
+    formats, values = m.bind_parameters(body)
+    assert formats == (0, 1, 0)
+    assert values == (b"42", b"\x00\x00\x00\x07", None)
+    # one format code for all
+    one = b"\x00\x00" + b"\x00\x01\x00\x01" + b"\x00\x01" + b"\x00\x00\x00\x01\x01" + b"\x00\x00"
+    assert m.bind_parameters(one) == ((1,), (b"\x01",))
+
+
+BINARY_CASES = [
+    ("42::smallint", "smallint"),
+    ("-7::integer", "integer"),
+    ("9007199254740993::bigint", "bigint"),
+    ("1.5::real", "real"),
+    ("-2.25::double precision", "double precision"),
+    ("true", "boolean"),
+    ("'it''s ünïcode'::text", "text"),
+    ("'abc'::varchar", "character varying"),
+    ("'\\x00ff10'::bytea", "bytea"),
+    ("'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid", "uuid"),
+    ("'2024-02-29'::date", "date"),
+    ("'1999-12-31 23:59:59.123456'::timestamp", "timestamp without time zone"),
+    ("'2024-05-06 07:08:09.5+00'::timestamptz", "timestamp with time zone"),
+    ("12345678901234567890.000123::numeric", "numeric"),
+    ("-0.05::numeric", "numeric"),
+    ("0::numeric", "numeric"),
+    ("'{\"a\": [1, 2]}'::jsonb", "jsonb"),
+]
+
+
+def test_binary_parameters_mean_what_postgresql_reads_from_them(db: Database) -> None:
+    """Each value's binary form (as the server sends it) turned into a literal that the
+    server reads back as the same value."""
+    with db.connect() as conn:
+        for expression, kind in BINARY_CASES:
+            cursor = conn.cursor(binary=True)
+            cursor.execute(f"SELECT ({expression})")
+            pgresult = cursor.pgresult
+            assert pgresult is not None
+            raw = pgresult.get_value(0, 0)
+            assert raw is not None
+            (literal,) = literals([1], [bytes(raw)], [kind], "utf-8")
+            same = conn.execute(
+                f"SELECT {literal}::{kind} IS NOT DISTINCT FROM ({expression})::{kind}"
+            ).fetchone()
+            assert same == (True,), (expression, literal)
+
+
+def test_text_parameters_pass_as_sent_and_unknown_binary_types_are_refused() -> None:
+    assert literals([0, 0], [b"O'Brien", None], [], "utf-8") == ["'O''Brien'", "NULL"]
+    with pytest.raises(UnsupportedParameter):
+        literals([1], [b"\x00\x01"], ["point"], "utf-8")
+
+
+def _answer(*rows: tuple[object, ...], state: str | None = None) -> Answer:
+    return Answer(columns=(("id", "int8"), ("v", "text")), rows=rows, sqlstate=state)
+
+
+def test_verdicts() -> None:
+    p = planner()
+    plan = p.plan("SELECT id, v FROM users")
+    ordered = p.plan("SELECT id, v FROM users ORDER BY id")
+    assert plan is not None
+    assert ordered is not None
+    a, b = _answer((1, "x"), (2, "y")), _answer((2, "y"), (1, "x"))
+    none = frozenset[str]()
+    assert judge(plan, a, b, a, none).outcome == MATCH  # a multiset without ORDER BY
+    assert judge(ordered, a, b, a, none).outcome == MISMATCH
+    lost = judge(plan, a, _answer((1, "x")), a, frozenset({"id"}))
+    assert lost.outcome == MISMATCH
+    assert lost.diff is not None
+    assert lost.diff["only_old"] == [{"id": 2, "v": REDACTED}]
+    assert judge(plan, a, _answer((1, "z")), _answer((1, "q")), none).outcome == NOISE
+    refused = _answer(state="25006")
+    assert judge(plan, refused, refused, refused, none).outcome == UNSAFE
+    typed = Answer(columns=(("id", "int4"), ("v", "text")), rows=a.rows)
+    changed = judge(plan, a, typed, a, none)
+    assert changed.outcome == MISMATCH
+    assert changed.diff == {
+        "old_columns": ["id int8", "v text"],
+        "new_columns": ["id int4", "v text"],
+    }
+
+
+def test_config_section_is_validated() -> None:
+    config = parse_config(
+        {"shadow": {"sample_rate": 0.1, "views": {"public.users": "v2compat.users"}}}
+    )
+    assert config.shadow.enabled
+    assert config.shadow.max_replays_per_second == 5.0
+    assert not parse_config({}).shadow.enabled
+    for bad, where in [
+        ({"sample_rate": 0.5}, "shadow"),
+        ({"sample_rate": 2}, "shadow.sample_rate"),
+        ({"views": {"users": "v2.users"}}, "shadow.views"),
+        ({"dsn": "postgresql://u:secret@h/db"}, "shadow.dsn"),
+        ({"queue_size": 3}, "shadow.queue_size"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"shadow": bad})
+        assert caught.value.path == where, bad
