@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
@@ -21,6 +22,8 @@ from support.transparency import RawClient, query
 
 from core import metrics
 from core.control import install
+from core.logs import configure_logging
+from dualwrite.cli import main
 
 SCHEMA = """
 CREATE TABLE users (
@@ -308,3 +311,59 @@ def test_the_applications_replies_are_byte_identical_with_shadow_on(
     proxied = _transcript(handle.port, pg.user, app_db.name)
     assert proxied == direct
     settle(handle, before, 4)  # the shadow did replay them meanwhile
+
+
+def test_the_cutover_report_has_a_shadow_section_and_its_criteria(
+    app_db: Database, sidecar, tmp_path, capsys
+) -> None:
+    handle = start(sidecar, view="v2bug.users")
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for tenant in (0, 1, 2):  # tenant 1 holds the lost row 7: one mismatch in three
+            app.execute("SELECT id FROM users WHERE tenant = %s", (tenant,), prepare=True)
+        for user in (1, 2):
+            app.execute("SELECT id, amount FROM users WHERE id = %s", (user,))
+    settle(handle, before, 5)
+    handle.call(handle.sidecar.shadow.stop)  # type: ignore[union-attr]
+    config = {
+        "service_dsn": app_db.dsn,
+        "shadow": {"sample_rate": 0.5, "views": {"public.users": "v2bug.users"}},
+        "report": {
+            "criteria": {
+                "clean_window_hours": 0,
+                "min_shadow_statements": 3,
+                "max_shadow_mismatch_ratio": 0.1,
+            }
+        },
+        "mappings": [
+            {
+                "name": "customers",
+                "source": "public.users",
+                "target": "v2.customers",
+                "key": ["id"],
+                "columns": {"id": "id"},
+            }
+        ],
+    }
+    path = tmp_path / "dualwrite.yaml"
+    path.write_text(json.dumps(config))
+    capsys.readouterr()  # what the sidecar logged so far
+    try:
+        code = main(["report", "--config", str(path), "--format", "json"])
+        data = json.loads(capsys.readouterr().out)
+        assert main(["report", "--config", str(path), "--format", "md"]) == 1
+        markdown = capsys.readouterr().out
+    finally:
+        # `dualwrite report` logs to the stderr of the moment, capsys's: point it back
+        configure_logging(stream=sys.__stderr__)
+    assert code == 1
+    overall = {c["name"]: c for c in data["overall_criteria"]}
+    assert overall["shadow_statements"]["measured"] == 5
+    assert overall["shadow_statements"]["passed"]
+    # 1 of 3 executions of the tenant shape, and 2 of 2 of the amount shape (rounded)
+    assert overall["shadow_mismatch_ratio"]["measured"] == pytest.approx(3 / 5)
+    assert not overall["shadow_mismatch_ratio"]["passed"]
+    assert data["shadow"]["totals"]["mismatch"] == 3
+    assert "## Shadow reads" in markdown
+    assert "Match rate **40.00%** of 5 compared replays in 2 statement shapes" in markdown
+    assert "SELECT id FROM users WHERE tenant = $1" in markdown

@@ -19,6 +19,7 @@ from compare.report.format import pick_bucket
 from compare.report.history import database_now, read_facts
 from compare.report.model import Criterion, MappingReport, Report
 from compare.report.readiness import read_readiness
+from compare.report.shadow import read_shadow, shadow_configured, shadow_criteria
 from core.config import Config
 from core.control import ensure_current
 from core.errors import ConfigError
@@ -114,7 +115,7 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
                 facts=facts,
             )
         )
-    return Report(
+    report = Report(
         generated_at=now,
         database=_safe_dsn(config.effective_service_dsn()),
         window_start=window.start,
@@ -125,6 +126,10 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
         mappings=mappings,
         contract=await read_readiness(conn, config.mappings, history_start, config.search_path),
     )
+    if shadow_configured(config):
+        report.shadow = await read_shadow(conn, history_start)
+        report.overall_criteria += shadow_criteria(report.shadow, criteria)
+    return report
 
 
 async def _add_live_status(report: Report, url: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from datetime import datetime
 from html import escape
@@ -68,6 +69,7 @@ def render_html(report: Report) -> str:
         _summary(report),
         *(_mapping_section(report, m) for m in report.mappings),
         _contract(report),
+        _shadow(report),
         _footer(report),
     ]
     return (
@@ -292,6 +294,38 @@ def _contract(report: Report) -> str:
         "recorded by the sidecars).</p><table><tr><th>Mapping</th><th>Old relation</th>"
         "<th>Statement shapes</th><th>First seen</th><th>Last seen</th><th>Columns (last "
         f"seen)</th></tr>{rows}</table>{note}</section>"
+    )
+
+
+def _shadow(report: Report) -> str:
+    """Shadow reads: the application's reads replayed against the new schema."""
+    summary = report.shadow
+    if summary is None:
+        return ""
+    compared = summary.compared
+    rate = f"{1 - summary.mismatch_ratio:.2%}" if compared else "—"
+    ratio = summary.latency_ratio
+    latency = (
+        f"p50 {ratio[0]:.2f}x, p90 {ratio[1]:.2f}x, p99 {ratio[2]:.2f}x" if ratio else "no samples"
+    )
+    rows = "".join(
+        f"<tr><td><code>{escape(s.fingerprint)}</code></td><td><code>{escape(s.statement)}"
+        f"</code></td><td>{s.counts['mismatch']}</td><td>{s.counts['match']}</td><td><code>"
+        f"{escape(json.dumps(s.samples.get('mismatch', {})))}</code></td></tr>"
+        for s in summary.top_mismatches()
+    )
+    table = (
+        "<table><tr><th>Fingerprint</th><th>Statement</th><th>Mismatched</th><th>Matched</th>"
+        f"<th>Sample</th></tr>{rows}</table>"
+        if rows
+        else ""
+    )
+    return (
+        f"<section><h2>Shadow reads</h2><p>Match rate <b>{rate}</b> of {number_text(compared)} "
+        f"compared replays in {len(summary.shapes)} statement shapes; noise "
+        f"{number_text(summary.total('noise'))}, errors {number_text(summary.total('error'))}, "
+        f"unsafe {number_text(summary.total('unsafe'))}. Latency new/old: {escape(latency)}."
+        f"</p>{table}</section>"
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from compare.report.criteria import CLEAN_WINDOW_DEFINITION
 from compare.report.format import duration_text, number_text, sparkline, timestamp_text
 from compare.report.model import Criterion, MappingReport, Pass, Report
@@ -33,6 +35,7 @@ def render_markdown(report: Report) -> str:
     for mapping in report.mappings:
         lines += _mapping(report, mapping)
     lines += _contract(report)
+    lines += _shadow(report)
     lines += [f"_{CLEAN_WINDOW_DEFINITION}_", ""]
     return "\n".join(lines)
 
@@ -131,6 +134,43 @@ def _contract(report: Report) -> list[str]:
     if gaps:
         lines += ["", "Evidence is incomplete: " + "; ".join(gaps) + "."]
     return [*lines, ""]
+
+
+def _shadow(report: Report) -> list[str]:
+    """Shadow reads: the application's reads replayed against the new schema."""
+    summary = report.shadow
+    if summary is None:
+        return []
+    compared = summary.compared
+    rate = f"{1 - summary.mismatch_ratio:.2%}" if compared else "—"
+    ratio = summary.latency_ratio
+    latency = (
+        f"p50 {ratio[0]:.2f}x, p90 {ratio[1]:.2f}x, p99 {ratio[2]:.2f}x" if ratio else "no samples"
+    )
+    lines = [
+        "## Shadow reads",
+        "",
+        f"Match rate **{rate}** of {number_text(compared)} compared replays in "
+        f"{len(summary.shapes)} statement shapes seen since "
+        f"{timestamp_text(report.history_start)}; "
+        f"noise {number_text(summary.total('noise'))}, errors "
+        f"{number_text(summary.total('error'))}, unsafe {number_text(summary.total('unsafe'))}. "
+        f"Latency new/old: {latency}.",
+        "",
+    ]
+    worst = summary.top_mismatches()
+    if worst:
+        lines += [
+            "| Fingerprint | Statement | Mismatched | Matched | Sample |",
+            "|---|---|---|---|---|",
+            *(
+                f"| `{s.fingerprint}` | `{_cell(s.statement)}` | {s.counts['mismatch']} | "
+                f"{s.counts['match']} | {_cell(json.dumps(s.samples.get('mismatch', {})))} |"
+                for s in worst
+            ),
+            "",
+        ]
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from core.shadow import ShadowSummary
+
 GO, NO_GO = "GO", "NO-GO"
 
 
@@ -168,6 +170,8 @@ class Report:
     status: dict[str, Any] | None = None
     #: per mapping, what traffic still references of its source (see ContractReadiness)
     contract: list[ContractReadiness] = field(default_factory=list)
+    #: shadow reads replayed against the new schema (None: the shadow is not configured)
+    shadow: ShadowSummary | None = None
 
     @property
     def window_span(self) -> timedelta:

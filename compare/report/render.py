@@ -11,6 +11,7 @@ from compare.report.html_page import render_html
 from compare.report.markdown import render_markdown
 from compare.report.model import Bucket, MappingReport, Pass, Report
 from compare.report.passes import history_passes
+from core.shadow import OUTCOMES
 
 FORMATS = ("md", "html", "json")
 
@@ -47,6 +48,7 @@ def to_json(report: Report) -> dict[str, Any]:
         "contract_readiness": [
             {**asdict(r), "gaps": list(r.gaps), "ready": r.ready} for r in report.contract
         ],
+        "shadow": _shadow_json(report),
     }
 
 
@@ -76,6 +78,19 @@ def _mapping_json(report: Report, mapping: MappingReport) -> dict[str, Any]:
         "passes": [_pass_json(p) for p in history_passes(report, mapping)],
         "activity": [_bucket_json(b) for b in facts.activity],
         "live": mapping.live,
+    }
+
+
+def _shadow_json(report: Report) -> dict[str, Any] | None:
+    summary = report.shadow
+    if summary is None:
+        return None
+    return {
+        "compared": summary.compared,
+        "mismatch_ratio": summary.mismatch_ratio,
+        "totals": {outcome: summary.total(outcome) for outcome in OUTCOMES},
+        "latency_ratio": list(summary.latency_ratio) if summary.latency_ratio else None,
+        "shapes": [asdict(shape) for shape in summary.shapes],
     }
 
 
