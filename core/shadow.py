@@ -16,6 +16,9 @@ from typing import Any, Final
 
 import asyncpg
 
+from core.errors import ConfigError
+from core.sqltext import quote_ident
+
 #: the outcomes a replay can have (dropped reads never reach the log)
 OUTCOMES: Final = ("match", "mismatch", "noise", "error", "unsafe")
 #: latency samples written per fingerprint per flush
@@ -201,3 +204,53 @@ async def read_summary(conn: asyncpg.Connection, since: datetime) -> ShadowSumma
     ratios = await conn.fetchval(_RATIOS, since)
     latency = tuple(float(r) for r in ratios) if ratios and ratios[0] is not None else None
     return ShadowSummary(shapes, latency)  # type: ignore[arg-type]
+
+
+# --- the views, checked ---------------------------------------------------------------------
+
+_COLUMNS = """
+SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.atttypid AS oid
+FROM pg_attribute a
+WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+#: the view's type can stand for the old one: the same, binary-coercible, or cast implicitly
+_COMPATIBLE = """
+SELECT $1::oid = $2::oid OR EXISTS (
+    SELECT 1 FROM pg_cast
+    WHERE castsource = $1 AND casttarget = $2 AND castcontext = 'i'
+)
+"""
+
+
+async def check_views(conn: asyncpg.Connection, views: dict[str, str]) -> list[str]:
+    """Each view exists, is readable, and has the old relation's columns with compatible
+    types; one line per view, ConfigError naming the first that is not."""
+    lines = []
+    for old, new in views.items():
+        path = f"shadow.views[{old}]"
+        for name in (old, new):
+            if await conn.fetchval("SELECT to_regclass($1)", name) is None:
+                raise ConfigError(path, f"{name} does not exist")
+        try:
+            await conn.execute(f"SELECT * FROM {_qualified(new)} LIMIT 1")
+        except asyncpg.PostgresError as exc:
+            raise ConfigError(path, f"{new} is not readable: {exc}") from None
+        have = {row["name"]: row for row in await conn.fetch(_COLUMNS, new)}
+        for column in await conn.fetch(_COLUMNS, old):
+            found = have.get(column["name"])
+            if found is None:
+                raise ConfigError(path, f"{new} has no column {column['name']}")
+            if not await conn.fetchval(_COMPATIBLE, found["oid"], column["oid"]):
+                raise ConfigError(
+                    path,
+                    f"{new}.{column['name']} is {found['type']}, {old} has {column['type']}",
+                )
+        lines.append(f"shadow view {new} answers for {old}: ok ({len(have)} columns)")
+    return lines
+
+
+def _qualified(name: str) -> str:
+    schema, _, relation = name.partition(".")
+    return f"{quote_ident(schema)}.{quote_ident(relation)}"

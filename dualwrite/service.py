@@ -40,6 +40,7 @@ from core.control import (
 from core.errors import ConfigError
 from core.logs import get_logger
 from core.mapping import CompiledMapping, compile_all
+from core.shadow import check_views
 from core.sqltext import quote_ident
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
 from mirror import statements as key_sync_statements
@@ -138,16 +139,21 @@ async def check_live(config: Config) -> list[str]:
     if not ok:
         raise ConfigError("upstream", f"not reachable: {detail}")
     lines = [f"upstream {detail}: reachable"]
-    if not config.mappings:
+    if not config.mappings and not config.shadow.views:
         return lines
     conn = await connect_service(config)
     try:
         await ensure_current(conn)
-        mappings = await validated_mappings(conn, config)
-        await wal_slot.require_ready(conn, config.wal, wal_slot.wal_mappings(mappings))
+        if config.mappings:
+            mappings = await validated_mappings(conn, config)
+            await wal_slot.require_ready(conn, config.wal, wal_slot.wal_mappings(mappings))
+            lines += [
+                f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok"
+                for m in mappings
+            ]
+        lines += await check_views(conn, config.shadow.views)
     finally:
         await conn.close()
-    lines += [f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok" for m in mappings]
     return lines
 
 
@@ -331,12 +337,15 @@ class Sidecar:
         async with self.pool.acquire() as conn:
             await ensure_current(conn)
         tap = await self._start_shadow()
-        rewriter = Rewriter([], unqualified={}, states=self.states)
+        rewriter = Rewriter([], states=self.states)
         self.proxy = ProxyServer(self.config, MirrorContext(rewriter, self.recorder, shadow=tap))
 
     async def _start_shadow(self) -> ShadowTap:
         config = self.config
         shadow = config.shadow
+        assert self.pool is not None
+        async with self.pool.acquire() as conn:
+            await check_views(conn, shadow.views)
         tap = ShadowTap(shadow)
         planner = Planner(shadow.views, config.search_path, other_server=shadow.dsn is not None)
         other = shadow.dsn

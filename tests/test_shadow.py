@@ -367,3 +367,47 @@ def test_the_cutover_report_has_a_shadow_section_and_its_criteria(
     assert "## Shadow reads" in markdown
     assert "Match rate **40.00%** of 5 compared replays in 2 statement shapes" in markdown
     assert "SELECT id FROM users WHERE tenant = $1" in markdown
+
+
+@pytest.mark.parametrize(
+    ("view", "reason"),
+    [
+        ("v2compat.users", None),
+        ("v2compat.missing", "v2compat.missing does not exist"),
+        ("v2compat.no_amount", "v2compat.no_amount has no column amount"),
+        ("v2compat.text_ids", "v2compat.text_ids.id is text, public.users has bigint"),
+        ("v2compat.locked", "v2compat.locked is not readable"),
+    ],
+)
+def test_check_validates_every_view(
+    app_db: Database, pg: PgServer, tmp_path, capsys, view: str, reason: str | None
+) -> None:
+    app_db.sql(
+        "CREATE VIEW v2compat.no_amount AS SELECT id, tenant, name FROM users;"
+        "CREATE VIEW v2compat.text_ids AS SELECT id::text AS id, tenant, name, amount FROM users;"
+        "CREATE FUNCTION v2compat.boom() RETURNS SETOF users LANGUAGE plpgsql AS "
+        "$$ BEGIN RAISE EXCEPTION 'no'; END $$;"
+        "CREATE VIEW v2compat.locked AS SELECT * FROM v2compat.boom();"
+    )
+    config = {
+        "service_dsn": app_db.dsn,
+        "upstream": {"host": pg.host, "port": pg.port},
+        "shadow": {"sample_rate": 0.1, "views": {"public.users": view}},
+    }
+    path = tmp_path / "dualwrite.yaml"
+    path.write_text(json.dumps(config))
+    capsys.readouterr()
+    try:
+        code = main(["check", "--config", str(path)])
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        configure_logging(stream=sys.__stderr__)
+    out, err = capsys.readouterr()
+    if reason is None:
+        assert code == 0, err
+        assert f"shadow view {view} answers for public.users: ok" in out
+    else:
+        assert code == 2
+        assert "shadow.views[public.users]" in err
+        assert reason in err
