@@ -67,6 +67,7 @@ def test_the_required_alerts_exist_with_severity_and_text():
         "DualwriteOutboxLagging",
         "DualwriteDivergence",
         "DualwriteNoCleanPass",
+        "DualwriteShadowMismatches",
     }
     for name, rule in found.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
@@ -194,6 +195,20 @@ def alert_cases() -> list[dict[str, Any]]:
         },
         {
             "interval": "1m",
+            "input_series": [
+                # compared shadow reads: all match for 10 minutes, then one in three mismatches
+                series("dualwrite_shadow_statements_total", "0+20x40", outcome="match"),
+                series("dualwrite_shadow_statements_total", "0x10 0+10x30", outcome="mismatch"),
+                series("dualwrite_shadow_statements_total", "0+50x40", outcome="noise"),
+            ],
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": "DualwriteShadowMismatches", "exp_alerts": []},
+                {"eval_time": "25m", "alertname": "DualwriteShadowMismatches",
+                 "exp_alerts": [expect("DualwriteShadowMismatches", {}, "")]},
+            ],
+        },
+        {
+            "interval": "1m",
             "input_series": [{"series": 'up{job="other"}', "values": "1x20"}],
             "alert_rule_test": [
                 {"eval_time": "9m", "alertname": "DualwriteSidecarsAbsent", "exp_alerts": []},
@@ -284,6 +299,9 @@ def test_dashboard_has_the_panels_operators_need():
         "dualwrite_client_connections_open",
         "dualwrite_proxy_processing_seconds_bucket",
         "dualwrite_backfill_rows_done",
+        "dualwrite_shadow_statements_total",
+        "dualwrite_shadow_latency_ratio_bucket",
+        "dualwrite_shadow_queue_depth",
     ):
         assert metric in text, metric
 
