@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "replay": "bench.replay",
     "lint": "bench.lint",
     "wal": "bench.wal",
+    "shadow": "bench.shadow",
 }
 
 
