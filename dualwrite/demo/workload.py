@@ -98,6 +98,7 @@ class Client:
             (50, self.sell),
             (10, self.new_customer),
             (8, self.restock),
+            (8, self.browse),
             (6, self.reprice),
             (4, self.change_role),
             (3, self.refund),
@@ -168,6 +169,14 @@ class Client:
             "UPDATE inventory SET on_hand = on_hand + $1, updated_at = now() "
             "WHERE product_id = (SELECT id FROM products ORDER BY random() LIMIT 1)",
             self.rng.randint(5, 30),
+        )
+
+    async def browse(self) -> None:
+        """A catalogue page: one tenant's active products by SKU (a read shadow reads replay)."""
+        await self.conn.fetch(
+            "SELECT id, sku, name, price FROM products WHERE tenant_id = $1 AND active "
+            "ORDER BY sku LIMIT 20",
+            self.rng.randint(1, 3),
         )
 
     async def reprice(self) -> None:

@@ -24,6 +24,23 @@ from pglast.visitors import Visitor
 
 #: texts whose plan (or ineligibility) is cached
 MAX_CACHED_PLANS: Final = 5000
+#: functions whose result differs between two runs in one transaction: a statement calling one
+#: cannot be judged by comparing its answers (the A/A pair only catches that by chance when
+#: the statement picks, say, one row in a hundred with ORDER BY random())
+VOLATILE: Final = frozenset(
+    {
+        "random",
+        "random_normal",
+        "clock_timestamp",
+        "statement_timestamp",
+        "timeofday",
+        "gen_random_uuid",
+        "uuid_generate_v1",
+        "uuid_generate_v4",
+        "txid_current",
+        "pg_backend_pid",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +57,8 @@ class ShadowPlan:
     normalized: str
     #: the top level has ORDER BY: rows are compared in order
     ordered: bool
-    #: LIMIT/OFFSET without ORDER BY: which rows come back is not decided by the statement
+    #: False under LIMIT/OFFSET without ORDER BY (which rows come back is not decided by the
+    #: statement) or with a volatile function (see VOLATILE)
     deterministic: bool
 
 
@@ -74,6 +92,8 @@ class Planner:
         if len(statements) != 1 or not isinstance(statements[0].stmt, ast.SelectStmt):
             return None
         select = statements[0].stmt
+        volatile = _CallsVolatile()
+        volatile(statements)
         rewritten: str | None = None
         if not self.other_server:
             ctes = _WithNames()
@@ -92,7 +112,7 @@ class Planner:
             fingerprint=fingerprint(text),
             normalized=normalize(text),
             ordered=ordered,
-            deterministic=ordered or not limited,
+            deterministic=(ordered or not limited) and not volatile.found,
         )
 
     def _resolve(self, schema: str | None, name: str) -> tuple[str, str] | None:
@@ -104,6 +124,19 @@ class Planner:
             if found is not None:
                 return found
         return None
+
+
+class _CallsVolatile(Visitor):
+    """Finds a call of a function in VOLATILE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def visit_FuncCall(self, ancestors: Any, node: ast.FuncCall) -> None:
+        name = node.funcname[-1].sval if node.funcname else ""
+        if name in VOLATILE:
+            self.found = True
 
 
 class _WithNames(Visitor):

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Final
 
 import asyncpg
@@ -27,7 +28,7 @@ from core import shadow as results
 from core.config import ShadowConfig
 from core.errors import ProtocolViolation
 from core.logs import get_logger
-from proxy.shadow.compare import ERROR, MATCH, MISMATCH, Answer, Verdict, judge
+from proxy.shadow.compare import ERROR, MATCH, MISMATCH, NOISE, Answer, Verdict, judge
 from proxy.shadow.params import UnsupportedParameter, literals, needs_types
 from proxy.shadow.plan import Planner, ShadowPlan
 from proxy.shadow.tap import Capture, ShadowTap
@@ -38,6 +39,8 @@ _OUTCOMES = metrics.HOT.shadow_statements
 _OLD, _NEW = "dw_shadow_old", "dw_shadow_new"
 #: seconds a worker waits before connecting again after a failure
 RECONNECT_SECONDS: Final = 1.0
+#: statement shapes remembered as non-deterministic
+MAX_NOISY_SHAPES: Final = 10_000
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
 
@@ -64,6 +67,8 @@ class ShadowReplayer:
         self._next_start = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: asyncpg.Pool | None = None
+        #: fingerprints whose A/A pair once differed: their differences are noise from then on
+        self._noisy: set[str] = set()
 
     async def start(self, pool: asyncpg.Pool | None) -> None:
         """Start the workers and (with a service pool) the flusher."""
@@ -189,7 +194,11 @@ class ShadowReplayer:
                     await old.close()
         except UnsupportedParameter as exc:
             return Verdict(ERROR, {"parameters": str(exc)}), None
+        if plan.fingerprint in self._noisy:
+            plan = replace(plan, deterministic=False)
         verdict = judge(plan, first, second, again, self.reveal)
+        if verdict.outcome == NOISE and len(self._noisy) < MAX_NOISY_SHAPES:
+            self._noisy.add(plan.fingerprint)
         return verdict, (first.seconds, second.seconds)
 
     async def _on_other(
