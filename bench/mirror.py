@@ -38,16 +38,19 @@ from bench.measure import (
 #: with the mappings in that mode; wal/both (opt-in, need wal_level = logical): through
 #: `dualwrite run` with outbox mappings captured from the WAL, or by statement and audited by
 #: the WAL; relay (opt-in): through `dualwrite run` with no mappings
-MODES = ("none", "trigger", "sync", "outbox", "wal", "both", "relay")
+MODES = ("none", "trigger", "sync", "outbox", "wal", "waldirect", "both", "relay")
 DEFAULT_MODES = ("none", "trigger", "sync", "outbox")
-MIRRORING = frozenset({"trigger", "sync", "outbox", "wal", "both"})
+MIRRORING = frozenset({"trigger", "sync", "outbox", "wal", "waldirect", "both"})
 #: sidecars started once, for the whole benchmark
 SIDECAR_MODES = ("sync", "outbox", "relay")
 #: sidecars started for each of their runs, with their replication slot: a slot that lived
 #: through the other modes' runs would decode (and its reader queue) their writes too
-WAL_MODES = ("wal", "both")
+WAL_MODES = ("wal", "waldirect", "both")
+#: capture: wal needs no proxy at all: waldirect is the wal sidecar reading the WAL while
+#: pgbench connects straight to PostgreSQL
+DIRECT_CLIENT_MODES = frozenset({"none", "trigger", "waldirect"})
 #: modes whose keys an applier drains after the run (their e2e figures include the drain)
-QUEUE_MODES = ("outbox", "wal", "both")
+QUEUE_MODES = ("outbox", "wal", "waldirect", "both")
 #: issue 12's goals for capture: wal, as ratios to the trigger: PostgreSQL CPU per TPC-B
 #: transaction (at most), bulk rows/s end to end (at least)
 WAL_GOALS = {"tpcb": ("pg", 0.9), "bulk": ("e2e", 1.5)}
@@ -86,6 +89,7 @@ class MappingSpec:
 
     def config(self, mode: str) -> dict[str, Any]:
         wal = mode in WAL_MODES
+        capture = "wal" if mode == "waldirect" else mode
         return {
             "name": self.sidecar_name(mode),
             "source": self.source,
@@ -93,7 +97,7 @@ class MappingSpec:
             "key": [self.key],
             "columns": dict(self.columns),
             "mode": "outbox" if wal else mode,
-            "capture": mode if wal else "statement",
+            "capture": capture if wal else "statement",
             # an unmirrorable statement fails the run instead of silently diverging
             "unsupported": "reject",
         }
@@ -353,9 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--modes",
         type=common.csv_choices(MODES),
         default=list(DEFAULT_MODES),
-        help="comma-separated: none,trigger,sync,outbox,wal,both,relay (default none,trigger,"
-        "sync,outbox; wal and both capture from the WAL and need wal_level = logical; relay is "
-        "the sidecar with no mappings, to separate the hop from the mirror)",
+        help="comma-separated: none,trigger,sync,outbox,wal,waldirect,both,relay (default none,"
+        "trigger,sync,outbox; wal, waldirect and both capture from the WAL and need wal_level = "
+        "logical, waldirect with pgbench straight to PostgreSQL; relay is the sidecar with no "
+        "mappings, to separate the hop from the mirror)",
     )
     common.add_protocols_option(p)
     p.add_argument(
@@ -692,9 +697,12 @@ def measure(ctx: Context, cell: Cell, mode: str, round_: int) -> Run:
     if mode not in WAL_MODES:
         return measure_with(ctx, cell, mode, round_, ctx.targets[mode], ctx.sidecars)
     reset(ctx.server, ctx.monitor, cell.workload, ctx.args)  # before the slot exists
-    with wal_sidecar(ctx, mode) as target:
-        ctx.targets[mode] = target
-        return measure_with(ctx, cell, mode, round_, target, [*ctx.sidecars, target], reset_=False)
+    with wal_sidecar(ctx, mode) as sidecar:
+        ctx.targets[mode] = sidecar
+        client = Target("direct", ctx.server) if mode in DIRECT_CLIENT_MODES else sidecar
+        return measure_with(
+            ctx, cell, mode, round_, sidecar, [*ctx.sidecars, sidecar], reset_=False, client=client
+        )
 
 
 def measure_with(
@@ -706,6 +714,7 @@ def measure_with(
     sidecars: list[Target],
     *,
     reset_: bool = True,
+    client: Target | None = None,
 ) -> Run:
     args, server, monitor = ctx.args, ctx.server, ctx.monitor
     bench_workload = ctx.workloads[cell.workload]
@@ -720,7 +729,7 @@ def measure_with(
         if sampler is not None:
             sampler.start()
         result = common.run_pgbench(
-            target.server,
+            (client or target).server,
             bench_workload.workload,
             cell.protocol,
             clients=args.clients,
@@ -824,10 +833,13 @@ def warm_up(ctx: Context) -> None:
         for workload in args.workloads:
             reset(ctx.server, ctx.monitor, workload, args)
             with contextlib.ExitStack() as stack:
+                client = target
                 if mode in WAL_MODES:
                     target = stack.enter_context(wal_sidecar(ctx, mode))
+                    direct = mode in DIRECT_CLIENT_MODES
+                    client = Target("direct", ctx.server) if direct else target
                 common.pgbench_against(
-                    target,
+                    client,
                     ctx.workloads[workload].workload,
                     args.protocols[-1],
                     clients=args.clients,
@@ -1015,10 +1027,11 @@ def report(
         "(wal, both) and `dualwrite.outbox` of the mappings was empty again with the sidecar's "
         "applier working), for the others it equals rows/s. wal/both sidecars are started with "
         "their replication slot for each of their runs and torn down after it, so no slot "
-        "decodes the other modes' runs; pgbench goes through the sidecar in both (with wal "
-        "the proxy relays the writes untouched). PG vs trigger = PG µs/txn over the "
-        "trigger's, median of per-round ratios (issue 12's goals: ≤0.9x on TPC-B, and bulk e2e "
-        "rows/s ≥1.5x). "
+        "decodes the other modes' runs; pgbench goes through the sidecar for wal and both (with "
+        "wal the proxy relays the writes untouched), and straight to PostgreSQL for waldirect "
+        "(capture: wal needs no proxy; the sidecar only reads the WAL and applies). "
+        "PG vs trigger = PG µs/txn over the trigger's, median of per-round ratios (issue 12's "
+        "goals: ≤0.9x on TPC-B, and bulk e2e rows/s ≥1.5x). "
         "vs trigger = median over rounds of the run's rows/s (or e2e rows/s) over the trigger "
         "run's rows/s in the same round (= the TPS ratio). Goals (issue 3): TPC-B ≥ 0.85x the "
         "trigger, bulk ≥ 1.5x. sidecar µs/txn = the sidecar's user+system CPU over the run "
