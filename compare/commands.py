@@ -12,14 +12,13 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-import asyncpg
-
 from compare.backfill import BackfillResult, backfill_mapping
 from compare.connections import connect
 from compare.progress import Progress, format_table
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
 from core.catalog import validate_all
 from core.config import Config
+from core.connect import connect as connect_database
 from core.control import ensure_current
 from core.errors import ConfigError
 from core.mapping import CompiledMapping, compile_all
@@ -46,7 +45,7 @@ async def load_mappings(
             conn,
             chosen,
             config.search_path,
-            asyncpg.connect,
+            connect_database,
             statements=(key_sync_statements.statements_to_prepare,),
         )
     finally:

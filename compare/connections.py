@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from core.config import Config
-from core.errors import ConfigError
+from core.connect import connect as connect_database
+from core.errors import DatabaseUnreachable
 from core.mapping import CompiledMapping
 
 #: output settings that make a value's text the same in every session
@@ -52,9 +53,9 @@ def session_settings(config: Config, *, read_only: bool, role: str) -> dict[str,
 async def connect(dsn: str, settings: dict[str, str], what: str) -> asyncpg.Connection:
     """Connect, turning an unreachable database into a ConfigError naming ``what``."""
     try:
-        return await asyncpg.connect(dsn, server_settings=settings)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ConfigError(what, f"cannot connect: {exc}") from None
+        return await connect_database(dsn, server_settings=settings)
+    except DatabaseUnreachable as exc:
+        raise DatabaseUnreachable(f"{what}: {exc}") from None
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from core.control import delete_function_problem
-from core.errors import MappingValidationError
+from core.errors import DatabaseUnreachable, MappingValidationError
 from core.mapping import CatalogFacts, CompiledMapping, bind_catalog, pin_expressions
 from core.sqltext import QualifiedName, pinned_select_list, quote_ident
 
@@ -298,7 +298,7 @@ async def validate_all(
             )
         try:
             target_conn = await connect_target(dsn)
-        except (OSError, asyncpg.PostgresError) as exc:
+        except (OSError, asyncpg.PostgresError, DatabaseUnreachable) as exc:
             raise MappingValidationError(
                 mapping.name, f"target_dsn: cannot connect: {exc}"
             ) from None

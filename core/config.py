@@ -7,12 +7,12 @@ the file: the service password comes from the environment (``PGPASSWORD`` or a p
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -24,7 +24,8 @@ from pydantic import (
     model_validator,
 )
 
-from core.errors import ConfigError
+from core.connect import check_dsn
+from core.errors import ConfigError, ConfigErrors
 from core.modes import Capture, MirrorMode, capture_problem
 
 SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
@@ -153,7 +154,7 @@ class MappingConfig(Strict):
     @field_validator("target_dsn")
     @classmethod
     def _target_dsn_has_no_password(cls, value: str | None) -> str | None:
-        return None if value is None else _check_dsn(value)
+        return None if value is None else check_dsn(value)
 
     @field_validator("name")
     @classmethod
@@ -381,7 +382,7 @@ class ShadowConfig(Strict):
     @field_validator("dsn")
     @classmethod
     def _dsn_has_no_password(cls, value: str | None) -> str | None:
-        return None if value is None else _check_dsn(value)
+        return None if value is None else check_dsn(value)
 
     @model_validator(mode="after")
     def _something_to_compare(self) -> ShadowConfig:
@@ -424,7 +425,7 @@ class Config(Strict):
     @field_validator("service_dsn")
     @classmethod
     def _no_password_in_file(cls, value: str) -> str:
-        return _check_dsn(value)
+        return check_dsn(value)
 
     @model_validator(mode="after")
     def _mapping_names_unique(self) -> Config:
@@ -462,19 +463,6 @@ def _check_rule_id(rule: str) -> None:
         raise ValueError(f"{rule!r} is not a rule id (lower-case letters, digits and -)")
 
 
-def _check_dsn(value: str) -> str:
-    """A postgresql:// URL without a password (secrets come from the environment)."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError("must be a postgresql:// URL")
-    if parts.password:
-        raise ValueError(
-            "must not contain a password; set PGPASSWORD (or use DUALWRITE_SERVICE_DSN for "
-            "the service connection) instead"
-        )
-    return value
-
-
 def _loc_to_path(loc: tuple[int | str, ...], data: Any) -> str:
     """Turn a pydantic error location into ``mappings[0].columns`` form."""
     path = ""
@@ -498,8 +486,67 @@ def _reason(error: dict[str, Any]) -> str:
     return message.removeprefix("Value error, ")
 
 
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The config model that holds the key at ``loc`` (None when it is not under a model)."""
+    model: type[BaseModel] | None = Config
+    for part in loc[:-1]:
+        if model is None:
+            return None
+        if isinstance(part, int) or part not in model.model_fields:
+            continue
+        model = _model_in(model.model_fields[part].annotation)
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The config model an annotation holds (directly, in a list, or optional)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str | None:
+    model = _model_at(loc)
+    if model is None or not isinstance(loc[-1], str):
+        return None
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _problems(exc: ValidationError, data: Any) -> list[tuple[str, str]]:
+    """Every validation error as (path, reason): unknown keys first, each with a suggestion.
+
+    A required key reported missing because it was misspelt (``colums``) is the unknown key's
+    error, not a second one.
+    """
+    unknown: list[tuple[str, str]] = []
+    explained: set[str] = set()
+    other: list[tuple[str, str]] = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if error["type"] == "extra_forbidden":
+            reason = "unknown key"
+            suggestion = _did_you_mean(loc)
+            if suggestion is not None:
+                reason += f" (did you mean {suggestion!r}?)"
+                explained.add(_loc_to_path((*loc[:-1], suggestion), data))
+            unknown.append((_loc_to_path(loc, data), reason))
+    for error in exc.errors():
+        if error["type"] == "extra_forbidden":
+            continue
+        path = _loc_to_path(tuple(error["loc"]), data)
+        if error["type"] == "missing" and path in explained:
+            continue
+        other.append((path, _reason(dict(error))))
+    return unknown + other
+
+
 def parse_config(data: Any, *, source: str | None = None) -> Config:
-    """Validate already-loaded YAML data; raise ConfigError naming the first bad key."""
+    """Validate already-loaded YAML data; raise ConfigError (ConfigErrors) naming every bad key."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -507,14 +554,39 @@ def parse_config(data: Any, *, source: str | None = None) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(
-            _loc_to_path(first["loc"], data), _reason(dict(first)), source=source
-        ) from None
+        raise ConfigErrors(_problems(exc, data), source=source) from None
+
+
+def duplicate_keys(text: str) -> list[tuple[str, str]]:
+    """(path, reason) of every key written twice in one YAML mapping (YAML keeps the last)."""
+    problems: list[tuple[str, str]] = []
+
+    def walk(node: yaml.Node, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+                child = f"{path}.{key}" if path else str(key)
+                line = key_node.start_mark.line + 1
+                if key is not None and key in seen:
+                    problems.append(
+                        (child, f"duplicate key (line {line}, first on line {seen[key]})")
+                    )
+                elif key is not None:
+                    seen[key] = line
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{path}[{index}]")
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, "")
+    return problems
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config file."""
+    """Read and validate a YAML config file; every problem in it is reported at once."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -522,9 +594,18 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError("", f"cannot read config: {exc.strerror}", source=source) from None
     try:
         data = yaml.safe_load(text)
+        duplicates = duplicate_keys(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "YAML"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(where, f"invalid YAML: {problem}", source=source) from None
-    return parse_config(data, source=source)
+    try:
+        config = parse_config(data, source=source)
+    except ConfigErrors as exc:
+        unknown = [p for p in exc.problems if p[1].startswith("unknown key")]
+        rest = exc.problems[len(unknown) :]
+        raise ConfigErrors(unknown + duplicates + rest, source=source) from None
+    if duplicates:
+        raise ConfigErrors(duplicates, source=source)
+    return config

@@ -2,6 +2,7 @@
 
     DualwriteError                      base; ``exit_code`` says what the CLI exits with
     ├── ConfigError                     the config file or environment is wrong (exit 2)
+    │   ├── ConfigErrors                several at once: every one of a file's problems
     │   ├── MappingValidationError      a mapping does not match the live database (exit 2)
     │   └── WalNotReady                 the database cannot serve a WAL-captured mapping (exit 2)
     ├── ProtocolViolation               a client broke the wire protocol (SQLSTATE 08P01)
@@ -11,6 +12,7 @@
     │   ├── StartupTimeout              no complete startup packet in time (08P01)
     │   └── ShuttingDown                the sidecar is draining (57P01)
     ├── UpstreamUnavailable             the PostgreSQL server cannot be reached (08006)
+    ├── DatabaseUnreachable             an operator command cannot connect (exit 2)
     ├── StatementRejected               a write the mapping's policy refuses (0A000)
     ├── MirrorError                     the applier could not copy keys to the target
     ├── WalDecodeError                  a pgoutput message the WAL reader cannot decode
@@ -42,6 +44,21 @@ class ConfigError(DualwriteError):
         self.source = source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{path}: {reason}" if path else f"{where}{reason}")
+
+
+class ConfigErrors(ConfigError):
+    """Every problem found in one config file, unknown keys first; ``path`` is the first's."""
+
+    def __init__(self, problems: list[tuple[str, str]], *, source: str | None = None) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(*problems[0], source=source)
+            return
+        where = f"{source}: " if source else ""
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in problems)
+        DualwriteError.__init__(self, f"{where}{len(problems)} errors:\n{listing}")
+        self.path, self.reason = problems[0]
+        self.source = source
 
 
 class MappingValidationError(ConfigError):
@@ -109,6 +126,12 @@ class UpstreamUnavailable(DualwriteError):
 
     sqlstate = "08006"
     severity = "FATAL"
+
+
+class DatabaseUnreachable(DualwriteError):
+    """A command cannot connect: no such database, a closed port, a wrong password..."""
+
+    exit_code = 2
 
 
 class StatementRejected(DualwriteError):

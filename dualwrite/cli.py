@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from core.config import Config, load_config
-from core.errors import DualwriteError
+from core.errors import ConfigError, DualwriteError
 from core.logs import configure_logging
 from core.mapping import compile_all
 from dualwrite import __version__
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.handler(args))
     except DualwriteError as exc:
-        kind = "config error" if exc.exit_code == EXIT_USAGE else "error"
+        kind = "config error" if isinstance(exc, ConfigError) else "error"
         print(f"dualwrite: {kind}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

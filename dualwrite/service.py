@@ -23,17 +23,20 @@ import asyncpg
 from compare.continuous import ContinuousReconciler
 from compare.reconciler import PassOptions, reconcile_mapping
 from compare.report.history import export_gauges, latest_runs
-from core import metrics
+from core import metrics, nullcheck
 from core.catalog import StatementsOf, validate_all
 from core.config import Config
+from core.connect import connect, create_pool
 from core.control import (
     ActivityRecorder,
     MappingStates,
     StateWatcher,
     create_delete_functions,
+    current_version,
     ensure_current,
     grant,
     install,
+    latest_version,
     load_paused,
     set_paused,
 )
@@ -89,7 +92,7 @@ def sidecar_id() -> str:
 
 async def connect_service(config: Config, **kwargs: Any) -> asyncpg.Connection:
     """One connection as the sidecar's own service role."""
-    return await asyncpg.connect(config.effective_service_dsn(), **kwargs)
+    return await connect(config.effective_service_dsn(), **kwargs)
 
 
 async def connect_shadow(dsn: str, search_path: list[str]) -> asyncpg.Connection:
@@ -106,7 +109,7 @@ async def connect_shadow(dsn: str, search_path: list[str]) -> asyncpg.Connection
 
 
 async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(
+    return await create_pool(
         config.effective_service_dsn(),
         min_size=1,
         max_size=size,
@@ -114,8 +117,6 @@ async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
         # empty: a generic plan made early would seq-scan the target forever after.
         server_settings={"application_name": "dualwrite", "plan_cache_mode": "force_custom_plan"},
     )
-    assert pool is not None
-    return pool
 
 
 async def validated_mappings(
@@ -127,7 +128,7 @@ async def validated_mappings(
         conn,
         compiled,
         config.search_path,
-        asyncpg.connect,
+        connect,
         statements=SIDECAR_STATEMENTS,
         require_functions=require_functions,
     )
@@ -143,18 +144,48 @@ async def check_live(config: Config) -> list[str]:
         return lines
     conn = await connect_service(config)
     try:
-        await ensure_current(conn)
-        if config.mappings:
+        version = await current_version(conn)
+        mappings: list[CompiledMapping] = []
+        if version < latest_version():
+            lines.append(
+                f"control schema: at version {version}, needs {latest_version()}: step still "
+                "to do: `dualwrite setup --config FILE` (validated below as setup would leave it)"
+            )
+            if config.mappings:
+                mappings = await _validated_as_after_setup(conn, config)
+        elif config.mappings:
             mappings = await validated_mappings(conn, config)
+        if mappings:
             await wal_slot.require_ready(conn, config.wal, wal_slot.wal_mappings(mappings))
             lines += [
                 f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok"
                 for m in mappings
             ]
+            lines += await nullcheck.check_lines(conn, mappings)
         lines += await check_views(conn, config.shadow.views)
     finally:
         await conn.close()
     return lines
+
+
+async def _validated_as_after_setup(
+    conn: asyncpg.Connection, config: Config
+) -> list[CompiledMapping]:
+    """Rehearse ``setup`` in a transaction that is rolled back, and validate inside it.
+
+    ``check`` before ``setup`` (the runbook's order) thus still validates every mapping,
+    including the statements that need the control schema and the delete functions.
+    """
+    rehearsal = conn.transaction()
+    await rehearsal.start()
+    try:
+        await install(conn)
+        mappings = await validated_mappings(conn, config, require_functions=False)
+        await create_delete_functions(conn, mappings)
+        mappings = await validated_mappings(conn, config)
+    finally:
+        await rehearsal.rollback()
+    return mappings
 
 
 def describe(mapping: CompiledMapping) -> str:
@@ -181,6 +212,7 @@ async def setup(config: Config) -> list[str]:
             for m in mappings
         ]
         lines += await setup_wal(conn, config, mappings)
+        lines += await nullcheck.setup_warnings(conn, mappings)
         if config.app_role:
             for statement in await grant(conn, config.app_role, mappings):
                 lines.append(statement)
@@ -221,9 +253,7 @@ async def target_pools(mappings: list[CompiledMapping]) -> dict[str, asyncpg.Poo
     for mapping in mappings:
         dsn = mapping.config.target_dsn
         if dsn is not None and dsn not in pools:
-            pool = await asyncpg.create_pool(dsn, min_size=1, max_size=4)
-            assert pool is not None
-            pools[dsn] = pool
+            pools[dsn] = await create_pool(dsn, min_size=1, max_size=4)
     return pools
 
 

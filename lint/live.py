@@ -15,7 +15,8 @@ from datetime import timedelta
 import asyncpg
 
 from core.config import Config, LintLiveConfig
-from core.errors import ConfigError
+from core.connect import connect as connect_database
+from core.errors import DatabaseUnreachable
 from core.sqltext import quote_ident
 from lint.facts import INDEX, REWRITE, ROWS, SCAN, Facts, Relation, blocks_reads, blocks_writes
 
@@ -183,7 +184,7 @@ async def connect(config: Config) -> Live:
     """A read-only session on ``service_dsn`` with the configured search_path."""
     dsn = config.effective_service_dsn()
     try:
-        conn = await asyncpg.connect(
+        conn = await connect_database(
             dsn,
             timeout=config.upstream.connect_timeout_seconds,
             server_settings={
@@ -192,8 +193,8 @@ async def connect(config: Config) -> Live:
                 "search_path": ", ".join(quote_ident(s) for s in config.search_path),
             },
         )
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ConfigError("service_dsn", f"--live cannot connect: {exc}") from None
+    except DatabaseUnreachable as exc:
+        raise DatabaseUnreachable(f"service_dsn: --live {exc}") from None
     version = int(await conn.fetchval("SHOW server_version_num")) // 10000
     return Live(conn, config.lint.live, version)
 

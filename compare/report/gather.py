@@ -21,8 +21,9 @@ from compare.report.model import Criterion, MappingReport, Report
 from compare.report.readiness import read_readiness
 from compare.report.shadow import read_shadow, shadow_configured, shadow_criteria
 from core.config import Config
+from core.connect import connect
 from core.control import ensure_current
-from core.errors import ConfigError
+from core.errors import ConfigError, DatabaseUnreachable
 
 STATUS_TIMEOUT_SECONDS = 10.0
 
@@ -71,7 +72,7 @@ async def build_report(config: Config, request: ReportRequest) -> Report:
 async def _connect(config: Config) -> asyncpg.Connection:
     dsn = config.effective_service_dsn()
     try:
-        return await asyncpg.connect(
+        return await connect(
             dsn,
             timeout=config.upstream.connect_timeout_seconds,
             server_settings={
@@ -79,8 +80,8 @@ async def _connect(config: Config) -> asyncpg.Connection:
                 "default_transaction_read_only": "on",
             },
         )
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise ConfigError("service_dsn", f"cannot connect to {_safe_dsn(dsn)}: {exc}") from None
+    except DatabaseUnreachable as exc:
+        raise DatabaseUnreachable(f"service_dsn: {exc}") from None
 
 
 async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest) -> Report:
