@@ -33,8 +33,17 @@ applier:
 def test_a_misspelt_required_key_is_the_unknown_key_with_a_suggestion_not_a_missing_one():
     with pytest.raises(ConfigError) as bad:
         parse_config(
-            {"mappings": [{"name": "m", "source": "a", "target": "b", "key": ["id"],
-                           "colums": {"id": "id"}}]}
+            {
+                "mappings": [
+                    {
+                        "name": "m",
+                        "source": "a",
+                        "target": "b",
+                        "key": ["id"],
+                        "colums": {"id": "id"},
+                    }
+                ]
+            }
         )
     assert bad.value.path == "mappings[0].colums"
     assert str(bad.value) == "mappings[0].colums: unknown key (did you mean 'columns'?)"
