@@ -38,6 +38,7 @@ from core import metrics
 from core.config import Config
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 
 _log = get_logger("backfill")
 
@@ -139,7 +140,7 @@ class _Backfill:
             await self._stop(run_id, "interrupted", "cancelled", started)
             raise
         except Exception as exc:
-            await self._stop(run_id, "failed", f"{type(exc).__name__}: {exc}", started)
+            await self._stop(run_id, "failed", describe_error(exc, self.mapping), started)
             return self.result
         finally:
             if self.progress is not None:

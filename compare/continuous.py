@@ -15,6 +15,7 @@ from compare.reconciler import PassOptions, PassResult, reconcile_mapping
 from core.config import Config
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 
 _log = get_logger("reconcile")
 
@@ -78,7 +79,7 @@ class ContinuousReconciler:
             _log.warning(
                 "continuous_reconcile_failed",
                 mapping=mapping.name,
-                error=f"{type(exc).__name__}: {exc}",
+                error=describe_error(exc, mapping),
             )
 
     async def _recently_reconciled(self, mapping: CompiledMapping, interval: float) -> bool:

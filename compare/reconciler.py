@@ -37,6 +37,7 @@ from core import metrics
 from core.config import Config
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 
 _log = get_logger("reconcile")
 
@@ -197,7 +198,7 @@ class _Pass:
             await self._close("interrupted", "cancelled", started)
             raise
         except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_error(exc, self.mapping)
             _log.error("reconcile_failed", mapping=self.mapping.name, error=error)
             return await self._close("failed", error, started)
         finally:

@@ -18,6 +18,7 @@ from compare.resync import MAX_KEYS_PER_TRANSACTION, apply_keys
 from core import metrics
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 from mirror.keysync import SyncResult
 
 _log = get_logger("repair")
@@ -114,7 +115,7 @@ class Repairer:
             mapping=self.mapping.name,
             key=key,
             sqlstate=getattr(exc, "sqlstate", None),
-            error=str(exc)[:200],
+            error=describe_error(exc, self.mapping)[:500],
         )
 
     async def _sync_batch(self, keys: Sequence[str]) -> SyncResult:

@@ -14,6 +14,7 @@ import asyncpg
 from compare.connections import Sessions
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 from mirror.applier import is_transient
 from mirror.keysync import SyncResult, sync_keys, sync_keys_across
 
@@ -48,7 +49,12 @@ async def apply_keys(
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
             if not is_transient(exc) or attempt == ATTEMPTS:
                 raise
-            _log.info("apply_retry", mapping=mapping.name, attempt=attempt, error=str(exc)[:200])
+            _log.info(
+                "apply_retry",
+                mapping=mapping.name,
+                attempt=attempt,
+                error=describe_error(exc, mapping)[:500],
+            )
             await asyncio.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")

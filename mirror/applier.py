@@ -22,6 +22,7 @@ from core.config import ApplierConfig
 from core.control import MappingStates
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 from mirror.keysync import SyncResult, sync_keys, sync_keys_across
 
 _log = get_logger("applier")
@@ -144,9 +145,11 @@ class Applier:
                         else 0
                     )
                 except Exception as exc:  # keep draining other mappings; the keys stay queued
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = describe_error(exc, mapping)
                     metrics.MIRROR_FAILURES.labels(mapping.name, "applier").inc()
-                    _log.warning("applier_batch_failed", mapping=mapping.name, error=str(exc))
+                    _log.warning(
+                        "applier_batch_failed", mapping=mapping.name, error=self.last_error
+                    )
                     await asyncio.sleep(idle_sleep)
                     continue
                 self.last_error = None
@@ -237,11 +240,12 @@ class Applier:
     async def _dead_letter(
         self, conn: asyncpg.Connection, mapping: CompiledMapping, key: str, exc: BaseException
     ) -> None:
+        error = describe_error(exc, mapping)
         await conn.execute(
             _DEAD_LETTER,
             mapping.name,
             key,
-            str(exc)[:2000],
+            error,
             getattr(exc, "sqlstate", None),
             float(self.config.retry_base_seconds),
             float(self.config.retry_max_seconds),
@@ -253,7 +257,8 @@ class Applier:
             "key_dead_lettered",
             mapping=mapping.name,
             sqlstate=getattr(exc, "sqlstate", None),
-            error=str(exc)[:200],
+            constraint=getattr(exc, "constraint_name", None),
+            error=error[:500],
         )
 
     async def retry_dead_letters(self, mapping: CompiledMapping) -> int:
