@@ -80,6 +80,9 @@ class AdminConfig(Strict):
     port: Annotated[int, Field(ge=0, le=65535)] = 9187
     #: environment variable holding the bearer token for POST actions
     token_env: str = "DUALWRITE_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a secret
+    #: unauthenticated attempts are audited as one row per this many seconds (with a count),
+    #: so anyone who can reach the port cannot fill the audit table
+    unauthorized_audit_window_seconds: PositiveSeconds = 60.0
 
 
 class LimitsConfig(Strict):

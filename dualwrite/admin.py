@@ -4,7 +4,10 @@ What the endpoints report and do is injected by the service wiring as plain call
 module imports nothing of proxy/, compare/ or mirror/, only core/. Read endpoints
 are open; every POST under /actions/ needs ``Authorization: Bearer <token>`` (the token is read
 from the environment variable named by ``admin.token_env`` on each request; unset: actions are
-refused), and every attempt, allowed or not, is logged and handed to the audit hook.
+refused), and every attempt is logged and handed to the audit hook: authenticated ones one by
+one (with every secret-named key of the body masked, at any depth), unauthenticated ones
+aggregated per ``admin.unauthorized_audit_window_seconds`` (the first of a window at once, the
+rest as one row with their count), so what anyone can write to the audit trail is bounded.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import hmac
 import ipaddress
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from core import metrics
 from core.config import AdminConfig
-from core.logs import get_logger
+from core.logs import get_logger, without_secrets
 
 _log = get_logger("admin")
 
@@ -50,8 +54,8 @@ Audit = Callable[[str, Mapping[str, Any], str], Awaitable[None]]
 UNKNOWN_ACTION = "/actions/{unknown:.*}"
 #: how long /metrics waits for the refresh hook before serving the gauges it has
 REFRESH_TIMEOUT_SECONDS = 2.0
-#: body keys never copied into the audit trail
-_SECRET_BODY_KEYS = frozenset({"token", "password", "secret", "authorization"})
+#: distinct callers and paths named in one window's summary of unauthenticated attempts
+_SUMMARY_SAMPLES = 10
 
 
 @dataclass
@@ -85,6 +89,8 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.port = config.port
+        self.unauthorized = UnauthorizedWindow(config.unauthorized_audit_window_seconds)
+        self._summaries: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -95,6 +101,7 @@ class AdminServer:
         if sockets:
             self.port = int(sockets[0].getsockname()[1])
         _log.info("admin_listening", host=self.config.host, port=self.port)
+        self._summaries = asyncio.get_running_loop().create_task(self._summarize_unauthorized())
         if not _is_loopback(self.config.host):
             _log.warning(
                 "admin_not_on_loopback",
@@ -103,8 +110,22 @@ class AdminServer:
             )
 
     async def stop(self) -> None:
+        if self._summaries is not None:
+            self._summaries.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        await self.flush_unauthorized()
+
+    async def _summarize_unauthorized(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.unauthorized_audit_window_seconds)
+            await self.flush_unauthorized()
+
+    async def flush_unauthorized(self) -> None:
+        """Audit the closed window's unauthenticated attempts as one row (none: nothing)."""
+        summary = self.unauthorized.close()
+        if summary is not None:
+            await self._record("unauthorized", summary, "unauthorized")
 
     async def _metrics(self, _request: web.Request) -> web.Response:
         if self.hooks.refresh is not None:
@@ -148,14 +169,16 @@ class AdminServer:
                 "remote": request.remote,
             }
             if not self._authorized(request):
-                return await self._refuse(route, params, 401, "unauthorized")
+                return await self._unauthorized(route, params)
             try:
                 body = await request.json() if request.body_exists else {}
+            except web.HTTPRequestEntityTooLarge:
+                return await self._refuse(route, params, 413, "too_large")
             except ValueError:
                 return await self._refuse(route, params, 400, "bad_request")
             if not isinstance(body, dict):
                 return await self._refuse(route, params, 400, "bad_request")
-            params["body"] = _without_secrets(body)
+            params["body"] = without_secrets(body)
             return await self._run(route, action, params, request.match_info, body)
 
         return handler
@@ -193,6 +216,14 @@ class AdminServer:
         await self._audit(route, params, outcome)
         return web.json_response({"error": error or _REFUSALS[outcome]}, status=status)
 
+    async def _unauthorized(self, route: str, params: Mapping[str, Any]) -> web.Response:
+        """401; audited at once when it opens a window, else only counted for the summary."""
+        action = action_name(route)
+        metrics.ADMIN_ACTIONS.labels(action, "unauthorized").inc()
+        if self.unauthorized.note(params):
+            await self._record(action, params, "unauthorized")
+        return web.json_response({"error": _REFUSALS["unauthorized"]}, status=401)
+
     def _authorized(self, request: web.Request) -> bool:
         expected = os.environ.get(self.config.token_env, "")
         if not expected:
@@ -205,6 +236,10 @@ class AdminServer:
         """Log the attempt and record it; a failing audit store is logged, never fatal."""
         action = action_name(route)
         metrics.ADMIN_ACTIONS.labels(action, outcome.split(":", 1)[0]).inc()
+        await self._record(action, params, outcome)
+
+    async def _record(self, action: str, params: Mapping[str, Any], outcome: str) -> None:
+        route = str(params.get("path", action))
         _log.info("admin_action", action=action, params=dict(params), outcome=outcome)
         if self.hooks.audit is None:
             return
@@ -219,7 +254,56 @@ _REFUSALS = {
     "unauthorized": "missing or invalid bearer token",
     "bad_request": "body must be a JSON object",
     "not_found": "no such action",
+    "too_large": "body too large",
 }
+
+
+class UnauthorizedWindow:
+    """Counts unauthenticated attempts per window: the first of a window is audited at once,
+    the others become one summary row when the window closes."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.opened_at: float | None = None
+        self.count = 0
+        self.remotes: set[str] = set()
+        self.paths: set[str] = set()
+
+    def note(self, params: Mapping[str, Any]) -> bool:
+        """Count one attempt; True when it opens a window (audit it on its own)."""
+        now = time.monotonic()
+        expired = self.opened_at is not None and now - self.opened_at >= self.seconds
+        if self.opened_at is None or (expired and not self.count):
+            return self._open(now)
+        # counted into the open window (or one whose summary the next flush writes)
+        self.count += 1
+        if len(self.remotes) < _SUMMARY_SAMPLES:
+            self.remotes.add(str(params.get("remote")))
+        if len(self.paths) < _SUMMARY_SAMPLES:
+            self.paths.add(str(params.get("path")))
+        return False
+
+    def _open(self, now: float) -> bool:
+        self.opened_at, self.count = now, 0
+        self.remotes.clear()
+        self.paths.clear()
+        return True
+
+    def close(self) -> dict[str, Any] | None:
+        """The summary of the attempts after the window's first (None: there were none)."""
+        if self.opened_at is None:
+            return None
+        summary = {
+            "attempts": self.count,
+            "window_seconds": self.seconds,
+            "remotes": sorted(self.remotes),
+            "paths": sorted(self.paths),
+        }
+        had = self.count
+        self.opened_at, self.count = None, 0
+        self.remotes.clear()
+        self.paths.clear()
+        return summary if had else None
 
 
 async def _unknown_action(_params: Mapping[str, str], _body: Mapping[str, Any]) -> ActionResult:
@@ -238,10 +322,6 @@ def action_name(route: str) -> str:
     Routes come from code, so the set is bounded and it can be a metric label.
     """
     return "unknown" if route == UNKNOWN_ACTION else route.rstrip("/").rsplit("/", 1)[-1]
-
-
-def _without_secrets(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("[redacted]" if k.lower() in _SECRET_BODY_KEYS else v) for k, v in body.items()}
 
 
 def _is_loopback(host: str) -> bool:

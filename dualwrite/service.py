@@ -412,6 +412,7 @@ class Sidecar:
             await asyncio.gather(self._flusher, return_exceptions=True)
         if self.pool is not None:
             await self._flush_once()
+            await self.admin.flush_unauthorized()  # while the audit table can still be written
         if self.traffic is not None:
             await self.traffic.stop(self.pool)
         if self.shadow is not None:
