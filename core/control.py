@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from core.errors import ControlSchemaMissing
+from core.errors import ControlSchemaMissing, DatabaseUnreachable
 from core.logs import get_logger
 from core.mapping import SRC, TGT, CompiledMapping
 from core.sqltext import QualifiedName, quote_ident
@@ -517,7 +517,9 @@ class StateWatcher:
                             await self._wake.wait()
                     except TimeoutError:
                         pass
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (
+                OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnreachable
+            ) as exc:
                 _log.warning("state_watch_failed", error=str(exc))
                 await asyncio.sleep(self._poll_seconds)
             finally:
