@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from support import (
     Database,
     InProcessSidecar,
@@ -172,6 +173,15 @@ def _sidecar_processes(
     yield start
     for handle in reversed(started):
         handle.stop()
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_found() -> Iterator[None]:
+    """A test that configures logging (the CLI in-process does) leaves it as it found it: a
+    pipeline left writing to that test's captured, since closed, stderr breaks later tests."""
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)
 
 
 def pytest_configure(config: pytest.Config) -> None:
