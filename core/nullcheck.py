@@ -20,7 +20,7 @@ import asyncpg
 import pglast
 from pglast import ast
 
-from core.mapping import CompiledMapping
+from core.mapping import SRC, CompiledMapping
 from core.sqltext import quote_ident
 
 #: operators that give a non-NULL result for non-NULL operands
@@ -103,8 +103,10 @@ def may_be_null(node: Any, not_null_columns: frozenset[str]) -> bool:
 
     if isinstance(node, ast.ColumnRef):
         fields = node.fields or ()
-        name = fields[-1].sval if fields and isinstance(fields[-1], ast.String) else None
-        return len(fields) != 1 or name not in not_null_columns
+        names = [f.sval if isinstance(f, ast.String) else None for f in fields]
+        # a column of the source row: bare, or through the alias every generated statement uses
+        of_source = len(names) == 1 or (len(names) == 2 and names[0] == SRC)
+        return not of_source or names[-1] not in not_null_columns
     if isinstance(node, ast.A_Const):
         return bool(node.isnull)
     if isinstance(node, ast.TypeCast):
@@ -143,9 +145,9 @@ async def null_risks(conn: asyncpg.Connection, mapping: CompiledMapping) -> list
     for column in mapping.columns:
         if column not in target_not_null:
             continue
-        expression = mapping.expressions[column].sql
-        if may_be_null(_expression_node(expression), source_not_null):
-            risks.append(NullRisk(mapping.name, column, expression))
+        node = _expression_node(mapping.expressions[column].sql)
+        if may_be_null(node, source_not_null):
+            risks.append(NullRisk(mapping.name, column, mapping.config.columns[column]))
     return risks
 
 
