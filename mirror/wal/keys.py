@@ -45,15 +45,19 @@ def statements_to_prepare(mapping: CompiledMapping) -> list[Prepared]:
 
 
 def record_literal(columns: Sequence[str], values: Mapping[str, object]) -> str:
-    """``("v1","v2",)``: a row-type literal of ``columns`` (record_in syntax; absent = NULL)."""
+    """``("v1","v2",)``: a row-type literal of ``columns`` (record_in syntax; absent = NULL).
+
+    One call per changed row: most values need no escaping, so they are checked first."""
     parts = []
+    get = values.get
     for column in columns:
-        value = values.get(column)
+        value = get(column)
         if value is None or value is UNCHANGED_TOAST:
             parts.append("")
         elif isinstance(value, str):
-            escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-            parts.append(f'"{escaped}"')
+            if "\\" in value or '"' in value:
+                value = value.replace("\\", "\\\\").replace('"', '\\"')
+            parts.append('"' + value + '"')
         else:
             raise TypeError(f"column {column}: binary values are not requested")
     return "(" + ",".join(parts) + ")"

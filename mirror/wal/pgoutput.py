@@ -184,20 +184,43 @@ class _Cursor:
             )
 
 
+def _ends_early(data: bytes) -> WalDecodeError:
+    return WalDecodeError(f"pgoutput message {data[:1]!r} ends early inside a tuple")
+
+
 def _tuple(cur: _Cursor) -> Tuple:
+    """TupleData. The reader's hot loop (one call per changed row): fields are read with
+    ``unpack_from`` on the whole message, bounds checked inline, no method call per field."""
+    data, pos, end = cur.data, cur.pos, len(cur.data)
+    if pos + 2 > end:
+        raise _ends_early(data)
+    (count,) = _INT16.unpack_from(data, pos)
+    pos += 2
     values: list[object] = []
-    for _ in range(cur.unpack(_INT16)):
-        kind = cur.take(1)
-        if kind == b"n":
-            values.append(None)
-        elif kind == b"u":
-            values.append(UNCHANGED_TOAST)
-        elif kind == b"t":
-            values.append(cur.take(cur.unpack(_INT32)).decode("utf-8"))
-        elif kind == b"b":
-            values.append(cur.take(cur.unpack(_INT32)))
-        else:
-            raise WalDecodeError(f"pgoutput tuple: unknown column kind {kind!r}")
+    append = values.append
+    for _ in range(count):
+        if pos >= end:
+            raise _ends_early(data)
+        kind = data[pos]
+        pos += 1
+        if kind == 0x6E:  # n: NULL
+            append(None)
+            continue
+        if kind == 0x75:  # u: unchanged TOAST
+            append(UNCHANGED_TOAST)
+            continue
+        if kind not in (0x74, 0x62):  # t: text, b: binary
+            raise WalDecodeError(f"pgoutput tuple: unknown column kind {bytes([kind])!r}")
+        if pos + 4 > end:
+            raise _ends_early(data)
+        (length,) = _INT32.unpack_from(data, pos)
+        pos += 4
+        if length < 0 or pos + length > end:
+            raise _ends_early(data)
+        value = data[pos : pos + length]
+        append(value.decode("utf-8") if kind == 0x74 else value)
+        pos += length
+    cur.pos = pos
     return tuple(values)
 
 

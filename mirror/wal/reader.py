@@ -385,11 +385,13 @@ class WalReader:
             name: await self._derivers[name].keys(conn, rows) for name, rows in batch.rows.items()
         }
         queue: dict[str, set[str]] = defaultdict(set)
+        #: changes per (mapping, operation), counted once per poll (not one metric call per row)
+        decoded: Counter[tuple[str, str]] = Counter()
         uncaptured: list[tuple[str, int, datetime, int, str, str]] = []
         for mapping, txn, change, new_at, old_at in batch.changes:
             mine = keys[mapping.name]
             changed = [mine[i] for i in (new_at, old_at) if i >= 0]
-            metrics.WAL_CHANGES.labels(mapping=mapping.name, operation=change.operation).inc()
+            decoded[(mapping.name, change.operation)] += 1
             if mapping.capture.audits_statement_capture:
                 mark = (txn.xid, mapping.name, changed[0])
                 if captured[mark] > 0:
@@ -418,6 +420,8 @@ class WalReader:
                 _PROGRESS, self.config.slot_name, covered, len(txns),
                 len(batch.changes), self.reader_id,
             )
+        for (name, operation), count in decoded.items():
+            metrics.WAL_CHANGES.labels(mapping=name, operation=operation).inc(count)
         result.transactions = len(txns)
         result.changes = len(batch.changes)
         result.keys_queued = {m: len(ks) for m, ks in queued.items()}
