@@ -254,8 +254,9 @@ class Frontend:
 
     def _settled(self) -> bool:
         """Every message sent has been answered: the settings the server reported are the
-        ones it will read the next text with (a message in flight may be changing them)."""
-        return self.tracker is None or self.tracker.status_at_rest() is not None
+        ones it will read the next text with (a message in flight may be changing them).
+        Without the connection's tracker that cannot be known, so it is not assumed."""
+        return self.tracker is not None and self.tracker.status_at_rest() is not None
 
     def _plan(
         self, sql: bytes, *, prepared: bool, standard: bool | None = None
