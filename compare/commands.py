@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from compare.backfill import BackfillResult, backfill_mapping
 from compare.connections import connect
+from compare.invariants import CheckOptions, InvariantResult, check_all, invariants_to_check
 from compare.progress import Progress, format_table
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
 from core.catalog import validate_all
@@ -65,13 +66,16 @@ async def reconcile_command(
     repair: bool = False,
     dry_run: bool = False,
     by: str | None = None,
+    reason: str | None = None,
     say: Say = print,
     progress: Progress | None = None,
 ) -> int:
     """Reconcile (and repair) the chosen mappings; print what was found; the exit code."""
     mappings = await load_mappings(config, mapping, tenant=tenant)
     who = {"requested_by": by} if by else {}
-    options = PassOptions(tenant=tenant, repair=repair or dry_run, dry_run=dry_run, **who)
+    options = PassOptions(
+        tenant=tenant, repair=repair or dry_run, dry_run=dry_run, reason=reason, **who
+    )
     results: list[PassResult] = []
     for m in mappings:
         result = await _interruptible(
@@ -88,7 +92,58 @@ async def reconcile_command(
         if result.status == "busy":
             say(f"reconcile of {result.mapping} skipped: another pass of it is running")
     ok = all(r.status == "done" and r.remaining == 0 for r in results)
+    checked = await _interruptible(
+        check_all(
+            config,
+            invariants_to_check(config, None if mapping is None else [mapping], tenant),
+            CheckOptions(tenant=tenant, requested_by=options.requested_by),
+        )
+    )
+    if checked is None:
+        say("interrupted")
+        return 130
+    if checked:
+        say(invariants_summary(checked))
+        for inv in checked:
+            if inv.error:
+                say(f"invariant {inv.invariant} could not be checked: {inv.error}")
+    ok = ok and all(i.held for i in checked)
     return EXIT_OK if ok else EXIT_FINDING
+
+
+def invariants_summary(results: Sequence[InvariantResult]) -> str:
+    headers = ["invariant", "scope", "kind", "status", "groups", "failing", "first failing"]
+    rows = [
+        [
+            r.invariant,
+            r.mapping or "migration",
+            r.kind,
+            _invariant_status(r),
+            "-" if r.kind == "new_only" else r.groups_checked,
+            r.groups_failed,
+            _first_failure(r),
+        ]
+        for r in results
+    ]
+    return format_table(headers, rows)
+
+
+def _invariant_status(result: InvariantResult) -> str:
+    if result.status != "done":
+        return result.status
+    return "held" if result.groups_failed == 0 else "BROKEN"
+
+
+def _first_failure(result: InvariantResult) -> str:
+    if not result.failures:
+        return "-"
+    first = result.failures[0]
+    group = ", ".join(f"{n}={v}" for n, v in zip(result.group_columns, first.group, strict=True))
+    return f"{group}: old {_values(first.old)} new {_values(first.new)}"
+
+
+def _values(values: tuple[object, ...] | None) -> str:
+    return "(none)" if values is None else "(" + ", ".join(str(v) for v in values) + ")"
 
 
 def reconcile_summary(results: Sequence[PassResult]) -> str:

@@ -71,6 +71,8 @@ class PassOptions:
     dry_run: bool = False
     requested_by: str = field(default_factory=default_requester)
     sidecar: str | None = None
+    #: why the repair is made, kept with it (default: the pass that confirmed the rows)
+    reason: str | None = None
 
 
 @dataclass
@@ -228,6 +230,7 @@ class _Pass:
             requested_by=self.options.requested_by,
             dry_run=self.options.dry_run,
             lock_timeout_ms=self.config.applier.lock_timeout_ms,
+            reason=self.options.reason,
             say=self.say,
         )
 

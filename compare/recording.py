@@ -51,8 +51,8 @@ VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8::jsonb)
 _REPAIR = """
 INSERT INTO dualwrite.repairs
     (run_id, mapping, requested_by, dry_run, keys, divergent_before, divergent_after,
-     upserted, deleted)
-VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)
+     upserted, deleted, reason, images)
+VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11::jsonb)
 """
 
 
@@ -170,6 +170,25 @@ async def add_findings(
 
 
 @dataclass(frozen=True)
+class RowImage:
+    """A repaired key's target row before and after (redacted jsonb texts; None: no row)."""
+
+    key: str
+    cls: str
+    before: str | None
+    after: str | None
+    #: the row's tenant (mappings with a tenant_column)
+    tenant: str | None = None
+
+    def as_json(self) -> str:
+        return (
+            f'{{"key": {self.key}, "class": {json.dumps(self.cls)}, '
+            f'"tenant": {json.dumps(self.tenant)}, '
+            f'"before": {self.before or "null"}, "after": {self.after or "null"}}}'
+        )
+
+
+@dataclass(frozen=True)
 class RepairRecord:
     mapping: str
     requested_by: str
@@ -179,6 +198,8 @@ class RepairRecord:
     divergent_after: int | None
     upserted: int
     deleted: int
+    reason: str | None = None
+    images: Sequence[RowImage] = ()
 
 
 async def record_repair(conn: asyncpg.Connection, run_id: int | None, record: RepairRecord) -> None:
@@ -193,6 +214,8 @@ async def record_repair(conn: asyncpg.Connection, run_id: int | None, record: Re
         record.divergent_after,
         record.upserted,
         record.deleted,
+        record.reason,
+        "[" + ", ".join(i.as_json() for i in record.images) + "]",
     )
 
 

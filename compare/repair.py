@@ -1,7 +1,10 @@
 """Repair: ``sync_keys`` on the divergent keys a pass confirmed, recorded in dualwrite.repairs.
 
-Each batch is recorded (who, when, which keys, divergent before and after); a dry run writes
-nothing to the target, prints the plan and records it.
+Each batch is recorded (who, when, why, which keys, divergent before and after) with each
+row's image in the target before and after, redacted to ``reveal_columns`` like the findings:
+before is what the re-check read, after is what the re-check after the repair read for a key
+still divergent, else the expected row (the target now equals it). A dry run writes nothing
+to the target, prints the plan and records it, the after-images being what it would write.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncpg
 
 from compare.connections import Sessions
 from compare.findings import Divergence, Recheck
-from compare.recording import RepairRecord, record_repair
+from compare.recording import RepairRecord, RowImage, record_repair
 from compare.resync import MAX_KEYS_PER_TRANSACTION, apply_keys
 from core import metrics
 from core.logs import get_logger
@@ -52,6 +55,7 @@ class Repairer:
         requested_by: str,
         dry_run: bool,
         lock_timeout_ms: int,
+        reason: str | None = None,
         say: Callable[[str], None] | None = None,
     ) -> None:
         self.mapping = mapping
@@ -61,6 +65,7 @@ class Repairer:
         self.requested_by = requested_by
         self.dry_run = dry_run
         self.lock_timeout_ms = lock_timeout_ms
+        self.reason = reason or f"divergent rows confirmed by reconcile pass #{run_id}"
         self.say = say
         self.tally = RepairTally()
 
@@ -75,7 +80,18 @@ class Repairer:
     async def _apply(self, batch: Sequence[Divergence]) -> None:
         keys = [d.key for d in batch]
         result = await self._sync(keys)
-        remaining = len((await self.recheck(keys)).confirmed)
+        still = {d.key: d for d in (await self.recheck(keys)).confirmed}
+        remaining = len(still)
+        images = [
+            RowImage(
+                d.key,
+                d.cls,
+                d.actual,
+                still[d.key].actual if d.key in still else d.expected,
+                d.tenant,
+            )
+            for d in batch
+        ]
         self.tally.repaired += len(keys) - remaining
         self.tally.upserted += result.upserted
         self.tally.deleted += result.deleted
@@ -90,7 +106,7 @@ class Repairer:
             deleted=result.deleted,
             remaining=remaining,
         )
-        await self._record(keys, remaining, result.upserted, result.deleted)
+        await self._record(keys, remaining, result.upserted, result.deleted, images)
 
     async def _sync(self, keys: Sequence[str]) -> SyncResult:
         """sync_keys on the batch; if the target rejects it, key by key (the rejected keys
@@ -129,7 +145,8 @@ class Repairer:
                 self.say(self._plan_line(divergence))
             self.tally.planned += 1
         upserts = sum(1 for d in batch if d.cls != "extra")
-        await self._record([d.key for d in batch], None, upserts, len(batch) - upserts)
+        images = [RowImage(d.key, d.cls, d.actual, d.expected, d.tenant) for d in batch]
+        await self._record([d.key for d in batch], None, upserts, len(batch) - upserts, images)
 
     def _plan_line(self, divergence: Divergence) -> str:
         what = f"{self.mapping.name} {divergence.key}: {divergence.cls}"
@@ -138,7 +155,12 @@ class Repairer:
         return f"would {ACTIONS[divergence.cls]} {self.mapping.target} row: {what}"
 
     async def _record(
-        self, keys: Sequence[str], remaining: int | None, upserted: int, deleted: int
+        self,
+        keys: Sequence[str],
+        remaining: int | None,
+        upserted: int,
+        deleted: int,
+        images: Sequence[RowImage],
     ) -> None:
         await record_repair(
             self.sessions.control,
@@ -152,6 +174,8 @@ class Repairer:
                 divergent_after=remaining,
                 upserted=upserted,
                 deleted=deleted,
+                reason=self.reason,
+                images=images,
             ),
         )
 

@@ -27,6 +27,7 @@ from pydantic import (
 from core.connect import check_dsn
 from core.errors import ConfigError, ConfigErrors
 from core.modes import Capture, MirrorMode, capture_problem
+from core.sqltext import check_select
 
 SERVICE_DSN_ENV = "DUALWRITE_SERVICE_DSN"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
@@ -134,6 +135,61 @@ class MappingCompareConfig(Strict):
     reveal_columns: list[str] = []
 
 
+class InvariantConfig(Strict):
+    """A business rule the migration must keep, checked by ``dualwrite reconcile``.
+
+    ``kind: compare`` (the default): ``old`` and ``new`` are SELECTs returning
+    ``(group..., value...)`` rows, the first ``len(group)`` columns naming the group (e.g. tenant
+    and day) and the rest its figures (count, sums); every group must have the same figures on
+    both sides. ``kind: new_only``: ``new`` alone, a SELECT that must return no rows (orphans,
+    broken foreign keys, a total that disagrees with its lines); each row it returns is a
+    failing group. Both are read in chunks of ``chunk_groups`` groups (keyset over the group
+    columns), each chunk one statement under ``statement_timeout_ms``.
+    """
+
+    name: str
+    kind: Literal["compare", "new_only"] = "compare"
+    #: what the rule means, in words, shown in the report
+    description: str = ""
+    #: names of the leading output columns that identify a group (also the chunking order)
+    group: Annotated[list[str], Field(min_length=1, max_length=8)]
+    #: the group column holding the tenant id, for per-tenant verdicts
+    tenant: str | None = None
+    old: str | None = None
+    new: str
+    chunk_groups: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    statement_timeout_ms: Annotated[int, Field(ge=100)] = 30_000
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_simple(cls, value: str) -> str:
+        return _check_name(value)
+
+    @field_validator("group")
+    @classmethod
+    def _group_names_are_simple(cls, value: list[str]) -> list[str]:
+        for column in value:
+            _check_name(column)
+        if len(set(value)) != len(value):
+            raise ValueError("group lists a column twice")
+        return value
+
+    @field_validator("old", "new")
+    @classmethod
+    def _is_one_select(cls, value: str | None) -> str | None:
+        return None if value is None else check_select(value)
+
+    @model_validator(mode="after")
+    def _sides_match_kind(self) -> InvariantConfig:
+        if self.kind == "compare" and self.old is None:
+            raise ValueError("kind compare needs an old query (or use kind: new_only)")
+        if self.kind == "new_only" and self.old is not None:
+            raise ValueError("kind new_only checks the new schema alone: remove old")
+        if self.tenant is not None and self.tenant not in self.group:
+            raise ValueError(f"tenant {self.tenant!r} is not one of the group columns")
+        return self
+
+
 class MappingConfig(Strict):
     """One ``source table -> target table`` mirror (see docs/architecture.md)."""
 
@@ -153,6 +209,9 @@ class MappingConfig(Strict):
     #: captured in the source database's outbox and the applier writes them there
     target_dsn: str | None = None
     compare: MappingCompareConfig = MappingCompareConfig()
+    #: business rules over this mapping's tables (old read from the source database, new from
+    #: the target's)
+    invariants: list[InvariantConfig] = []
 
     @field_validator("target_dsn")
     @classmethod
@@ -162,11 +221,7 @@ class MappingConfig(Strict):
     @field_validator("name")
     @classmethod
     def _name_is_simple(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "must be lower-case letters, digits and _ (max 63), starting with a letter"
-            )
-        return value
+        return _check_name(value)
 
     @model_validator(mode="after")
     def _key_and_tenant_are_columns(self) -> MappingConfig:
@@ -277,10 +332,15 @@ class CutoverCriteria(Strict):
     min_shadow_statements: Annotated[int, Field(ge=0)] = 0
     #: mismatched / (matched + mismatched) shadow reads at most
     max_shadow_mismatch_ratio: Annotated[float, Field(ge=0, le=1)] = 0.0
+    #: failing groups tolerated in each invariant's latest check (which must have run)
+    max_invariant_failures: Annotated[int, Field(ge=0)] = 0
 
 
 class ReportConfig(Strict):
     criteria: CutoverCriteria = CutoverCriteria()
+    #: tenants the per-tenant table and metrics always list (others appear when evidence
+    #: names them: divergent rows, dead letters, failing invariant groups, tenant passes)
+    tenants: list[str] = []
 
 
 Severity = Literal["error", "warning", "info"]
@@ -424,6 +484,8 @@ class Config(Strict):
     traffic: TrafficConfig = TrafficConfig()
     shadow: ShadowConfig = ShadowConfig()
     mappings: list[MappingConfig] = []
+    #: migration-level business rules (both queries run in the service database)
+    invariants: list[InvariantConfig] = []
 
     @field_validator("service_dsn")
     @classmethod
@@ -437,7 +499,16 @@ class Config(Strict):
             if mapping.name in seen:
                 raise ValueError(f"mapping name {mapping.name!r} is used twice")
             seen.add(mapping.name)
+        names: set[str] = set()
+        for invariant in self.all_invariants():
+            if invariant.name in names:
+                raise ValueError(f"invariant name {invariant.name!r} is used twice")
+            names.add(invariant.name)
         return self
+
+    def all_invariants(self) -> list[InvariantConfig]:
+        """Every invariant: migration-level first, then each mapping's."""
+        return [*self.invariants, *(i for m in self.mappings for i in m.invariants)]
 
     def effective_service_dsn(self) -> str:
         """The DSN to connect with: the environment override, else the file's value."""
@@ -459,6 +530,14 @@ def parse_duration(text: str) -> timedelta:
     if value <= 0:
         raise ValueError(f"duration must be positive: {text!r}")
     return timedelta(seconds=value * _UNIT_SECONDS[unit])
+
+
+def _check_name(value: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            "must be lower-case letters, digits and _ (max 63), starting with a letter"
+        )
+    return value
 
 
 def _check_rule_id(rule: str) -> None:

@@ -270,6 +270,56 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX shadow_latency_at ON dualwrite.shadow_latency (at);
         """,
     ),
+    (
+        6,
+        """
+        -- One row per invariant check (config invariants:, evaluated by `dualwrite reconcile`).
+        CREATE TABLE dualwrite.invariant_runs (
+            id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            invariant text NOT NULL,
+            mapping text,                -- NULL: a migration-level invariant
+            kind text NOT NULL CHECK (kind IN ('compare', 'new_only')),
+            status text NOT NULL DEFAULT 'running'
+                CHECK (status IN ('running', 'done', 'failed', 'interrupted')),
+            started_at timestamptz NOT NULL DEFAULT now(),
+            finished_at timestamptz,
+            tenant text,                 -- set when the check was limited to one tenant
+            groups_checked bigint NOT NULL DEFAULT 0,
+            groups_failed bigint NOT NULL DEFAULT 0,
+            -- {"<tenant>": failing groups} when the invariant names its tenant column
+            by_tenant jsonb,
+            error text,
+            sidecar text,
+            requested_by text
+        );
+        CREATE INDEX invariant_runs_name ON dualwrite.invariant_runs (invariant, started_at);
+
+        -- The failing groups of a check (the first 1000): group values and both sides' figures.
+        CREATE TABLE dualwrite.invariant_failures (
+            run_id bigint NOT NULL REFERENCES dualwrite.invariant_runs (id) ON DELETE CASCADE,
+            invariant text NOT NULL,
+            grp jsonb NOT NULL,          -- {"<group column>": value}
+            tenant text,
+            old_values jsonb,            -- NULL: the group is missing on the old side
+            new_values jsonb,            -- NULL: the group is missing on the new side
+            found_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX invariant_failures_run ON dualwrite.invariant_failures (run_id);
+        """,
+    ),
+    (
+        7,
+        """
+        -- Repairs on the record: why, and each row's before- and after-image in the target
+        -- (redacted to reveal_columns like findings):
+        -- [{"key": [...], "class": "missing", "before": {...} or null, "after": {...} or null}]
+        ALTER TABLE dualwrite.repairs ADD COLUMN reason text, ADD COLUMN images jsonb;
+        CREATE INDEX repairs_mapping_at ON dualwrite.repairs (mapping, at);
+
+        -- the names of an invariant's value columns, so failing groups read as figures
+        ALTER TABLE dualwrite.invariant_runs ADD COLUMN value_columns text[];
+        """,
+    ),
 ]
 
 

@@ -381,4 +381,50 @@ SHADOW_LATENCY_RATIO: Final = Histogram(
 )
 SHADOW_QUEUE_DEPTH: Final = Gauge(
     "dualwrite_shadow_queue_depth", "Captured reads waiting for a shadow replay"
+# --- business invariants ------------------------------------------------------------------------
+# Labelled by invariant name only (names come from the config, so the series are bounded by it).
+# Set by the process that checks them (``dualwrite reconcile``) and, from the control schema,
+# by the sidecar before each scrape, like the last-pass gauges.
+
+INVARIANT_FAILING_GROUPS: Final = Gauge(
+    "dualwrite_invariant_failing_groups",
+    "Groups (e.g. tenant and day) that broke the invariant in its most recent full check",
+    ["invariant"],
+)
+INVARIANT_LAST_CHECK_TIMESTAMP: Final = Gauge(
+    "dualwrite_invariant_last_check_timestamp_seconds",
+    "When the invariant's most recent full check finished (unix time; 0: never)",
+    ["invariant"],
+)
+#: outcomes: held, broken, failed (the check itself could not run to the end)
+INVARIANT_CHECKS: Final = Counter(
+    "dualwrite_invariant_checks_total",
+    "Invariant checks run by this process, by outcome (held, broken, failed)",
+    ["invariant", "outcome"],
+)
+
+#: metric families deliberately not on config/grafana-dashboard.json, each with its reason
+#: (tests/test_observability_rules.py checks every other family is charted)
+NOT_CHARTED: Final[dict[str, str]] = {}
+
+# --- tenants -------------------------------------------------------------------------------------
+# Set by the sidecar before each scrape from the control schema (mappings with a tenant_column).
+# Tenant ids come from the data, so they are never a free label: the count by verdict has two
+# series, and only the WORST_TENANTS_MAX tenants with the most open trouble are exported by
+# name (the series of a tenant that leaves the top are removed), so at most that many exist.
+
+#: tenants exported by name in dualwrite_worst_tenant_trouble (a capped label set)
+WORST_TENANTS_MAX: Final = 5
+TENANTS: Final = Gauge(
+    "dualwrite_tenants",
+    "Tenants by verdict of their open trouble: no_go when the latest full pass found divergent "
+    "rows of the tenant, it has dead letters or failing invariant groups; go for the others "
+    "named in report.tenants (the cutover report also judges each tenant's clean window)",
+    ["verdict"],
+)
+WORST_TENANT_TROUBLE: Final = Gauge(
+    "dualwrite_worst_tenant_trouble",
+    "Divergent rows + dead letters + failing invariant groups of the tenants with the most "
+    "(at most WORST_TENANTS_MAX = 5 tenants, worst first)",
+    ["tenant"],
 )

@@ -314,3 +314,22 @@ def _expression(text: str) -> Node:
     assert isinstance(target, ResTarget)
     assert target.val is not None
     return target.val
+
+
+def check_select(text: str) -> str:
+    """``text`` if it is one SELECT (no data-modifying WITH, no INTO); ValueError otherwise.
+
+    Queries from configuration (invariants) are also run in read-only transactions; this
+    check names the mistake at load instead of at the first run.
+    """
+    try:
+        stmts = parse_sql(text)
+    except ParseError as exc:
+        raise ValueError(f"invalid SQL: {exc}") from None
+    stmt = stmts[0].stmt if len(stmts) == 1 else None
+    if not isinstance(stmt, SelectStmt) or stmt.intoClause is not None:
+        raise ValueError("must be exactly one SELECT statement")
+    ctes = stmt.withClause.ctes if stmt.withClause is not None else ()
+    if any(not isinstance(getattr(cte, "ctequery", None), SelectStmt) for cte in ctes or ()):
+        raise ValueError("a WITH query must be a SELECT (no INSERT/UPDATE/DELETE)")
+    return text

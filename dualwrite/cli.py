@@ -110,6 +110,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             out=args.out,
             status_url=args.status_url,
             max_gap=args.max_gap,
+            tenant=args.tenant,
         )
     )
 
@@ -126,6 +127,19 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             repair=args.repair,
             dry_run=args.dry_run,
             by=args.by,
+            reason=args.reason,
+        )
+    )
+
+
+def cmd_repairs(args: argparse.Namespace) -> int:
+    from compare.audit import repairs_command  # noqa: PLC0415
+
+    config = load_config(args.config)
+    configure_logging("warning", "console")
+    return run_async(
+        repairs_command(
+            config, since=args.since, mapping=args.mapping, images=args.images, fmt=args.format
         )
     )
 
@@ -246,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--out", metavar="PATH", help="write here (default: stdout)")
     report.add_argument(
+        "--tenant", metavar="ID",
+        help="exit on this tenant's verdict alone (mappings with a tenant_column)",
+    )
+    report.add_argument(
         "--status-url", metavar="URL",
         help="also read a sidecar's /status (e.g. http://127.0.0.1:9187); unreachable is NO-GO",
     )
@@ -275,6 +293,24 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument(
         "--by", metavar="WHO", help="who asked for the repair (default: the OS user)"
     )
+    reconcile.add_argument(
+        "--reason", metavar="TEXT",
+        help="why the repair is made, kept with it (default: the pass that confirmed the rows)",
+    )
+    repairs = command(
+        "repairs",
+        cmd_repairs,
+        "List the repairs on record, newest first: who, when, why, keys and rows written; "
+        "--images adds each row's target image before and after (redacted).",
+    )
+    repairs.add_argument(
+        "--since", default="7d", metavar="DURATION", help="how far back (default 7d)"
+    )
+    repairs.add_argument("--mapping", metavar="NAME", help="only this mapping")
+    repairs.add_argument(
+        "--images", action="store_true", help="print each row's before and after image"
+    )
+    repairs.add_argument("--format", choices=("text", "json"), default="text")
     backfill = command(
         "backfill",
         cmd_backfill,

@@ -21,8 +21,14 @@ from typing import Any
 import asyncpg
 
 from compare.continuous import ContinuousReconciler
+from compare.invariants import export_invariant_gauges, validate_invariants
 from compare.reconciler import PassOptions, reconcile_mapping
-from compare.report.history import export_gauges, latest_runs
+from compare.report.history import (
+    export_gauges,
+    export_tenant_gauges,
+    latest_runs,
+    tenant_trouble,
+)
 from core import metrics, nullcheck
 from core.catalog import StatementsOf, validate_all
 from core.config import Config
@@ -165,7 +171,7 @@ async def check_live(config: Config) -> list[str]:
         lines += await check_views(conn, config.shadow.views)
     finally:
         await conn.close()
-    return lines
+    return lines + await validate_invariants(config)
 
 
 async def _validated_as_after_setup(
@@ -577,6 +583,12 @@ class Sidecar:
         async with self.pool.acquire() as conn:
             await export_gauges(conn, [m.name for m in self.mappings])
             await wal_slot.export_resync(conn, [m.name for m in self.mappings])
+            await export_invariant_gauges(conn, [i.name for i in self.config.all_invariants()])
+            tenant_mappings = [m for m in self.mappings if m.config.tenant_column]
+            if tenant_mappings:
+                aware = [i.name for i in self.config.all_invariants() if i.tenant]
+                trouble = await tenant_trouble(conn, tenant_mappings, aware)
+                export_tenant_gauges(trouble, self.config.report.tenants)
 
     async def _reconcile_history(self) -> dict[str, dict[str, Any]]:
         if self.pool is None:

@@ -11,7 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import REGISTRY
 from support import needs_tools
+
+from core import metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "config" / "prometheus-alerts.yml"
@@ -68,6 +71,7 @@ def test_the_required_alerts_exist_with_severity_and_text():
         "DualwriteDivergence",
         "DualwriteNoCleanPass",
         "DualwriteShadowMismatches",
+        "DualwriteInvariantBroken",
     }
     for name, rule in found.items():
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
@@ -123,6 +127,12 @@ def alert_cases() -> list[dict[str, Any]]:
                        mapping="customers", **{"class": "extra"}),
                 series("dualwrite_unmirrored_statements_total", "0 0 1x5",
                        mapping="customers", reason="copy"),
+                series("dualwrite_invariant_failing_groups", "0 0 0 1x5",
+                       invariant="transactions_daily_totals"),
+                other_pod(series("dualwrite_invariant_failing_groups", "0 0 0 1x5",
+                                 invariant="transactions_daily_totals")),
+                series("dualwrite_invariant_failing_groups", "0x8",
+                       invariant="inventory_conserved"),
             ],
             "alert_rule_test": [
                 {"eval_time": "3m", "alertname": "DualwriteSidecarDown", "exp_alerts": []},
@@ -146,6 +156,10 @@ def alert_cases() -> list[dict[str, Any]]:
                  "exp_alerts": [expect("DualwriteUnmirroredStatements",
                                        {"mapping": "customers", "reason": "copy"}, "")]},
                 {"eval_time": "5m", "alertname": "DualwriteSidecarsAbsent", "exp_alerts": []},
+                {"eval_time": "2m", "alertname": "DualwriteInvariantBroken", "exp_alerts": []},
+                {"eval_time": "4m", "alertname": "DualwriteInvariantBroken",
+                 "exp_alerts": [expect("DualwriteInvariantBroken",
+                                       {"invariant": "transactions_daily_totals"}, "1")]},
             ],
         },
         {
@@ -304,6 +318,33 @@ def test_dashboard_has_the_panels_operators_need():
         "dualwrite_shadow_queue_depth",
     ):
         assert metric in text, metric
+
+
+#: the name a family of each type is queried by on a dashboard
+CHARTED_AS = {"counter": "_total", "histogram": "_bucket", "info": "_info", "gauge": ""}
+
+
+def test_every_metric_is_charted_or_listed_as_not_charted_with_a_reason():
+    text = json.dumps(dashboard())
+    families = {
+        f.name: f.type for f in REGISTRY.collect() if f.name.startswith("dualwrite_")
+    }
+    assert len(families) >= 40  # the registry holds what core/metrics.py defines
+    uncharted = {
+        name
+        for name, kind in families.items()
+        if not re.search(rf"\b{name}{CHARTED_AS[kind]}\b", text)
+    }
+    assert uncharted == set(metrics.NOT_CHARTED), uncharted
+    assert all(reason.strip() for reason in metrics.NOT_CHARTED.values())
+    for name in (
+        "dualwrite_reconcile_repaired_rows",
+        "dualwrite_reconcile_pending_keys",
+        "dualwrite_admin_actions",
+        "dualwrite_rewrite_cache",
+        "dualwrite_invariant_failing_groups",
+    ):
+        assert name not in uncharted, name
 
 
 @needs_promtool

@@ -68,12 +68,17 @@ def pass_timeline(
     streak: tuple[datetime, datetime] | None,
     required: timedelta,
     label: str,
+    now: datetime | None = None,
+    ticks: Sequence[datetime] | None = None,
 ) -> str:
     """Each pass as a bar from its start to its end, coloured by outcome; the clean streak
-    shaded behind them and the required window bracketed above.
+    shaded behind them and the required window bracketed above, ending at ``now`` (default
+    ``end``). With ``ticks`` (the bar charts' :func:`axis_ticks` over the same range) the
+    timeline's time axis is theirs.
 
     ``passes`` are (started_at, finished_at, kind) with kind one of clean, divergent, partial.
     """
+    now = now or end
     height = 108
     span = (end - start).total_seconds() or 1.0
 
@@ -85,7 +90,7 @@ def pass_timeline(
     if streak is not None:
         parts.append(_rect(x(streak[0]), 46, max(x(streak[1]) - x(streak[0]), 1), 34,
                            "#dff3e4", "clean streak"))
-    parts += _required_bracket(x(end - required), x(end), required)
+    parts += _required_bracket(x(now - required), x(now), required)
     colors = {"clean": CLEAN, "divergent": DIVERGENT, "partial": PARTIAL}
     for started, finished, kind in passes:
         left = x(started)
@@ -93,7 +98,7 @@ def pass_timeline(
     if not passes:
         parts.append(_text((LEFT + WIDTH - RIGHT) / 2, 67, "no finished pass", anchor="middle"))
     parts.append(_line(LEFT, 80, WIDTH - RIGHT, 80, AXIS))
-    parts += _time_ticks(start, end, x, 80)
+    parts += _time_ticks(start, end, x, 80, ticks)
     parts += _legend(
         [("clean pass", CLEAN), ("divergent pass", DIVERGENT), ("one tenant only", PARTIAL),
          ("clean streak", "#dff3e4")],
@@ -142,17 +147,27 @@ def _y_axis(top: float) -> list[str]:
     return parts
 
 
+def axis_ticks(starts: Sequence[datetime]) -> list[datetime]:
+    """The bucket starts the page's charts label: at most 8, evenly spaced, first included."""
+    every = max(1, math.ceil(len(starts) / 8))
+    return list(starts[::every])
+
+
 def _x_labels(starts: Sequence[datetime], bucket: timedelta, plot: _Plot) -> list[str]:
+    """A tick and a label at each of :func:`axis_ticks`, at the bucket's left edge (where its
+    time is), so every chart of the page has the same time axis as the pass timeline."""
     if not starts:
         return []
-    every = max(1, math.ceil(len(starts) / 8))
     span = bucket * len(starts)
+    index_of = {start: i for i, start in enumerate(starts)}
     labels, previous = [], None
-    for index in range(0, len(starts), every):
-        start = starts[index]
-        text = axis_time(start, span, previous)
-        labels.append(_text(plot.x(index) + plot.band / 2, HEIGHT - 6, text, anchor="middle"))
-        previous = start
+    bottom = TOP + plot.height
+    for at in axis_ticks(starts):
+        x = plot.x(index_of[at])
+        anchor = "start" if index_of[at] == 0 else "middle"
+        labels.append(_line(x, bottom, x, bottom + 4, AXIS))
+        labels.append(_text(x, HEIGHT - 6, axis_time(at, span, previous), anchor=anchor))
+        previous = at
     return labels
 
 
@@ -206,15 +221,20 @@ def _required_bracket(left: float, right: float, required: timedelta) -> list[st
 
 
 def _time_ticks(
-    start: datetime, end: datetime, x: Callable[[datetime], float], y: float
+    start: datetime,
+    end: datetime,
+    x: Callable[[datetime], float],
+    y: float,
+    ticks: Sequence[datetime] | None = None,
 ) -> list[str]:
     parts = []
     span = end - start
+    chosen = list(ticks) if ticks else [start + span * (i / 6) for i in range(7)]
     previous = None
-    for i in range(7):
-        at = start + span * (i / 6)
+    for i, at in enumerate(chosen):
         parts.append(_line(x(at), y, x(at), y + 4, AXIS))
-        anchor = "start" if i == 0 else "end" if i == 6 else "middle"
+        last = not ticks and i == len(chosen) - 1
+        anchor = "start" if i == 0 else "end" if last else "middle"
         parts.append(_text(x(at), y + 17, axis_time(at, span, previous), anchor=anchor))
         previous = at
     return parts

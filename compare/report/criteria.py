@@ -4,10 +4,16 @@ The clean window, precisely: take the finished full reconcile passes (not limite
 tenant), newest first, starting from now. Walk back while each pass is clean (no missing,
 extra or changed rows, and not flagged unclean) and no stretch without a pass is longer than
 ``max_gap`` (the first stretch runs from the newest pass's end to now, so stale evidence counts
-as a gap). Any divergent pass, full or tenant-limited, ends the walk. The clean window is the
+as a gap). Any divergent pass, full or tenant-limited, ends the walk, and so does a repair: a
+pass that started before the latest repair (that wrote, not a dry run) is not reached, since
+a window is clean only if nothing needed repairing in it. The clean window is the
 time from the start of the oldest pass reached to the end of the newest; it passes when it is
 at least ``clean_window_hours`` long (with 0 hours: when there is one fresh clean pass). Failed
 and interrupted passes are no evidence either way; only the gap bound limits them.
+
+Each configured invariant is a criterion of its own (of its mapping, or of the deployment when
+it is migration-level): its most recent full check must have finished, no longer ago than the
+allowed gap, with at most ``max_invariant_failures`` failing groups.
 
 The other criteria are read at report time (dead letters, outbox age, backfill, paused) or
 summed over the criteria window, the last ``clean_window_hours`` (unmirrored statements,
@@ -18,11 +24,12 @@ the mark.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from compare.report.format import duration_text, number_text, timestamp_text
-from compare.report.model import Criterion, Facts, Pass
+from compare.report.model import Criterion, Facts, InvariantCheck, Pass, Repair
 from core.config import CutoverCriteria
 
 #: the clean window rule in one sentence, printed in the reports
@@ -31,7 +38,8 @@ CLEAN_WINDOW_DEFINITION = (
     "clean (no missing, extra or changed rows) and no stretch without a pass, including the "
     "one up to now, is longer than the allowed gap; the window runs from the start of the "
     "oldest such pass to the end of the newest and must be at least the required length. "
-    "Any divergent pass ends it; failed passes count as no pass. Unmirrored statements, "
+    "Any divergent pass ends it, and so does a repair (a window is clean only if nothing "
+    "needed repairing in it); failed passes count as no pass. Unmirrored statements, "
     "mirror failures and uncaptured changes are summed over the criteria window (the last "
     "clean_window_hours); dead letters, outbox age, backfill, a pending resync and pause state "
     "are read at report time."
@@ -65,14 +73,19 @@ class Streak:
         return self.passes[0].finished_at - min(p.started_at for p in self.passes)
 
 
-def clean_streak(passes: list[Pass], now: datetime, max_gap: timedelta) -> Streak:
+def clean_streak(
+    passes: list[Pass], now: datetime, max_gap: timedelta, repairs: Sequence[Repair] = ()
+) -> Streak:
     """Walk back from now through ``passes`` (newest first) as the module docstring says."""
     streak: list[Pass] = []
     frontier = now  # the earliest moment the streak covers so far
+    last_repair = max((r for r in repairs if not r.dry_run), key=lambda r: r.at, default=None)
     for run in passes:
+        if last_repair is not None and run.started_at <= last_repair.at:
+            return Streak(streak, _repair_reason(last_repair))
         if not run.clean:
             return Streak(streak, f"pass #{run.id} ({timestamp_text(run.finished_at)}) found "
-                          f"{run.divergent} divergent rows")
+                          f"{plural(run.divergent, 'divergent row')}")
         if not run.full:
             continue
         if frontier - run.finished_at > max_gap:
@@ -80,6 +93,15 @@ def clean_streak(passes: list[Pass], now: datetime, max_gap: timedelta) -> Strea
         streak.append(run)
         frontier = min(frontier, run.started_at)
     return Streak(streak, "" if passes else "no finished reconcile pass")
+
+
+def _repair_reason(repair: Repair) -> str:
+    who = f" by {repair.requested_by}" if repair.requested_by else ""
+    why = f" ({repair.reason})" if repair.reason else ""
+    return (
+        f"repair #{repair.id} at {timestamp_text(repair.at)}{who} wrote "
+        f"{plural(repair.upserted + repair.deleted, 'row')}{why}; a repair restarts the window"
+    )
 
 
 def _gap_reason(run: Pass, frontier: datetime, now: datetime) -> str:
@@ -107,21 +129,24 @@ def judge(facts: Facts, criteria: CutoverCriteria, window: Window) -> list[Crite
 
 
 def clean_window(facts: Facts, criteria: CutoverCriteria, window: Window) -> Criterion:
-    streak = clean_streak(facts.passes, window.now, window.max_gap)
+    streak = clean_streak(facts.passes, window.now, window.max_gap, facts.repairs)
     hours = streak.span.total_seconds() / 3600
     needed = criteria.clean_window_hours
     passed = bool(streak.passes) and hours >= needed
     if streak.broken_by and not streak.passes:
         detail = streak.broken_by
     elif streak.broken_by:
-        detail = f"{len(streak.passes)} clean passes before it ends: {streak.broken_by}"
+        detail = f"{plural(len(streak.passes), 'clean pass')} before it ends: {streak.broken_by}"
     else:
-        detail = f"clean through all {len(streak.passes)} passes read"
+        detail = f"clean through all {plural(len(streak.passes), 'pass')} read"
     return Criterion(
         name="clean_window",
         title="Clean reconcile window",
         measured=round(hours, 3),
-        measured_text=f"{duration_text(streak.span.total_seconds())} ({len(streak.passes)} passes)",
+        measured_text=(
+            f"{duration_text(streak.span.total_seconds())} "
+            f"({plural(len(streak.passes), 'pass')})"
+        ),
         threshold_text=f">= {number_text(needed)} h, no gap > "
         f"{duration_text(window.max_gap.total_seconds())}",
         passed=passed,
@@ -158,7 +183,7 @@ def outbox_age(facts: Facts, criteria: CutoverCriteria) -> Criterion:
 def _keys_waiting(depth: int) -> str:
     if not depth:
         return ""
-    return f"{number_text(depth)} key{'s' if depth != 1 else ''} waiting"
+    return f"{plural(depth, 'key')} waiting"
 
 
 def unmirrored(facts: Facts, criteria: CutoverCriteria, window: Window) -> Criterion:
@@ -266,3 +291,122 @@ def mirroring_active(facts: Facts) -> Criterion:
         passed=not facts.paused,
         detail="a paused mapping is not being mirrored" if facts.paused else "",
     )
+
+
+def invariant(check: InvariantCheck, criteria: CutoverCriteria, window: Window) -> Criterion:
+    """An invariant's latest full check: finished recently with few enough failing groups."""
+    limit = criteria.max_invariant_failures
+    gap = duration_text(window.max_gap.total_seconds())
+    measured: int | str
+    if check.finished_at is None:
+        measured, measured_text, passed, detail = "never", "never checked", False, (
+            "no finished check: run dualwrite reconcile"
+        )
+    elif check.status != "done":
+        measured, measured_text, passed = "failed", "check failed", False
+        detail = f"the last check could not finish: {check.error or 'unknown error'}"
+    else:
+        measured = check.groups_failed
+        measured_text = (
+            f"{plural(check.groups_failed, 'offending row')}"
+            if check.kind == "new_only"
+            else f"{number_text(check.groups_failed)} failing of "
+            f"{plural(check.groups_checked, 'group')}"
+        )
+        age = window.now - check.finished_at
+        fresh = age <= window.max_gap
+        passed = fresh and check.groups_failed <= limit
+        detail = _invariant_detail(check)
+        if not fresh:
+            detail = f"the last check finished {duration_text(age.total_seconds())} ago; {detail}"
+    return Criterion(
+        name=f"invariant:{check.name}",
+        title=f"Invariant {check.name}",
+        measured=measured,
+        measured_text=measured_text,
+        threshold_text=f"<= {limit} failing, checked within {gap}",
+        passed=passed,
+        detail=detail,
+    )
+
+
+def _invariant_detail(check: InvariantCheck) -> str:
+    if not check.failures:
+        return check.description
+    first = check.failures[0]
+    group = ", ".join(f"{k}={v}" for k, v in first.group.items())
+    return f"first failing group: {group} (old {_side(first.old)}, new {_side(first.new)})"
+
+
+def _side(values: list[object] | None) -> str:
+    return "absent" if values is None else ", ".join(str(v) for v in values)
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 pass``, ``2 passes``, ``0 groups``: the count and the noun that agrees with it."""
+    word = noun if count == 1 else (nouns or _plural_of(noun))
+    return f"{number_text(count)} {word}"
+
+
+def _plural_of(noun: str) -> str:
+    if noun.endswith(("s", "sh", "ch", "x")):
+        return noun + "es"
+    return noun + "s"
+
+
+def relaxed(criteria: CutoverCriteria) -> list[str]:
+    """Each criterion configured looser than the production default, as ``clean window 0 h
+    (production default 24 h)`` (the report shows them in a banner)."""
+    default = CutoverCriteria()
+    looser = []
+    for name, (configured, production) in _compared(criteria, default).items():
+        if _is_looser(name, configured, production):
+            looser.append(
+                f"{_label(name)} {_setting(name, configured)} "
+                f"(production default {_setting(name, production)})"
+            )
+    return looser
+
+
+def _compared(
+    criteria: CutoverCriteria, default: CutoverCriteria
+) -> dict[str, tuple[object, object]]:
+    return {
+        name: (getattr(criteria, name), getattr(default, name))
+        for name in CutoverCriteria.model_fields
+    }
+
+
+def _is_looser(name: str, configured: object, production: object) -> bool:
+    if isinstance(configured, bool):
+        return configured is False and production is True  # require_* switched off
+    assert isinstance(configured, int | float)
+    assert isinstance(production, int | float)
+    if name == "clean_window_hours" or name.startswith("min_"):
+        return configured < production
+    return configured > production  # max_* bounds
+
+
+def _label(name: str) -> str:
+    """``clean_window_hours`` -> ``clean window`` (the unit goes with the value)."""
+    return name.removesuffix("_hours").removesuffix("_seconds").replace("_", " ")
+
+
+def _setting(name: str, value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if not isinstance(value, int | float):
+        return str(value)
+    if name.endswith("_hours"):
+        return f"{number_text(float(value))} h"
+    if name.endswith("_seconds"):
+        return duration_text(float(value))
+    return number_text(value)
+
+
+def criteria_settings(criteria: CutoverCriteria) -> list[tuple[str, str, str]]:
+    """(criterion, configured, production default) for every cutover criterion."""
+    return [
+        (name, _setting(name, configured), _setting(name, production))
+        for name, (configured, production) in _compared(criteria, CutoverCriteria()).items()
+    ]

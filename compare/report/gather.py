@@ -14,16 +14,23 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import asyncpg
 
-from compare.report.criteria import Window, judge
+from compare.report.criteria import Window, criteria_settings, invariant, judge, relaxed
 from compare.report.format import pick_bucket
-from compare.report.history import database_now, read_facts
+from compare.report.history import (
+    database_now,
+    dead_letters_by_tenant,
+    read_facts,
+    read_invariant,
+)
 from compare.report.model import Criterion, MappingReport, Report
 from compare.report.readiness import read_readiness
 from compare.report.shadow import read_shadow, shadow_configured, shadow_criteria
+from compare.report.tenants import TenantEvidence, judge_tenants
 from core.config import Config
 from core.connect import connect
 from core.control import ensure_current
 from core.errors import ConfigError, DatabaseUnreachable
+from core.mapping import compile_all
 
 STATUS_TIMEOUT_SECONDS = 10.0
 
@@ -36,6 +43,8 @@ class ReportRequest:
     #: None: derived from the config (see :func:`default_max_gap`)
     max_gap: timedelta | None = None
     status_url: str | None = None
+    #: judge this tenant (its verdict decides the exit status)
+    tenant: str | None = None
 
 
 def default_max_gap(config: Config) -> timedelta:
@@ -55,6 +64,8 @@ async def build_report(config: Config, request: ReportRequest) -> Report:
     """Read everything, judge every mapping; raise ConfigError when nothing can be read."""
     if not config.mappings:
         raise ConfigError("mappings", "no mappings configured: nothing to report on")
+    if request.tenant is not None and not any(m.tenant_column for m in config.mappings):
+        raise ConfigError("--tenant", "no mapping has a tenant_column")
     conn = await _connect(config)
     try:
         await ensure_current(conn)
@@ -95,6 +106,10 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
     history_start = now - request.since
     bucket = pick_bucket(request.since)
     lookback = max(request.since, 2 * window.clean_window + window.max_gap)
+    checks = [await read_invariant(conn, i, None) for i in config.invariants]
+    checks += [
+        await read_invariant(conn, i, m.name) for m in config.mappings for i in m.invariants
+    ]
     mappings = []
     for mapping in config.mappings:
         facts = await read_facts(
@@ -112,10 +127,28 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
                 source=mapping.source,
                 target=mapping.target,
                 mode=mapping.mode,
-                criteria=judge(facts, criteria, window),
+                criteria=judge(facts, criteria, window)
+                + [invariant(c, criteria, window) for c in checks if c.mapping == mapping.name],
                 facts=facts,
             )
         )
+    overall = [invariant(c, criteria, window) for c in checks if c.mapping is None]
+    tenant_mappings = [
+        (m, c) for m, c in zip(mappings, compile_all(config), strict=True) if c.config.tenant_column
+    ]
+    tenants = []
+    if tenant_mappings:
+        names = {m.name for m, _ in tenant_mappings}
+        evidence = TenantEvidence(
+            mappings=[m for m, _ in tenant_mappings],
+            dead_letters={
+                c.name: await dead_letters_by_tenant(conn, c) for _, c in tenant_mappings
+            },
+            checks=[c for c in checks if c.mapping is None or c.mapping in names],
+            overall=overall,
+            named=[*config.report.tenants, *([request.tenant] if request.tenant else [])],
+        )
+        tenants = judge_tenants(evidence, criteria, window)
     report = Report(
         generated_at=now,
         database=_safe_dsn(config.effective_service_dsn()),
@@ -126,10 +159,17 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
         thresholds=criteria.model_dump(),
         mappings=mappings,
         contract=await read_readiness(conn, config.mappings, history_start, config.search_path),
+        overall_criteria=overall,
+        invariants=checks,
+        tenants=tenants,
+        tenant=request.tenant,
+        relaxed=relaxed(criteria),
+        settings=criteria_settings(criteria),
     )
     if shadow_configured(config):
         report.shadow = await read_shadow(conn, history_start)
-        report.overall_criteria += shadow_criteria(report.shadow, criteria)
+        for criterion in shadow_criteria(report.shadow, criteria):
+            _add_overall(report, criterion)
     return report
 
 
@@ -140,14 +180,21 @@ async def _add_live_status(report: Report, url: str) -> None:
     try:
         report.status = await fetch_status(url)
     except (aiohttp.ClientError, TimeoutError, ValueError, TypeError) as exc:
-        report.overall_criteria.append(_status_criterion(False, f"{type(exc).__name__}: {exc}"))
+        _add_overall(report, _status_criterion(False, f"{type(exc).__name__}: {exc}"))
         return
     live = report.status.get("mappings") or {}
     for mapping in report.mappings:
         mapping.live = live.get(mapping.name)
     missing = [m.name for m in report.mappings if m.live is None]
     detail = f"mappings not served by this sidecar: {', '.join(missing)}" if missing else ""
-    report.overall_criteria.append(_status_criterion(not missing, detail))
+    _add_overall(report, _status_criterion(not missing, detail))
+
+
+def _add_overall(report: Report, criterion: Criterion) -> None:
+    """A deployment criterion counts for the whole report and for every tenant."""
+    report.overall_criteria.append(criterion)
+    for tenant in report.tenants:
+        tenant.criteria.append(criterion)
 
 
 def _status_criterion(passed: bool, detail: str) -> Criterion:

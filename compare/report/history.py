@@ -7,18 +7,32 @@ reporting machine's.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from compare.report.model import Backfill, Bucket, Facts, Pass
+from compare.report.model import (
+    INVARIANT_SAMPLES,
+    Backfill,
+    Bucket,
+    Facts,
+    InvariantCheck,
+    InvariantFailure,
+    Pass,
+    Repair,
+)
 from core import metrics
+from core.config import InvariantConfig
+from core.mapping import SRC, CompiledMapping
+from core.sqltext import quote_ident, quote_literal
 
 _PASSES = """
 SELECT id, started_at, finished_at, rows_compared, missing, extra, changed, pending,
-       tenant IS NULL AS full, clean
+       tenant IS NULL AS full, clean, tenant, by_tenant::text AS by_tenant
 FROM dualwrite.reconcile_runs
 WHERE mapping = $1 AND kind = 'reconcile' AND status = 'done' AND finished_at >= $2
 ORDER BY finished_at DESC, id DESC
@@ -91,6 +105,28 @@ _BACKFILLS = """
 SELECT mapping, status, rows_done, rows_estimate FROM dualwrite.backfill_state
 WHERE mapping = ANY($1::text[])
 """
+_REPAIRS = """
+SELECT id, mapping, at, requested_by, reason, dry_run, run_id,
+       jsonb_array_length(keys) AS keys, divergent_after, upserted, deleted,
+       CASE WHEN $4 THEN images::text END AS images,
+       CASE WHEN jsonb_typeof(images) = 'array' THEN ARRAY(
+           SELECT DISTINCT i->>'tenant' FROM jsonb_array_elements(images) AS i
+           WHERE i->>'tenant' IS NOT NULL) END AS tenants
+FROM dualwrite.repairs
+WHERE at >= $1 AND ($2::text IS NULL OR mapping = $2) AND (NOT dry_run OR $3)
+ORDER BY at DESC, id DESC
+"""
+_LATEST_INVARIANT = """
+SELECT id, status, finished_at, groups_checked, groups_failed, by_tenant::text AS by_tenant,
+       error, value_columns
+FROM dualwrite.invariant_runs
+WHERE invariant = $1 AND tenant IS NULL AND status IN ('done', 'failed')
+ORDER BY finished_at DESC, id DESC LIMIT 1
+"""
+_INVARIANT_FAILURES = """
+SELECT grp::text AS grp, tenant, old_values::text AS old, new_values::text AS new
+FROM dualwrite.invariant_failures WHERE run_id = $1 ORDER BY ctid LIMIT $2
+"""
 DIVERGENCE_CLASSES = ("missing", "extra", "changed")
 
 
@@ -129,6 +165,7 @@ async def read_facts(
         backfill=await read_backfill(conn, mapping),
         paused=bool(await conn.fetchval(_PAUSED, mapping)),
         activity=await read_activity(conn, mapping, history_start, bucket, now),
+        repairs=await read_repairs(conn, passes_since, mapping=mapping),
     )
 
 
@@ -146,8 +183,133 @@ async def read_passes(conn: asyncpg.Connection, mapping: str, since: datetime) -
             pending=r["pending"],
             full=r["full"],
             flagged_unclean=r["clean"] is False,
+            tenant=r["tenant"],
+            by_tenant=json.loads(r["by_tenant"]) if r["by_tenant"] else {},
         )
         for r in await conn.fetch(_PASSES, mapping, since)
+    ]
+
+
+async def read_invariant(
+    conn: asyncpg.Connection, invariant: InvariantConfig, mapping: str | None
+) -> InvariantCheck:
+    """The invariant's most recent finished full check and its first failing groups."""
+    base = InvariantCheck(
+        name=invariant.name,
+        mapping=mapping,
+        kind=invariant.kind,
+        description=invariant.description,
+        group_columns=tuple(invariant.group),
+        tenant_column=invariant.tenant,
+    )
+    row = await conn.fetchrow(_LATEST_INVARIANT, invariant.name)
+    if row is None:
+        return base
+    failures = [
+        InvariantFailure(
+            group=_in_order(json.loads(r["grp"]), invariant.group),
+            tenant=r["tenant"],
+            old=None if r["old"] is None else json.loads(r["old"]),
+            new=None if r["new"] is None else json.loads(r["new"]),
+        )
+        for r in await conn.fetch(_INVARIANT_FAILURES, row["id"], INVARIANT_SAMPLES)
+    ]
+    return replace(
+        base,
+        run_id=row["id"],
+        status=row["status"],
+        finished_at=row["finished_at"],
+        groups_checked=row["groups_checked"],
+        groups_failed=row["groups_failed"],
+        by_tenant=json.loads(row["by_tenant"]) if row["by_tenant"] else {},
+        error=row["error"],
+        failures=tuple(failures),
+        value_columns=tuple(row["value_columns"] or ()),
+    )
+
+
+def dead_letters_by_tenant_sql(mapping: CompiledMapping) -> str | None:
+    """Dead letters of ``mapping`` counted by the tenant of their source row ($1: mapping).
+
+    Each key is looked up in the source by its columns (typed through the source's row type,
+    so the lookup uses the key's index). None when a key column is computed, not a plain
+    source column: the report then counts those dead letters under an unknown tenant.
+    """
+    tenant_column = mapping.config.tenant_column
+    if tenant_column is None:
+        return None
+    columns = []
+    for k in mapping.key:
+        expr = mapping.expressions[k]
+        names = expr.column_names
+        if len(names) != 1 or expr.sql.strip('"') != next(iter(names)):
+            return None
+        columns.append(next(iter(names)))
+    relation = quote_ident(mapping.source_name)
+    if mapping.source_schema is not None:
+        relation = f"{quote_ident(mapping.source_schema)}.{relation}"
+    match = " AND ".join(
+        f"{SRC}.{quote_ident(c)} = (jsonb_populate_record(NULL::{relation}, "
+        f"jsonb_build_object({quote_literal(c)}, d.key -> {i}))).{quote_ident(c)}"
+        for i, c in enumerate(columns)
+    )
+    tenant = mapping.expressions[tenant_column].sql
+    return (
+        f"SELECT s.tenant, count(*) AS n FROM dualwrite.dead_letters AS d "
+        f"LEFT JOIN LATERAL (SELECT ({tenant})::text AS tenant FROM {relation} AS {SRC} "
+        f"WHERE {match} LIMIT 1) AS s ON true WHERE d.mapping = $1 GROUP BY 1"
+    )
+
+
+async def dead_letters_by_tenant(
+    conn: asyncpg.Connection, mapping: CompiledMapping
+) -> dict[str | None, int]:
+    """Per tenant (None: unknown) the mapping's dead letters; a source the session cannot
+    read leaves them all unknown (in a savepoint, so the report's snapshot survives)."""
+    sql = dead_letters_by_tenant_sql(mapping)
+    if sql is not None:
+        try:
+            async with conn.transaction():
+                return {r["tenant"]: int(r["n"]) for r in await conn.fetch(sql, mapping.name)}
+        except asyncpg.PostgresError:
+            pass
+    total = await conn.fetchval(
+        "SELECT count(*) FROM dualwrite.dead_letters WHERE mapping = $1", mapping.name
+    )
+    return {None: int(total)} if total else {}
+
+
+def _in_order(group: dict[str, Any], columns: Sequence[str]) -> dict[str, Any]:
+    """jsonb sorts an object's keys: put the group's back in the invariant's order."""
+    return {c: group[c] for c in columns if c in group} | group
+
+
+async def read_repairs(
+    conn: asyncpg.Connection,
+    since: datetime,
+    *,
+    mapping: str | None = None,
+    dry_runs: bool = False,
+    images: bool = False,
+) -> list[Repair]:
+    """Repairs since ``since``, newest first (dry runs and row images only when asked)."""
+    return [
+        Repair(
+            id=r["id"],
+            mapping=r["mapping"],
+            at=r["at"],
+            requested_by=r["requested_by"],
+            reason=r["reason"],
+            dry_run=r["dry_run"],
+            run_id=r["run_id"],
+            keys=r["keys"],
+            divergent_after=r["divergent_after"],
+            upserted=r["upserted"],
+            deleted=r["deleted"],
+            images=json.loads(r["images"]) if r["images"] else None,
+            tenants=None if r["tenants"] is None else tuple(r["tenants"]),
+        )
+        for r in await conn.fetch(_REPAIRS, since, mapping, dry_runs, images)
     ]
 
 
@@ -229,3 +391,52 @@ def _export_backfill(name: str, row: asyncpg.Record | None) -> None:
     metrics.BACKFILL_ROWS_DONE.labels(name).set(row["rows_done"] if row else 0)
     metrics.BACKFILL_ROWS_ESTIMATE.labels(name).set((row["rows_estimate"] or 0) if row else 0)
     metrics.BACKFILL_COMPLETE.labels(name).set(1 if row and row["status"] == "done" else 0)
+
+
+_LATEST_BY_TENANT = """
+SELECT DISTINCT ON (mapping) mapping, by_tenant::text AS by_tenant
+FROM dualwrite.reconcile_runs
+WHERE kind = 'reconcile' AND status = 'done' AND tenant IS NULL AND mapping = ANY($1::text[])
+ORDER BY mapping, finished_at DESC, id DESC
+"""
+_LATEST_INVARIANT_BY_TENANT = """
+SELECT DISTINCT ON (invariant) invariant, by_tenant::text AS by_tenant
+FROM dualwrite.invariant_runs
+WHERE status = 'done' AND tenant IS NULL AND invariant = ANY($1::text[])
+ORDER BY invariant, finished_at DESC, id DESC
+"""
+
+
+async def tenant_trouble(
+    conn: asyncpg.Connection, mappings: Sequence[CompiledMapping], invariants: Sequence[str]
+) -> dict[str, int]:
+    """Per tenant, its open trouble: divergent rows in each tenant mapping's latest full pass,
+    dead letters, and failing groups in the latest full check of tenant-aware invariants."""
+    trouble: dict[str, int] = {}
+
+    def add(tenant: str | None, count: int) -> None:
+        if tenant is not None and count:
+            trouble[tenant] = trouble.get(tenant, 0) + count
+
+    names = [m.name for m in mappings]
+    for row in await conn.fetch(_LATEST_BY_TENANT, names):
+        for tenant, counts in json.loads(row["by_tenant"] or "{}").items():
+            add(tenant, sum(int(n) for n in counts.values()))
+    for mapping in mappings:
+        for tenant, count in (await dead_letters_by_tenant(conn, mapping)).items():
+            add(tenant, count)
+    for row in await conn.fetch(_LATEST_INVARIANT_BY_TENANT, list(invariants)):
+        for tenant, count in json.loads(row["by_tenant"] or "{}").items():
+            add(tenant, int(count))
+    return trouble
+
+
+def export_tenant_gauges(trouble: dict[str, int], named: Sequence[str]) -> None:
+    """dualwrite_tenants by verdict, and the worst tenants by name (capped)."""
+    no_go = {t for t, n in trouble.items() if n > 0}
+    metrics.TENANTS.labels("no_go").set(len(no_go))
+    metrics.TENANTS.labels("go").set(len(set(named) - no_go))
+    worst = sorted(no_go, key=lambda t: (-trouble[t], t))[: metrics.WORST_TENANTS_MAX]
+    metrics.WORST_TENANT_TROUBLE.clear()
+    for tenant in worst:
+        metrics.WORST_TENANT_TROUBLE.labels(tenant).set(trouble[tenant])

@@ -8,9 +8,9 @@ from datetime import datetime
 from html import escape
 
 from compare.report import charts
-from compare.report.criteria import CLEAN_WINDOW_DEFINITION, clean_streak
+from compare.report.criteria import CLEAN_WINDOW_DEFINITION, clean_streak, plural
 from compare.report.format import duration_text, number_text, timestamp_text
-from compare.report.model import Criterion, MappingReport, Pass, Report
+from compare.report.model import Criterion, InvariantCheck, MappingReport, Pass, Report
 from compare.report.passes import history_passes, worst_pass_per_bucket
 
 _CSS = """
@@ -30,7 +30,8 @@ header.nogo { border-color: var(--nogo); background: #fcefee; }
          padding: 8px 18px; border-radius: 6px; white-space: nowrap; }
 .go .badge, .pill.go { background: var(--go); }
 .nogo .badge, .pill.nogo { background: var(--nogo); }
-.pill { color: #fff; font-size: 12px; font-weight: 700; padding: 2px 9px; border-radius: 10px; }
+.pill { color: #fff; font-size: 12px; font-weight: 700; padding: 2px 9px; border-radius: 10px;
+        white-space: nowrap; }
 table { border-collapse: collapse; width: 100%; margin: 6px 0 10px; }
 th, td { text-align: left; padding: 5px 8px; border-bottom: 1px solid var(--rule);
          vertical-align: top; }
@@ -47,6 +48,9 @@ section.mapping { border-top: 3px solid var(--rule); padding-top: 16px; margin-t
 .facts { display: flex; flex-wrap: wrap; gap: 6px 26px; color: #333; margin: 4px 0 6px;
          font-size: 13px; }
 .facts b { font-variant-numeric: tabular-nums; }
+.relaxed { border: 2px solid #c77700; background: #fff4e0; color: #5a3600; padding: 10px 16px;
+           border-radius: 6px; margin: -8px 0 20px; font-size: 14.5px; }
+td.changed { font-weight: 700; color: #c77700; }
 footer { margin-top: 34px; color: var(--muted); font-size: 12px; border-top: 1px solid var(--rule);
          padding-top: 10px; }
 @page { size: A4; margin: 14mm 12mm; }
@@ -66,8 +70,11 @@ def render_html(report: Report) -> str:
     verdict_class = "go" if report.go else "nogo"
     body = [
         _header(report, verdict_class),
+        _relaxed_banner(report),
         _summary(report),
+        _tenants(report),
         *(_mapping_section(report, m) for m in report.mappings),
+        _invariants(report),
         _contract(report),
         _shadow(report),
         _footer(report),
@@ -84,11 +91,20 @@ def _header(report: Report, verdict_class: str) -> str:
     return (
         f'<header class="{verdict_class}"><div class="badge">{report.verdict}</div><div>'
         f"<h1>Cutover report</h1>"
-        f'<p class="meta">{go_count} of {len(report.mappings)} mappings ready · database '
+        f'<p class="meta">{go_count} of {plural(len(report.mappings), "mapping")} ready · database '
         f"<b>{escape(report.database)}</b> · generated {timestamp_text(report.generated_at)}</p>"
         f'<p class="meta">Criteria window from {timestamp_text(report.window_start)} · history '
         f"from {timestamp_text(report.history_start)} in "
         f"{duration_text(report.bucket.total_seconds())} buckets</p></div></header>"
+    )
+
+
+def _relaxed_banner(report: Report) -> str:
+    if not report.relaxed:
+        return ""
+    return (
+        '<div class="relaxed" role="note"><b>Relaxed criteria:</b> '
+        f"{escape('; '.join(report.relaxed))}. A GO here is not a production GO.</div>"
     )
 
 
@@ -118,6 +134,7 @@ def _mapping_section(report: Report, mapping: MappingReport) -> str:
             f"{escape(mapping.mode)}</p>",
             _criteria_table(mapping.criteria),
             *_history(report, mapping),
+            _repairs(mapping),
             _live(mapping),
             "</section>",
         ]
@@ -169,18 +186,26 @@ def _pass_facts(passes: list[Pass], unfinished: int) -> str:
 
 
 def _timeline(report: Report, mapping: MappingReport) -> str:
-    streak = clean_streak(mapping.facts.passes, report.generated_at, report.max_gap)
+    streak = clean_streak(
+        mapping.facts.passes, report.generated_at, report.max_gap, mapping.facts.repairs
+    )
     span = None
     if streak.passes:
         span = (min(p.started_at for p in streak.passes), streak.passes[0].finished_at)
     runs = [(p.started_at, p.finished_at, _kind(p)) for p in history_passes(report, mapping)]
+    starts = [b.start for b in mapping.facts.activity]
+    if not starts:
+        starts = [report.history_start]
+    # the bar charts' time axis: the same range and the same ticks on every chart of the page
     return charts.pass_timeline(
         runs,
-        report.history_start,
-        report.generated_at,
+        starts[0],
+        starts[-1] + report.bucket,
         streak=span,
         required=report.window_span,
         label=f"{mapping.name}: reconcile passes over time",
+        now=report.generated_at,
+        ticks=charts.axis_ticks(starts),
     )
 
 
@@ -266,12 +291,124 @@ def _recent_passes(passes: list[Pass], limit: int = 10) -> str:
     )
 
 
+def _repairs(mapping: MappingReport) -> str:
+    """The repairs on record in the look-back: each one restarts the clean window."""
+    repairs = mapping.facts.repairs
+    if not repairs:
+        return ""
+    rows = "".join(
+        f"<tr><td>#{r.id}</td><td>{escape(timestamp_text(r.at))}</td>"
+        f"<td>{escape(r.requested_by or '-')}</td><td>{escape(r.reason or '-')}</td>"
+        f'<td class="num">{number_text(r.keys)}</td><td class="num">{number_text(r.upserted)}</td>'
+        f'<td class="num">{number_text(r.deleted)}</td>'
+        f'<td class="num">{number_text(r.divergent_after)}</td></tr>'
+        for r in repairs
+    )
+    return (
+        f"<h3>Repairs since {escape(timestamp_text(mapping.facts.passes_since))}</h3>"
+        '<p class="route">Each repair restarts the clean window; row images: '
+        "<code>dualwrite repairs --images</code>.</p><table><thead><tr><th>Repair</th>"
+        "<th>At</th><th>By</th><th>Why</th><th>Keys</th><th>Upserted</th><th>Deleted</th>"
+        f"<th>Still divergent</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
 def _live(mapping: MappingReport) -> str:
     if mapping.live is None:
         return ""
     shown = {k: v for k, v in mapping.live.items() if not isinstance(v, dict | list)}
     items = "".join(f"<span>{escape(k)} <b>{escape(str(v))}</b></span>" for k, v in shown.items())
     return f'<h3>Live sidecar status</h3><div class="facts">{items}</div>'
+
+
+#: tenants listed in the table (NO-GO ones first); the rest are counted
+TENANT_ROWS = 100
+
+
+def _tenants(report: Report) -> str:
+    """Per tenant: its own evidence and verdict (mappings with a tenant_column)."""
+    if not report.tenants:
+        return ""
+    go = sum(t.go for t in report.tenants)
+    focus = ""
+    if report.tenant is not None:
+        found = report.tenant_report(report.tenant)
+        focus = (
+            f'<p><b>Tenant {escape(report.tenant)}:</b> '
+            f"{_pill(found is not None and found.go, found.verdict if found else 'NO-GO')}"
+            " (the exit status follows it)</p>"
+        )
+    rows = "".join(
+        f'<tr class="{"pass" if t.go else "fail"}"><td><b>{escape(t.tenant)}</b></td>'
+        f"<td>{_pill(t.go, t.verdict)}</td>"
+        + "".join(f'<td class="num">{t.divergent[c]}</td>' for c in ("missing", "extra", "changed"))
+        + f'<td class="num">{t.dead_letters}</td><td class="num">{t.invariant_failures}</td>'
+        f'<td class="detail">{escape(", ".join(c.title for c in t.failed)) or "—"}</td></tr>'
+        for t in report.tenants[:TENANT_ROWS]
+    )
+    hidden = len(report.tenants) - TENANT_ROWS
+    more = f"<p>… and {plural(hidden, 'more tenant')}.</p>" if hidden > 0 else ""
+    return (
+        '<section class="tenants" id="tenants"><h2>Tenants</h2>'
+        f'<p class="meta">{go} of {plural(len(report.tenants), "tenant")} GO. Each tenant is '
+        "judged on its own rows (divergence, dead letters, invariant groups) plus the criteria "
+        "shared by all (outbox age, backfill, pause, unmirrored statements, mirror failures)."
+        f"</p>{focus}<table><thead><tr><th>Tenant</th><th>Verdict</th><th>Missing</th>"
+        "<th>Extra</th><th>Changed</th><th>Dead letters</th><th>Invariant groups</th>"
+        f"<th>Failing criteria</th></tr></thead><tbody>{rows}</tbody></table>{more}</section>"
+    )
+
+
+def _invariants(report: Report) -> str:
+    """Business invariants: each one's latest full check, then its first failing groups."""
+    if not report.invariants:
+        return ""
+    rows = "".join(
+        f'<tr class="{"pass" if _held(c) else "fail"}"><td><b>{escape(c.name)}</b>'
+        f'<div class="detail">{escape(c.description)}</div></td><td>{escape(c.scope)}</td>'
+        f"<td>{escape(c.kind)}</td><td>{escape(timestamp_text(c.finished_at))}</td>"
+        f'<td class="num">{"—" if c.kind == "new_only" else number_text(c.groups_checked)}</td>'
+        f'<td class="num">{number_text(c.groups_failed)}</td>'
+        f'<td class="result {"pass" if _held(c) else "fail"}">{_invariant_result(c)}</td></tr>'
+        for c in report.invariants
+    )
+    failing = "".join(
+        f"<tr><td>{escape(c.name)}</td><td>"
+        + escape(", ".join(f"{k}={v}" for k, v in f.group.items()))
+        + f"</td><td>{escape(', '.join(c.value_columns))}</td>"
+        f"<td>{escape(_values(f.old))}</td><td>{escape(_values(f.new))}</td></tr>"
+        for c in report.invariants
+        for f in c.failures
+    )
+    samples = (
+        "<h3>Failing groups (first of each check)</h3><table><thead><tr><th>Invariant</th>"
+        f"<th>Group</th><th>Figures</th><th>Old</th><th>New</th></tr></thead>"
+        f"<tbody>{failing}</tbody></table>"
+        if failing
+        else ""
+    )
+    return (
+        '<section class="invariants" id="invariants"><h2>Business invariants</h2>'
+        "<table><thead><tr><th>Invariant</th><th>Scope</th><th>Kind</th><th>Last checked</th>"
+        "<th>Groups</th><th>Failing</th><th>Result</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>{samples}</section>"
+    )
+
+
+def _held(check: InvariantCheck) -> bool:
+    return check.status == "done" and check.groups_failed == 0
+
+
+def _invariant_result(check: InvariantCheck) -> str:
+    if check.status is None:
+        return "✘ never checked"
+    if check.status != "done":
+        return "✘ check failed"
+    return "✔ held" if check.groups_failed == 0 else "✘ broken"
+
+
+def _values(values: list[object] | None) -> str:
+    return "absent" if values is None else ", ".join(str(v) for v in values)
 
 
 def _contract(report: Report) -> str:
@@ -329,12 +466,25 @@ def _shadow(report: Report) -> str:
     )
 
 
-def _footer(report: Report) -> str:
-    thresholds = ", ".join(f"{k} = {v}" for k, v in report.thresholds.items())
+def _settings(report: Report) -> str:
+    """Every criterion's configured value beside the production default."""
+    rows = "".join(
+        f"<tr><td>{escape(name)}</td>"
+        f'<td class="{"changed" if configured != default else ""}">{escape(configured)}</td>'
+        f"<td>{escape(default)}</td></tr>"
+        for name, configured, default in report.settings
+    )
     return (
-        f"<footer><p><b>How the verdict is reached.</b> {escape(CLEAN_WINDOW_DEFINITION)} "
+        "<h3>Criteria settings</h3><table><thead><tr><th>Criterion</th><th>Configured</th>"
+        f"<th>Production default</th></tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def _footer(report: Report) -> str:
+    return (
+        f"<footer>{_settings(report)}<p><b>How the verdict is reached.</b> "
+        f"{escape(CLEAN_WINDOW_DEFINITION)} "
         f"Allowed gap between passes: {duration_text(report.max_gap.total_seconds())}.</p>"
-        f"<p>Configured criteria: {escape(thresholds)}.</p>"
         "<p>Generated by <code>dualwrite report</code> from the dualwrite control schema.</p>"
         "</footer>"
     )

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from compare.report.criteria import CLEAN_WINDOW_DEFINITION
+from compare.report.criteria import CLEAN_WINDOW_DEFINITION, plural
 from compare.report.format import duration_text, number_text, sparkline, timestamp_text
-from compare.report.model import Criterion, MappingReport, Pass, Report
+from compare.report.model import Criterion, InvariantCheck, MappingReport, Pass, Report
 from compare.report.passes import history_passes, worst_pass_per_bucket
 
 
@@ -21,6 +21,7 @@ def render_markdown(report: Report) -> str:
         f"{duration_text(report.history_span.total_seconds())} in "
         f"{duration_text(report.bucket.total_seconds())} buckets.",
         "",
+        *_relaxed_banner(report),
         "| Mapping | Route | Mode | Verdict | Failing criteria |",
         "|---|---|---|---|---|",
         *(
@@ -32,12 +33,37 @@ def render_markdown(report: Report) -> str:
     ]
     if report.overall_criteria:
         lines += ["## Deployment", "", *_criteria_table(report.overall_criteria), ""]
+    lines += _tenants(report)
     for mapping in report.mappings:
         lines += _mapping(report, mapping)
+    lines += _invariants(report)
     lines += _contract(report)
     lines += _shadow(report)
+    lines += _settings(report)
     lines += [f"_{CLEAN_WINDOW_DEFINITION}_", ""]
     return "\n".join(lines)
+
+
+def _relaxed_banner(report: Report) -> list[str]:
+    if not report.relaxed:
+        return []
+    return [f"> **Relaxed criteria:** {'; '.join(report.relaxed)}.", ""]
+
+
+def _settings(report: Report) -> list[str]:
+    """Every criterion's configured value beside the production default."""
+    return [
+        "## Criteria settings",
+        "",
+        "| Criterion | Configured | Production default |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {'**' + configured + '**' if configured != default else configured} "
+            f"| {default} |"
+            for name, configured, default in report.settings
+        ),
+        "",
+    ]
 
 
 def _criteria_table(criteria: list[Criterion]) -> list[str]:
@@ -61,6 +87,28 @@ def _mapping(report: Report, mapping: MappingReport) -> list[str]:
         *_criteria_table(mapping.criteria),
         "",
         *_history(report, mapping),
+        "",
+        *_repairs(mapping),
+    ]
+
+
+def _repairs(mapping: MappingReport) -> list[str]:
+    """The repairs on record in the look-back: each one restarts the clean window."""
+    repairs = mapping.facts.repairs
+    if not repairs:
+        return []
+    return [
+        f"Repairs since {timestamp_text(mapping.facts.passes_since)} (row images: "
+        "`dualwrite repairs --images`; each repair restarts the clean window):",
+        "",
+        "| Repair | At | By | Why | Keys | Upserted | Deleted | Still divergent |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| #{r.id} | {timestamp_text(r.at)} | {_cell(r.requested_by or '-')} | "
+            f"{_cell(r.reason or '-')} | {number_text(r.keys)} | {number_text(r.upserted)} | "
+            f"{number_text(r.deleted)} | {number_text(r.divergent_after)} |"
+            for r in repairs
+        ),
         "",
     ]
 
@@ -106,6 +154,96 @@ def _recent(passes: list[Pass], limit: int = 5) -> list[str]:
             for p in passes[:limit]
         ),
     ]
+
+
+#: tenants listed in the table (NO-GO ones first); the rest are counted
+TENANT_ROWS = 100
+
+
+def _tenants(report: Report) -> list[str]:
+    """Per tenant: its own evidence and verdict (mappings with a tenant_column)."""
+    if not report.tenants:
+        return []
+    go = sum(t.go for t in report.tenants)
+    lines = [
+        "## Tenants",
+        "",
+        f"{go} of {plural(len(report.tenants), 'tenant')} GO. Each tenant is judged on its own "
+        "rows (divergence, dead letters, invariant groups) plus the criteria shared by all "
+        "(outbox age, backfill, pause, unmirrored statements, mirror failures).",
+        "",
+    ]
+    if report.tenant is not None:
+        found = report.tenant_report(report.tenant)
+        verdict = found.verdict if found else "NO-GO (no evidence)"
+        lines += [f"**Tenant {report.tenant}: {verdict}** (the exit status follows it).", ""]
+    lines += [
+        "| Tenant | Verdict | Missing | Extra | Changed | Dead letters | Invariant groups "
+        "| Failing criteria |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in report.tenants[:TENANT_ROWS]:
+        lines.append(
+            f"| {_cell(t.tenant)} | **{t.verdict}** | {t.divergent['missing']} | "
+            f"{t.divergent['extra']} | {t.divergent['changed']} | {t.dead_letters} | "
+            f"{t.invariant_failures} | {_cell(', '.join(c.title for c in t.failed)) or '—'} |"
+        )
+    hidden = len(report.tenants) - TENANT_ROWS
+    if hidden > 0:
+        lines.append(f"| … {plural(hidden, 'more tenant')} | | | | | | | |")
+    return [*lines, ""]
+
+
+def _invariants(report: Report) -> list[str]:
+    """Business invariants: each one's latest full check and its first failing groups."""
+    if not report.invariants:
+        return []
+    lines = [
+        "## Business invariants",
+        "",
+        "| Invariant | Scope | Kind | Last checked | Groups | Failing | Result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for check in report.invariants:
+        lines.append(
+            f"| {check.name} | {check.scope} | {check.kind} | "
+            f"{timestamp_text(check.finished_at)} | {_groups(check)} | "
+            f"{number_text(check.groups_failed)} | {_invariant_result(check)} |"
+        )
+    failing = [c for c in report.invariants if c.failures]
+    if failing:
+        lines += [
+            "",
+            "Failing groups (first of each check):",
+            "",
+            "| Invariant | Group | Figures | Old | New |",
+            "|---|---|---|---|---|",
+        ]
+        for check in failing:
+            for failure in check.failures:
+                group = ", ".join(f"{k}={v}" for k, v in failure.group.items())
+                lines.append(
+                    f"| {check.name} | {_cell(group)} | {_cell(', '.join(check.value_columns))} "
+                    f"| {_cell(_values(failure.old))} | {_cell(_values(failure.new))} |"
+                )
+    return [*lines, ""]
+
+
+def _groups(check: InvariantCheck) -> str:
+    """Groups compared (a new_only rule compares none: it lists offending rows)."""
+    return "—" if check.kind == "new_only" else number_text(check.groups_checked)
+
+
+def _invariant_result(check: InvariantCheck) -> str:
+    if check.status is None:
+        return "**never checked**"
+    if check.status != "done":
+        return "**check failed**"
+    return "held" if check.groups_failed == 0 else "**BROKEN**"
+
+
+def _values(values: list[object] | None) -> str:
+    return "absent" if values is None else ", ".join(str(v) for v in values)
 
 
 def _contract(report: Report) -> list[str]:

@@ -27,6 +27,10 @@ class Pass:
     full: bool = True
     #: the reconciler recorded ``clean = false`` (trusted even if the counts are zero)
     flagged_unclean: bool = False
+    #: the tenant a tenant-limited pass covered
+    tenant: str | None = None
+    #: divergent rows per tenant: {"<tenant>": {"missing": n, "extra": n, "changed": n}}
+    by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def divergent(self) -> int:
@@ -58,6 +62,29 @@ class Backfill:
     finished_at: datetime | None
 
 
+@dataclass(frozen=True)
+class Repair:
+    """One repair on record (a row of ``dualwrite.repairs``)."""
+
+    id: int
+    mapping: str
+    at: datetime
+    requested_by: str | None
+    reason: str | None
+    dry_run: bool
+    run_id: int | None
+    #: keys it was asked to repair
+    keys: int
+    #: keys still divergent after it (None: a dry run)
+    divergent_after: int | None
+    upserted: int
+    deleted: int
+    #: per key: {"key", "class", "tenant", "before", "after"} target rows, redacted (when read)
+    images: list[dict[str, Any]] | None = None
+    #: tenants of the repaired rows (None: not recorded, so the repair counts for every tenant)
+    tenants: tuple[str, ...] | None = None
+
+
 @dataclass
 class Facts:
     """Everything the control schema says about one mapping, as read for the report."""
@@ -85,6 +112,9 @@ class Facts:
     paused: bool = False
     #: mirroring per bucket over the history window, oldest first
     activity: list[Bucket] = field(default_factory=list)
+    #: repairs that wrote to the target since ``passes_since``, newest first (each one
+    #: restarts the clean window)
+    repairs: list[Repair] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -128,6 +158,51 @@ class MappingReport:
 
 
 @dataclass(frozen=True)
+class InvariantFailure:
+    """One failing group of an invariant check (values as JSON holds them)."""
+
+    group: dict[str, Any]
+    tenant: str | None
+    #: None: the group is absent on that side
+    old: list[Any] | None
+    new: list[Any] | None
+
+
+@dataclass(frozen=True)
+class InvariantCheck:
+    """A configured invariant and its most recent finished full check (``run_id`` None: never
+    checked)."""
+
+    name: str
+    #: the mapping declaring it (None: migration-level)
+    mapping: str | None
+    kind: str
+    description: str
+    group_columns: tuple[str, ...]
+    #: the group column holding the tenant (None: the invariant is not per tenant)
+    tenant_column: str | None = None
+    #: the names of the figures in a failing group's old and new values
+    value_columns: tuple[str, ...] = ()
+    run_id: int | None = None
+    status: str | None = None
+    finished_at: datetime | None = None
+    groups_checked: int = 0
+    groups_failed: int = 0
+    by_tenant: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    #: the first failing groups recorded (at most :data:`INVARIANT_SAMPLES`)
+    failures: tuple[InvariantFailure, ...] = ()
+
+    @property
+    def scope(self) -> str:
+        return self.mapping or "migration"
+
+
+#: failing groups the report shows per invariant
+INVARIANT_SAMPLES = 10
+
+
+@dataclass(frozen=True)
 class ContractReadiness:
     """What application traffic still references of a mapping's source (the old relation the
     contract step will drop), from the sidecars' traffic evidence over the history window."""
@@ -146,6 +221,36 @@ class ContractReadiness:
     @property
     def ready(self) -> bool:
         return self.statements == 0 and not self.gaps
+
+
+@dataclass
+class TenantReport:
+    """One tenant's verdict: its own evidence in every mapping with a tenant_column, plus the
+    criteria no tenant can be told apart in (outbox age, backfill, pause, ...)."""
+
+    tenant: str
+    #: divergent rows by class in the newest pass of each tenant mapping, summed
+    divergent: dict[str, int]
+    dead_letters: int
+    invariant_failures: int
+    criteria: list[Criterion]
+
+    @property
+    def go(self) -> bool:
+        return all(c.passed for c in self.criteria)
+
+    @property
+    def verdict(self) -> str:
+        return GO if self.go else NO_GO
+
+    @property
+    def failed(self) -> list[Criterion]:
+        return [c for c in self.criteria if not c.passed]
+
+    @property
+    def trouble(self) -> int:
+        """Rows and groups in trouble, to rank tenants by."""
+        return sum(self.divergent.values()) + self.dead_letters + self.invariant_failures
 
 
 @dataclass
@@ -172,6 +277,27 @@ class Report:
     contract: list[ContractReadiness] = field(default_factory=list)
     #: shadow reads replayed against the new schema (None: the shadow is not configured)
     shadow: ShadowSummary | None = None
+    #: every configured invariant with its latest full check
+    invariants: list[InvariantCheck] = field(default_factory=list)
+    #: per tenant, worst first (only when a mapping has a tenant_column)
+    tenants: list[TenantReport] = field(default_factory=list)
+    #: ``--tenant``: the tenant whose verdict the exit status follows
+    tenant: str | None = None
+    #: criteria configured looser than the production defaults (see criteria.relaxed)
+    relaxed: list[str] = field(default_factory=list)
+    #: (criterion, configured, production default) for every criterion
+    settings: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def tenant_report(self, tenant: str) -> TenantReport | None:
+        return next((t for t in self.tenants if t.tenant == tenant), None)
+
+    @property
+    def exit_go(self) -> bool:
+        """What the exit status follows: the tenant's verdict with ``--tenant``, else all."""
+        if self.tenant is None:
+            return self.go
+        found = self.tenant_report(self.tenant)
+        return found is not None and found.go
 
     @property
     def window_span(self) -> timedelta:

@@ -28,13 +28,16 @@ def infer_format(fmt: str | None, out: str | None) -> str:
     return suffix if suffix in FORMATS else "md"
 
 
-def make_request(since: str, max_gap: str | None, status_url: str | None) -> ReportRequest:
+def make_request(
+    since: str, max_gap: str | None, status_url: str | None, tenant: str | None = None
+) -> ReportRequest:
     """Parse the command line's durations; a bad one is a usage error (exit 2)."""
     try:
         return ReportRequest(
             since=parse_duration(since),
             max_gap=parse_duration(max_gap) if max_gap else None,
             status_url=status_url,
+            tenant=tenant,
         )
     except ValueError as exc:
         raise ConfigError("--since/--max-gap", str(exc)) from None
@@ -48,9 +51,11 @@ async def run_report(
     out: str | None = None,
     status_url: str | None = None,
     max_gap: str | None = None,
+    tenant: str | None = None,
 ) -> int:
-    """The whole command: returns the exit code (ConfigError propagates as exit 2)."""
-    request = make_request(since, max_gap, status_url)
+    """The whole command: returns the exit code (ConfigError propagates as exit 2); with
+    ``tenant`` the exit status is that tenant's verdict alone."""
+    request = make_request(since, max_gap, status_url, tenant)
     chosen = infer_format(fmt, out)
     report = await build_report(config, request)
     text = render(report, chosen)
@@ -59,7 +64,7 @@ async def run_report(
         print(summary_line(report, out), file=sys.stderr)
     else:
         sys.stdout.write(text)
-    return EXIT_GO if report.go else EXIT_NO_GO
+    return EXIT_GO if report.exit_go else EXIT_NO_GO
 
 
 def summary_line(report: Report, out: str) -> str:
@@ -68,7 +73,11 @@ def summary_line(report: Report, out: str) -> str:
     ]
     reasons += [c.name for c in report.overall_criteria if not c.passed]
     failing = "; ".join(reasons)
-    return f"dualwrite report: {report.verdict}{f' ({failing})' if failing else ''} -> {out}"
+    line = f"dualwrite report: {report.verdict}{f' ({failing})' if failing else ''} -> {out}"
+    if report.tenant is not None:
+        found = report.tenant_report(report.tenant)
+        line += f"; tenant {report.tenant}: {found.verdict if found else 'NO-GO'}"
+    return line
 
 
 def write_atomically(path: Path, text: str) -> None:

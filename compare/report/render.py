@@ -41,6 +41,11 @@ def to_json(report: Report) -> dict[str, Any]:
             "bucket_seconds": report.bucket.total_seconds(),
         },
         "thresholds": report.thresholds,
+        "relaxed_criteria": report.relaxed,
+        "criteria_settings": [
+            {"criterion": n, "configured": c, "production_default": d}
+            for n, c, d in report.settings
+        ],
         "overall_criteria": [asdict(c) for c in report.overall_criteria],
         "mappings": [_mapping_json(report, m) for m in report.mappings],
         "status_url": report.status_url,
@@ -49,6 +54,13 @@ def to_json(report: Report) -> dict[str, Any]:
             {**asdict(r), "gaps": list(r.gaps), "ready": r.ready} for r in report.contract
         ],
         "shadow": _shadow_json(report),
+        "invariants": [{**asdict(c), "scope": c.scope} for c in report.invariants],
+        "tenant": report.tenant,
+        "exit_go": report.exit_go,
+        "tenants": [
+            {**asdict(t), "verdict": t.verdict, "go": t.go, "failing": [c.name for c in t.failed]}
+            for t in report.tenants
+        ],
     }
 
 
@@ -76,6 +88,7 @@ def _mapping_json(report: Report, mapping: MappingReport) -> dict[str, Any]:
             "backfill": asdict(facts.backfill) if facts.backfill else None,
         },
         "passes": [_pass_json(p) for p in history_passes(report, mapping)],
+        "repairs": [asdict(r) for r in facts.repairs],
         "activity": [_bucket_json(b) for b in facts.activity],
         "live": mapping.live,
     }

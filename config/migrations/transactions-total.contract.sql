@@ -14,7 +14,7 @@ BEGIN
     IF EXISTS (
         SELECT FROM public.transactions t
         LEFT JOIN v2.transactions n ON n.id = t.id
-        WHERE n.id IS NULL OR n.total_amount <> t.quantity * t.unit_price - t.discount
+        WHERE n.id IS NULL OR n.total_amount <> t.quantity * t.unit_price - t.discount + t.tax
     ) THEN
         RAISE EXCEPTION 'contract refused: v2.transactions differs from public.transactions';
     END IF;

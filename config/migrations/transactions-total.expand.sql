@@ -17,6 +17,7 @@ CREATE TABLE IF NOT EXISTS v2.transactions (
     quantity bigint NOT NULL,
     unit_price numeric(12, 2) NOT NULL,
     discount numeric(12, 2) NOT NULL,
+    tax numeric(12, 2) NOT NULL DEFAULT 0,
     total_amount numeric(14, 2) NOT NULL,
     status text NOT NULL,
     created_at timestamptz NOT NULL

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS transactions (
     quantity integer NOT NULL CHECK (quantity > 0),
     unit_price numeric(12, 2) NOT NULL,
     discount numeric(12, 2) NOT NULL DEFAULT 0,
+    tax numeric(12, 2) NOT NULL DEFAULT 0,
     status text NOT NULL DEFAULT 'completed',
     created_at timestamptz NOT NULL DEFAULT now()
 );

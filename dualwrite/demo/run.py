@@ -23,7 +23,8 @@ import asyncpg
 import yaml
 
 from compare.backfill import backfill_mapping
-from compare.commands import backfill_summary, reconcile_summary
+from compare.commands import backfill_summary, invariants_summary, reconcile_summary
+from compare.invariants import CheckOptions, check_all, invariants_to_check
 from compare.progress import Progress
 from compare.reconciler import PassOptions, reconcile_mapping
 from compare.report.gather import ReportRequest, build_report
@@ -67,7 +68,9 @@ def demo_config(pg: EmbeddedPostgres, proxy_port: int, admin_port: int) -> dict[
                 "clean_window_hours": 0.0,
                 "max_outbox_age_seconds": 60,
                 "min_shadow_statements": 1,
-            }
+            },
+            # the seed's store groups: the per-tenant table lists each one
+            "tenants": ["1", "2", "3"],
         },
         # Shadow reads: every read of products replayed against its compatibility view.
         "shadow": {
@@ -140,7 +143,8 @@ def demo_config(pg: EmbeddedPostgres, proxy_port: int, admin_port: int) -> dict[
                     "quantity": "quantity",
                     "unit_price": "unit_price",
                     "discount": "discount",
-                    "total_amount": "quantity * unit_price - discount",
+                    "tax": "tax",
+                    "total_amount": "quantity * unit_price - discount + tax",
                     "status": "status",
                     "created_at": "created_at",
                 },
@@ -161,7 +165,44 @@ def demo_config(pg: EmbeddedPostgres, proxy_port: int, admin_port: int) -> dict[
                 "tenant_column": "tenant_id",
             },
         ],
+        # business rules, as in config/*.yaml: checked after the passes, judged by the report
+        "invariants": DEMO_INVARIANTS,
     }
+
+
+DEMO_INVARIANTS: list[dict[str, Any]] = [
+    {
+        "name": "transactions_daily_totals",
+        "description": "per tenant and day, sales count, total (lines + tax) and tax agree",
+        "group": ["tenant_id", "day"],
+        "tenant": "tenant_id",
+        "old": "SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date AS day, count(*), "
+        "sum(quantity * unit_price - discount + tax), sum(tax) FROM public.transactions "
+        "GROUP BY 1, 2",
+        "new": "SELECT tenant_id, (created_at AT TIME ZONE 'UTC')::date AS day, count(*), "
+        "sum(total_amount), sum(tax) FROM v2.transactions GROUP BY 1, 2",
+    },
+    {
+        "name": "inventory_conserved",
+        "description": "per tenant and product, on-hand and available stock agree",
+        "group": ["tenant_id", "product_id"],
+        "tenant": "tenant_id",
+        "old": "SELECT tenant_id, product_id, count(*), sum(on_hand), "
+        "sum(greatest(on_hand - reserved, 0)) FROM public.inventory GROUP BY 1, 2",
+        "new": "SELECT tenant_id, product_id, count(*), sum(on_hand), sum(available) "
+        "FROM v2.stock_levels GROUP BY 1, 2",
+    },
+    {
+        "name": "user_in_exactly_one_target",
+        "kind": "new_only",
+        "description": "no user missing from both v2.customers and v2.employees, or in both",
+        "group": ["tenant_id", "id"],
+        "tenant": "tenant_id",
+        "new": "SELECT u.tenant_id, u.id FROM public.users u "
+        "LEFT JOIN v2.customers c ON c.id = u.id LEFT JOIN v2.employees e ON e.id = u.id "
+        "WHERE (c.id IS NULL) = (e.id IS NULL)",
+    },
+]
 
 
 class Console:
@@ -336,6 +377,10 @@ async def _migrate(
         for m in sidecar.mappings
     ]
     console.info(reconcile_summary(passes).replace("\n", "\n    "))
+    checked = await check_all(
+        config, invariants_to_check(config, None, None), CheckOptions(requested_by="demo")
+    )
+    console.info(invariants_summary(checked).replace("\n", "\n    "))
 
     if sidecar.shadow is not None:
         await sidecar.shadow.flush()

@@ -129,9 +129,11 @@ class Client:
                 product["tenant_id"],
             )
             quantity = self.rng.randint(1, 4)
+            # sales tax on the line after discount (8%), as the till computes it
             sale_id = await conn.fetchval(
                 "INSERT INTO transactions (tenant_id, user_id, product_id, quantity, unit_price, "
-                "discount) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+                "discount, tax) VALUES ($1, $2, $3, $4::integer, $5::numeric, $6::numeric, "
+                "round(($4::integer * $5::numeric - $6::numeric) * 0.08, 2)) RETURNING id",
                 product["tenant_id"],
                 buyer,
                 product["id"],

@@ -2,8 +2,8 @@
 
 - :func:`load_schema` loads ``dualwrite/demo/pos_v1.sql`` + ``pos_v2.sql`` and a few tenants.
 - :func:`ensure_app_role` creates the application role ``pos_app`` and grants it the old schema.
-- :func:`migration` reads ``config/*.yaml`` (only what a migration declares: ``mappings`` and
-  ``app_role``; listen/upstream/service_dsn/admin come from the fixtures).
+- :func:`migration` reads ``config/*.yaml`` (only what a migration declares: ``mappings``,
+  ``invariants`` and ``app_role``; listen/upstream/service_dsn/admin come from the fixtures).
 - :func:`run_setup` runs ``dualwrite setup`` (control schema, validation, grants).
 - :func:`drain` runs the in-process sidecar's applier until every unpaused outbox is empty.
 - :class:`ApplierProcess` runs ``python -m dualwrite apply --config FILE`` as a child.
@@ -96,16 +96,20 @@ def migration(
     ``unsupported="reject"``) apply to every mapping.
     """
     mappings: list[dict[str, Any]] = []
+    invariants: list[dict[str, Any]] = []
     app_role = None
     for name in names or MIGRATIONS:
         data = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
         app_role = data.get("app_role", app_role)
         mappings += copy.deepcopy(data["mappings"])
+        invariants += copy.deepcopy(data.get("invariants", []))
     for mapping in mappings:
         mapping.update(mapping_overrides)
         if modes and mapping["name"] in modes:
             mapping["mode"] = modes[mapping["name"]]
     config: dict[str, Any] = {"mappings": mappings}
+    if invariants:
+        config["invariants"] = invariants
     if app_role is not None:
         config["app_role"] = app_role
     return config
@@ -236,9 +240,9 @@ EXPECTED: dict[str, tuple[str, str]] = {
         "FROM v2.products",
     ),
     "transactions": (
-        "SELECT id, tenant_id, user_id, product_id, quantity, unit_price, discount, "
-        "quantity * unit_price - discount, status, created_at FROM public.transactions",
-        "SELECT id, tenant_id, user_id, product_id, quantity, unit_price, discount, "
+        "SELECT id, tenant_id, user_id, product_id, quantity, unit_price, discount, tax, "
+        "quantity * unit_price - discount + tax, status, created_at FROM public.transactions",
+        "SELECT id, tenant_id, user_id, product_id, quantity, unit_price, discount, tax, "
         "total_amount, status, created_at FROM v2.transactions",
     ),
     "stock_levels": (

@@ -1,0 +1,146 @@
+"""Per-tenant verdicts: each tenant judged on its own evidence, pure functions, no I/O.
+
+For a tenant T, in every mapping with a ``tenant_column``:
+
+- the clean window is walked over T's view of the passes: a full pass counts T's divergent
+  rows only (its ``by_tenant``), a pass limited to T is full evidence for T, a pass limited
+  to another tenant is left out; only repairs that touched T's rows (or whose tenants were not
+  recorded) restart T's window;
+- dead letters are those whose source row belongs to T;
+- a tenant-aware invariant (``tenant:`` set) counts T's failing groups only.
+
+Criteria no tenant can be told apart in (outbox age, unmirrored statements, mirror failures,
+backfill, pause, invariants without a tenant column, the sidecar's status) are shared: they
+count for every tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from compare.report.criteria import Window, clean_window, dead_letters, invariant
+from compare.report.model import (
+    Criterion,
+    Facts,
+    InvariantCheck,
+    MappingReport,
+    Pass,
+    Repair,
+    TenantReport,
+)
+from core.config import CutoverCriteria
+
+#: mapping criteria shared by every tenant (judged once for the whole mapping)
+SHARED = ("outbox_age", "unmirrored_statements", "mirror_failures", "backfill", "mirroring_active")
+
+
+@dataclass(frozen=True)
+class TenantEvidence:
+    """What gather read for the per-tenant verdicts."""
+
+    #: the mappings with a tenant_column, judged as a whole
+    mappings: Sequence[MappingReport]
+    #: per mapping, dead letters per tenant (None: the tenant could not be found)
+    dead_letters: Mapping[str, Mapping[str | None, int]]
+    checks: Sequence[InvariantCheck]
+    #: deployment criteria (migration-level invariants are re-judged per tenant)
+    overall: Sequence[Criterion]
+    #: tenants to list even without any trouble (report.tenants, --tenant)
+    named: Iterable[str] = ()
+
+
+def tenants_seen(evidence: TenantEvidence) -> list[str]:
+    """Every tenant the evidence names, and the named ones."""
+    seen: set[str] = set(evidence.named)
+    for mapping in evidence.mappings:
+        for run in mapping.facts.passes:
+            seen.update(run.by_tenant)
+            if run.tenant is not None:
+                seen.add(run.tenant)
+    for per_tenant in evidence.dead_letters.values():
+        seen.update(t for t in per_tenant if t is not None)
+    for check in evidence.checks:
+        seen.update(check.by_tenant)
+    return sorted(seen)
+
+
+def judge_tenants(
+    evidence: TenantEvidence, criteria: CutoverCriteria, window: Window
+) -> list[TenantReport]:
+    """Every tenant's report, NO-GO first, then the most trouble first."""
+    reports = [judge_tenant(t, evidence, criteria, window) for t in tenants_seen(evidence)]
+    return sorted(reports, key=lambda r: (r.go, -r.trouble, r.tenant))
+
+
+def judge_tenant(
+    tenant: str, evidence: TenantEvidence, criteria: CutoverCriteria, window: Window
+) -> TenantReport:
+    judged: list[Criterion] = []
+    divergent = {"missing": 0, "extra": 0, "changed": 0}
+    dead_total = 0
+    for mapping in evidence.mappings:
+        facts = tenant_facts(mapping.facts, tenant)
+        facts.dead_letters = int(evidence.dead_letters.get(mapping.name, {}).get(tenant, 0))
+        dead_total += facts.dead_letters
+        if facts.passes:
+            newest = facts.passes[0]
+            for cls in divergent:
+                divergent[cls] += getattr(newest, cls)
+        judged.append(_named(mapping.name, clean_window(facts, criteria, window)))
+        judged.append(_named(mapping.name, dead_letters(facts, criteria)))
+        judged += [_named(mapping.name, c) for c in mapping.criteria if c.name in SHARED]
+    failing_groups = 0
+    for check in evidence.checks:
+        if check.tenant_column is not None:
+            failing_groups += int(check.by_tenant.get(tenant, 0))
+            judged.append(_tenant_invariant(check, tenant, criteria, window))
+        else:
+            judged.append(invariant(check, criteria, window))
+    judged += [c for c in evidence.overall if not c.name.startswith("invariant:")]
+    return TenantReport(tenant, divergent, dead_total, failing_groups, judged)
+
+
+def tenant_facts(facts: Facts, tenant: str) -> Facts:
+    """``facts`` as tenant ``tenant`` sees them (the module docstring's rules)."""
+    passes = [p for p in (_tenant_pass(run, tenant) for run in facts.passes) if p is not None]
+    repairs = [r for r in facts.repairs if _touches(r, tenant)]
+    return replace(facts, passes=passes, repairs=repairs, dead_letters_by_sqlstate={})
+
+
+def _tenant_pass(run: Pass, tenant: str) -> Pass | None:
+    if run.tenant is not None:
+        # a pass limited to this tenant covers all of its rows
+        return replace(run, full=True, by_tenant={}) if run.tenant == tenant else None
+    counts = run.by_tenant.get(tenant, {})
+    return replace(
+        run,
+        missing=int(counts.get("missing", 0)),
+        extra=int(counts.get("extra", 0)),
+        changed=int(counts.get("changed", 0)),
+        # flagged with no counts: nothing says which tenant, so it counts for every tenant
+        flagged_unclean=run.flagged_unclean and run.divergent == 0,
+        by_tenant={},
+    )
+
+
+def _touches(repair: Repair, tenant: str) -> bool:
+    return not repair.tenants or tenant in repair.tenants
+
+
+def _tenant_invariant(
+    check: InvariantCheck, tenant: str, criteria: CutoverCriteria, window: Window
+) -> Criterion:
+    failing = int(check.by_tenant.get(tenant, 0))
+    mine = tuple(f for f in check.failures if f.tenant == tenant)
+    judged = invariant(replace(check, groups_failed=failing, failures=mine), criteria, window)
+    if isinstance(judged.measured, int):
+        judged = replace(judged, measured_text=f"{failing} failing (of this tenant)")
+    return judged
+
+
+def _named(mapping: str, criterion: Criterion) -> Criterion:
+    """A mapping's criterion in a tenant's list: its mapping in the name and title."""
+    return replace(
+        criterion, name=f"{mapping}:{criterion.name}", title=f"{mapping}: {criterion.title}"
+    )
