@@ -1,7 +1,7 @@
 """The reconcile passes inside ``dualwrite run``: a loop, and the admin action's single pass.
 
 Every ``reconcile.interval_seconds`` each mapping gets a pass, unless any process finished one
-that started less than an interval ago.
+that started less than an interval ago; then the configured invariants are checked.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from compare.connections import connect
+from compare.invariants import CheckOptions, check_all, invariants_to_check
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
 from core.config import Config
 from core.logs import get_logger
@@ -66,6 +67,7 @@ class ContinuousReconciler:
             started = time.monotonic()
             for mapping in self.mappings:
                 await self._maybe_pass(mapping, interval)
+            await self._check_invariants()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _maybe_pass(self, mapping: CompiledMapping, interval: float) -> None:
@@ -81,6 +83,22 @@ class ContinuousReconciler:
                 mapping=mapping.name,
                 error=describe_error(exc, mapping),
             )
+
+    async def _check_invariants(self) -> None:
+        """The configured invariants, after the passes (each check records its own outcome;
+        one that cannot connect is logged, never fatal)."""
+        chosen = invariants_to_check(self.config, None, None)
+        if not chosen:
+            return
+        who = f"continuous:{self.sidecar or 'sidecar'}"
+        try:
+            await check_all(
+                self.config, chosen, CheckOptions(requested_by=who, sidecar=self.sidecar)
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the loop and the sidecar must outlive a failing check
+            _log.warning("continuous_invariants_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _recently_reconciled(self, mapping: CompiledMapping, interval: float) -> bool:
         """A full pass by any process finished that started less than 90% of an interval ago

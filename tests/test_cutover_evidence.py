@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 from prometheus_client import REGISTRY
-from support import pos
+from support import pos, wait_until
 from test_compare_support import config_data, run_dualwrite, write_config
 
 from compare.commands import reconcile_command
@@ -587,3 +587,27 @@ def test_every_chart_of_a_page_has_the_same_time_axis() -> None:
     assert len(bar_axis) == 8
     assert bar_axis[0] == (f"{charts.LEFT:.1f}", "03 Dec 12:30")
     assert axis(timeline, "97.0") == bar_axis
+
+
+def test_the_sidecar_checks_invariants_after_its_continuous_passes(seeded: Any, sidecar) -> None:
+    db = seeded
+    data = evidence_config(db, "transactions-total")
+    run_setup(data)
+    handle = sidecar({
+        "mappings": data["mappings"],
+        "reconcile": {"interval_seconds": 0.3, "recheck_delay_seconds": 0},
+    })
+    runs = wait_until(
+        lambda: db.sql(
+            "SELECT invariant, requested_by, groups_checked FROM dualwrite.invariant_runs "
+            "WHERE status = 'done' AND invariant = %s", DAILY
+        )[1:],
+        30,
+        "two continuous invariant checks",
+    )
+    assert {(r[1], r[2]) for r in runs} == {
+        (f"continuous:{handle.sidecar.recorder.sidecar}", 9)
+    }
+    # the sidecar's /metrics reads the latest check from the control schema
+    text = handle.http("/metrics")[1]
+    assert f'dualwrite_invariant_failing_groups{{invariant="{DAILY}"}} 0.0' in text
