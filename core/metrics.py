@@ -381,6 +381,8 @@ SHADOW_LATENCY_RATIO: Final = Histogram(
 )
 SHADOW_QUEUE_DEPTH: Final = Gauge(
     "dualwrite_shadow_queue_depth", "Captured reads waiting for a shadow replay"
+)
+
 # --- business invariants ------------------------------------------------------------------------
 # Labelled by invariant name only (names come from the config, so the series are bounded by it).
 # Set by the process that checks them (``dualwrite reconcile``) and, from the control schema,
