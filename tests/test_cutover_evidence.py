@@ -522,10 +522,9 @@ def test_tenant_metrics_are_a_capped_label_set(seeded: Any) -> None:
 async def _bound(config: Any) -> list[Any]:
     conn = await asyncpg.connect(config.service_dsn)
     try:
-        mappings, _ = await validated_mappings(conn, config)
+        return list(await validated_mappings(conn, config))
     finally:
         await conn.close()
-    return list(mappings)
 
 
 # --- report honesty ------------------------------------------------------------------------------
