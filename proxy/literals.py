@@ -263,6 +263,44 @@ class _Plan:
 
     segments: tuple[str, ...]
     slots: tuple[_Slot, ...]
+    #: the whole statement as one regular expression: a group per STRING or NUMBER slot
+    pattern: re.Pattern[str] | None = None
+    #: (group number, slot) of each slot that is a parameter
+    params: tuple[tuple[int, _Slot], ...] = ()
+    #: the shape text when no slot's text varies between statements (every STRING and NUMBER
+    #: slot is a parameter), else None (built per statement)
+    shape: str | None = None
+
+
+def _compiled(segments: tuple[str, ...], slots: tuple[_Slot, ...]) -> _Plan:
+    parts: list[str] = []
+    params: list[tuple[int, _Slot]] = []
+    shape: list[str] = []
+    group = 0
+    for segment, slot in zip(segments, slots, strict=False):
+        parts.append(re.escape(segment))
+        shape.append(segment)
+        if slot.kind == OTHER:
+            parts.append(re.escape(slot.text))
+            shape.append(slot.text)
+            continue
+        group += 1
+        parts.append(f"({(_STRING if slot.kind == STRING else _NUMBER).pattern})")
+        if slot.param:
+            params.append((group, slot))
+            shape.append(f"${len(params)}")
+        else:
+            shape.append("")  # varies: built per statement
+    parts.append(re.escape(segments[-1]))
+    shape.append(segments[-1])
+    fixed = all(slot.param or slot.kind == OTHER for slot in slots)
+    return _Plan(
+        segments,
+        slots,
+        re.compile("".join(parts), re.S),
+        tuple(params),
+        "".join(shape) if fixed else None,
+    )
 
 
 _UNKNOWN: Final = object()
@@ -325,11 +363,36 @@ def _plan(text: str, normalized: str, full: Parameterized | None) -> _Plan | Non
         pos = end
     if text[pos:] != segments[-1]:
         return None
-    return _Plan(tuple(segments), tuple(slots))
+    return _compiled(tuple(segments), tuple(slots))
 
 
 def _split(plan: _Plan, text: str) -> Parameterized | None:
     """A statement of a known shape as parameters; None when it does not fit the shape."""
+    if plan.shape is None or plan.pattern is None:
+        return _split_slowly(plan, text)
+    found = plan.pattern.fullmatch(text)
+    if found is None:
+        return None
+    literals: list[Literal] = []
+    for group, slot in plan.params:
+        literal = found.group(group)
+        start, end = found.span(group)
+        if slot.kind == STRING:
+            if "\\" in literal:
+                return None
+            literals.append(Literal(start, end, UNKNOWN, literal[1:-1].replace("''", "'")))
+        else:
+            typed = _typed_number(start, end, "".join(literal.split()))
+            if typed is None:
+                return None
+            literals.append(typed)
+    if not literals:
+        return None
+    return Parameterized(plan.shape, tuple(literals))
+
+
+def _split_slowly(plan: _Plan, text: str) -> Parameterized | None:
+    """``_split`` for a shape with literals that stay in the text (they vary by statement)."""
     pieces: list[str] = []
     literals: list[Literal] = []
     pos = 0
