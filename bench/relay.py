@@ -292,7 +292,8 @@ def report(
         f"- Date: {meta['date']}",
         f"- Machine: {common.machine_line(machine)}",
         f"- Setup: pgbench {machine['pgbench']}, scale {args.scale}, {args.clients} clients, "
-        f"-j {args.jobs}, {args.duration} s per run, {rounds} "
+        f"-j {args.jobs} (the latency workload: 1 client, -j 1), {args.duration} s per run, "
+        f"{rounds} "
         f"({order}), medians shown; all over TCP on 127.0.0.1, server: {meta['server_origin']}",
         f"- Targets: pgbouncer {machine.get('pgbouncer', 'n/a')} in session pooling; "
         f"dualwrite {machine['dualwrite_commit']} as a plain relay (no mappings)"
