@@ -19,14 +19,12 @@ $(STAMP): pyproject.toml setup.py
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# check_import_cycles --allow: the proxy's session/server/cancel cycle is known and being
-# broken; drop the --allow when it is
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 	$(BIN)/mypy scripts/check_import_cycles.py
-	$(BIN)/python scripts/check_import_cycles.py --allow proxy.session,proxy.server,proxy.cancel
+	$(BIN)/python scripts/check_import_cycles.py
 
 bench: venv
 	$(BIN)/python -m bench

@@ -19,9 +19,11 @@ from bench.common import BenchError, Server
 from core.config import Config, parse_config
 from core.control import ActivityRecorder, MappingStates
 from dualwrite.service import validated_mappings
+from proxy.host import MirrorContext
+from proxy.relay import State
 from proxy.rewrite import Rewriter
-from proxy.server import MirrorContext, ProxyServer
-from proxy.session import READY, Session
+from proxy.server import ProxyServer
+from proxy.session import Session
 from proxy.traffic import TrafficRecorder
 from proxy.wire import messages as m
 from proxy.wire.frames import frame
@@ -233,7 +235,7 @@ async def _session(config: Config, mirrored: bool, traffic: bool) -> Session:
     session = Session(ProxyServer(config, mirror_context), 1)
     session.client.transport = _Transport()  # type: ignore[assignment]
     session.upstream.transport = _Transport()  # type: ignore[assignment]
-    session.state = READY
+    session.relay.state = State.READY
     return session
 
 

@@ -1,36 +1,152 @@
-"""The one error taxonomy of dualwrite: every error we raise on purpose is one of these.
+"""The one error taxonomy of dualwrite: every error we raise on purpose, and every
+ErrorResponse the proxy itself sends a client.
+
+Raised (exceptions):
 
     DualwriteError                      base; ``exit_code`` says what the CLI exits with
     ├── ConfigError                     the config file or environment is wrong (exit 2)
     │   ├── ConfigErrors                several at once: every one of a file's problems
     │   ├── MappingValidationError      a mapping does not match the live database (exit 2)
     │   └── WalNotReady                 the database cannot serve a WAL-captured mapping (exit 2)
-    ├── ProtocolViolation               a client broke the wire protocol (SQLSTATE 08P01)
-    │   └── MessageTooLarge             a length field is negative or over the limit (08P01)
-    ├── ClientRefused                   the proxy will not serve this client now
-    │   ├── TooManyConnections          max_client_connections reached (53300)
-    │   ├── StartupTimeout              no complete startup packet in time (08P01)
-    │   └── ShuttingDown                the sidecar is draining (57P01)
-    ├── UpstreamUnavailable             the PostgreSQL server cannot be reached (08006)
+    ├── ProtocolViolation               a client broke the wire protocol (PROTOCOL_VIOLATION)
+    │   └── MessageTooLarge             a length field is negative or over the limit (same)
+    ├── UpstreamUnavailable             the PostgreSQL server cannot be reached
+    │                                   (UPSTREAM_UNAVAILABLE)
     ├── DatabaseUnreachable             an operator command cannot connect (exit 2)
-    ├── StatementRejected               a write the mapping's policy refuses (0A000)
-    ├── MirrorError                     the applier could not copy keys to the target
     ├── WalDecodeError                  a pgoutput message the WAL reader cannot decode
     └── ControlSchemaMissing            `dualwrite setup` has not been run (exit 2)
 
-Errors that reach a client carry a SQLSTATE and are sent as a PostgreSQL ErrorResponse;
-errors that reach an operator name the config path or mapping and the reason.
+Sent (one ``ClientError`` table entry per reason the proxy answers a client itself; each
+builds its ErrorResponse with ``.response(**fields)``):
+
+    ClientError                         SQLSTATE  severity  when
+    ├── ADMIN_SHUTDOWN                  57P01     FATAL     the sidecar is draining or its
+    │                                                       grace period is over
+    ├── STARTING_SHUTDOWN               57P03     FATAL     a client starts up while draining
+    ├── TOO_MANY_CLIENTS                53300     FATAL     max_client_connections reached
+    ├── PROTOCOL_VIOLATION              08P01     FATAL     bad frames (ProtocolViolation)
+    ├── STARTUP_TIMEOUT                 08P01     FATAL     no finished startup in time
+    ├── UNSUPPORTED_PROTOCOL            0A000     FATAL     a protocol version other than 3
+    ├── STATEMENT_REJECTED              0A000     ERROR     a write the mapping's policy refuses
+    ├── UPSTREAM_UNAVAILABLE            08006     FATAL     connecting upstream failed
+    ├── UPSTREAM_CLOSED                 08006     FATAL     the server dropped the connection
+    └── INTERNAL_ERROR                  XX000     FATAL     a bug of ours ended the session
+
+Errors that reach an operator name the config path or mapping and the reason; errors that
+reach a client are one of the table's entries, so no SQLSTATE or message is written by hand
+anywhere else.
 """
 
 from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Final
+
+#: ErrorResponse field codes (the protocol's one-byte field types)
+_SEVERITY: Final = ord("S")
+_SEVERITY_NONLOCALIZED: Final = ord("V")
+_CODE: Final = ord("C")
+_MESSAGE: Final = ord("M")
+_DETAIL: Final = ord("D")
+_HINT: Final = ord("H")
+
+
+def encode_error_response(
+    sqlstate: str,
+    message: str,
+    *,
+    severity: str = "ERROR",
+    detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    """An ErrorResponse frame as the server would send it (severity, SQLSTATE, message...)."""
+    fields: list[tuple[int, str]] = [
+        (_SEVERITY, severity),
+        (_SEVERITY_NONLOCALIZED, severity),
+        (_CODE, sqlstate),
+        (_MESSAGE, message),
+    ]
+    if detail:
+        fields.append((_DETAIL, detail))
+    if hint:
+        fields.append((_HINT, hint))
+    body = bytearray()
+    for code, value in fields:
+        body.append(code)
+        body += value.encode("utf-8", "replace") + b"\x00"
+    body.append(0)
+    return b"E" + (len(body) + 4).to_bytes(4, "big") + bytes(body)
+
+
+@dataclass(frozen=True)
+class ClientError:
+    """One reason the proxy answers a client with an ErrorResponse of its own."""
+
+    sqlstate: str
+    #: a ``str.format`` template; its fields are passed to ``response``
+    message: str
+    severity: str = "FATAL"
+    hint: str | None = None
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The names ``response`` needs to fill the message."""
+        return frozenset(name for _, name, _, _ in string.Formatter().parse(self.message) if name)
+
+    def text(self, **fields: object) -> str:
+        return self.message.format(**fields)
+
+    def response(self, *, detail: str | None = None, **fields: object) -> bytes:
+        """The ErrorResponse frame, the message filled from ``fields``."""
+        return encode_error_response(
+            self.sqlstate,
+            self.text(**fields),
+            severity=self.severity,
+            detail=detail,
+            hint=self.hint,
+        )
+
+
+ADMIN_SHUTDOWN: Final = ClientError("57P01", "terminating connection due to administrator command")
+STARTING_SHUTDOWN: Final = ClientError("57P03", "the database system is shutting down")
+TOO_MANY_CLIENTS: Final = ClientError("53300", "sorry, too many clients already")
+PROTOCOL_VIOLATION: Final = ClientError("08P01", "{reason}")
+STARTUP_TIMEOUT: Final = ClientError(
+    "08P01", "timeout expired before the connection finished starting up"
+)
+UNSUPPORTED_PROTOCOL: Final = ClientError(
+    "0A000", "unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.0"
+)
+STATEMENT_REJECTED: Final = ClientError(
+    "0A000",
+    "{message}",
+    severity="ERROR",
+    hint="The mapping's unsupported policy is reject; rewrite the statement or change the policy.",
+)
+UPSTREAM_UNAVAILABLE: Final = ClientError("08006", "{reason}")
+UPSTREAM_CLOSED: Final = ClientError("08006", "upstream server closed the connection unexpectedly")
+INTERNAL_ERROR: Final = ClientError("XX000", "dualwrite: internal error; the connection was closed")
+
+#: the table: every ErrorResponse the proxy sends of its own, by name
+CLIENT_ERRORS: Final[dict[str, ClientError]] = {
+    "ADMIN_SHUTDOWN": ADMIN_SHUTDOWN,
+    "STARTING_SHUTDOWN": STARTING_SHUTDOWN,
+    "TOO_MANY_CLIENTS": TOO_MANY_CLIENTS,
+    "PROTOCOL_VIOLATION": PROTOCOL_VIOLATION,
+    "STARTUP_TIMEOUT": STARTUP_TIMEOUT,
+    "UNSUPPORTED_PROTOCOL": UNSUPPORTED_PROTOCOL,
+    "STATEMENT_REJECTED": STATEMENT_REJECTED,
+    "UPSTREAM_UNAVAILABLE": UPSTREAM_UNAVAILABLE,
+    "UPSTREAM_CLOSED": UPSTREAM_CLOSED,
+    "INTERNAL_ERROR": INTERNAL_ERROR,
+}
 
 
 class DualwriteError(Exception):
     """Base of every deliberate dualwrite error."""
 
     exit_code: int = 1
-    sqlstate: str = "XX000"
-    severity: str = "ERROR"
 
 
 class ConfigError(DualwriteError):
@@ -87,8 +203,11 @@ class ControlSchemaMissing(DualwriteError):
 class ProtocolViolation(DualwriteError):
     """The client sent bytes that are not valid PostgreSQL protocol v3."""
 
-    sqlstate = "08P01"
-    severity = "FATAL"
+    client_error: ClientError = PROTOCOL_VIOLATION
+
+    def response(self) -> bytes:
+        """The ErrorResponse that tells the client what it broke."""
+        return self.client_error.response(reason=str(self))
 
 
 class MessageTooLarge(ProtocolViolation):
@@ -103,29 +222,14 @@ class MessageTooLarge(ProtocolViolation):
             super().__init__(f"message of {length} bytes exceeds the limit of {limit} bytes")
 
 
-class ClientRefused(DualwriteError):
-    """The sidecar declines this client connection."""
-
-    severity = "FATAL"
-
-
-class TooManyConnections(ClientRefused):
-    sqlstate = "53300"
-
-
-class StartupTimeout(ClientRefused):
-    sqlstate = "08P01"
-
-
-class ShuttingDown(ClientRefused):
-    sqlstate = "57P01"
-
-
 class UpstreamUnavailable(DualwriteError):
     """The upstream PostgreSQL server refused or dropped the connection."""
 
-    sqlstate = "08006"
-    severity = "FATAL"
+    client_error: ClientError = UPSTREAM_UNAVAILABLE
+
+    def response(self) -> bytes:
+        """The ErrorResponse that tells the client why it has no server."""
+        return self.client_error.response(reason=str(self))
 
 
 class DatabaseUnreachable(DualwriteError):
@@ -134,18 +238,8 @@ class DatabaseUnreachable(DualwriteError):
     exit_code = 2
 
 
-class StatementRejected(DualwriteError):
-    """A write to a mapped table that cannot be mirrored, under policy ``reject``."""
-
-    sqlstate = "0A000"
-
-
 class WalDecodeError(DualwriteError):
     """A logical-decoding message that is truncated or of a kind the reader does not know.
 
     The reader stops without confirming anything past the last good transaction, so the
     changes are read again after a fix, never skipped."""
-
-
-class MirrorError(DualwriteError):
-    """Copying keys from source to target failed (the keys are dead-lettered, not lost)."""

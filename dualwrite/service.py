@@ -58,8 +58,9 @@ from mirror.wal import keys as wal_keys
 from mirror.wal import slot as wal_slot
 from mirror.wal.reader import WalReader
 from proxy import mirror_sql
+from proxy.host import MirrorContext
 from proxy.rewrite import Rewriter
-from proxy.server import MirrorContext, ProxyServer
+from proxy.server import ProxyServer
 from proxy.shadow.plan import Planner
 from proxy.shadow.replay import ShadowReplayer
 from proxy.shadow.tap import ShadowTap

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from core import metrics
 from core.config import UpstreamConfig
@@ -19,8 +19,12 @@ from core.logs import get_logger
 from proxy.upstream import connect_upstream
 from proxy.wire.messages import CancelKey, build_cancel_request
 
-if TYPE_CHECKING:
-    from proxy.session import Session
+
+class CancelOwner(Protocol):
+    """A session as cancel routing sees it (proxy.session.Session)."""
+
+    @property
+    def conn_id(self) -> int: ...
 
 _log = get_logger("proxy.cancel")
 
@@ -41,12 +45,12 @@ class CancelRegistry:
 
     def __init__(self, upstream: UpstreamConfig) -> None:
         self._upstream = upstream
-        self._sessions: weakref.WeakValueDictionary[CancelKey, Session] = (
+        self._sessions: weakref.WeakValueDictionary[CancelKey, CancelOwner] = (
             weakref.WeakValueDictionary()
         )
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def register(self, key: CancelKey, session: Session) -> None:
+    def register(self, key: CancelKey, session: CancelOwner) -> None:
         self._sessions[key] = session
 
     def forget(self, key: CancelKey) -> None:

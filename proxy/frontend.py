@@ -16,6 +16,7 @@ from typing import Any, Final
 from core import metrics
 from core.control import ActivityRecorder
 from core.sqllex import lexes_alike
+from core.errors import STATEMENT_REJECTED
 from proxy.classify import statement_kind
 from proxy.lexing import AMBIGUOUS, SessionLexing
 from proxy.literals import parameterize
@@ -24,7 +25,6 @@ from proxy.prepared_writes import READY, PreparedShape, PreparedWrites, drops_st
 from proxy.reply_repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
 from proxy.rewrite import (
     REJECT,
-    REJECT_HINT,
     REWRITE,
     UNMIRRORED,
     Rewriter,
@@ -423,7 +423,7 @@ class Frontend:
         if plan.action == REJECT:
             self._record_unmirrored(rewritten)
             self.discarding = True
-            error = m.error_response("0A000", reject_message(plan.template), hint=REJECT_HINT)
+            error = STATEMENT_REJECTED.response(message=reject_message(plan.template))
             return b"", [Pending(m.PARSE, inject=error)]
         if plan.action not in (UNMIRRORED, REWRITE):
             self.statements.pop(parse.name, None)

@@ -33,6 +33,7 @@ from pglast import parser as pgparser
 
 from core import metrics
 from core.control import MappingStates, delete_call_sql
+from core.errors import STATEMENT_REJECTED
 from core.mapping import CompiledMapping, read_columns
 from core.sqllex import Respelled
 from core.sqltext import QualifiedName, quote_ident, utf8_literal
@@ -624,9 +625,8 @@ class Rewriter:
         )
 
 
-REJECT_HINT: Final = (
-    "The mapping's unsupported policy is reject; rewrite the statement or change the policy."
-)
+#: the hint of every rejection, the server-raised ones included (core/errors.py's table)
+REJECT_HINT: Final = STATEMENT_REJECTED.hint or ""
 
 
 def reject_message(template: Template) -> str:

@@ -4,36 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from core import metrics
 from core.config import Config
-from core.control import ActivityRecorder
+from core.errors import STARTING_SHUTDOWN, TOO_MANY_CLIENTS, ClientError
 from core.logs import get_logger
 from proxy.cancel import CancelRegistry
-from proxy.rewrite import Rewriter
+from proxy.host import MirrorContext
+from proxy.relay import State
 from proxy.session import Session
-from proxy.shadow.tap import ShadowTap
-from proxy.traffic import TrafficRecorder
 
 _log = get_logger("proxy")
 
-
-@dataclass
-class MirrorContext:
-    """What sessions need to mirror writes: the rewriter and where activity is recorded."""
-
-    rewriter: Rewriter
-    recorder: ActivityRecorder
-    #: notes statement texts for lint's traffic evidence (None: traffic.enabled is false)
-    traffic: TrafficRecorder | None = None
-    #: samples reads for the shadow replay (None: shadow reads are off)
-    shadow: ShadowTap | None = None
+#: states of a session that holds (or is about to hold) an upstream connection
+_STARTED: Final = frozenset({State.CONNECT, State.AUTH, State.READY, State.DRAINING})
 
 
 class ProxyServer:
-    """Accepts client connections and relays each to its own upstream connection."""
+    """Accepts client connections and relays each to its own upstream connection.
+
+    It is the SessionHost (proxy/host.py) of every session it accepts.
+    """
 
     def __init__(self, config: Config, mirror: MirrorContext | None = None) -> None:
         self.config = config
@@ -70,8 +62,17 @@ class ProxyServer:
 
     def at_capacity(self) -> bool:
         """True when admitting one more started session would pass max_client_connections."""
-        started = sum(1 for s in self.sessions if s.state in ("connect", "auth", "ready"))
+        started = sum(1 for s in self.sessions if s.state in _STARTED)
         return started >= self.config.limits.max_client_connections
+
+    def admission(self) -> ClientError | None:
+        """Why a client that has sent its StartupMessage is refused now, or None."""
+        if self.shutting_down:
+            return STARTING_SHUTDOWN
+        if self.at_capacity():
+            # Answer the way PostgreSQL does once its own slots are gone.
+            return TOO_MANY_CLIENTS
+        return None
 
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -82,7 +83,7 @@ class ProxyServer:
         self.shutting_down = True
         if self._server is not None:
             self._server.close()
-        busy = [s for s in self.sessions if s.state != "closed"]
+        busy = [s for s in self.sessions if s.state is not State.CLOSED]
         _log.info("draining", sessions=len(busy), grace_seconds=grace_seconds)
         for session in list(busy):
             session.request_shutdown()
@@ -105,3 +106,6 @@ class ProxyServer:
             "client_connections": len(self.sessions),
             "shutting_down": self.shutting_down,
         }
+
+
+__all__ = ["MirrorContext", "ProxyServer"]

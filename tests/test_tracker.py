@@ -1,10 +1,10 @@
-"""The reply tracker, driven with real frames the way the session relay drives it.
+"""The reply tracker, driven with real frames through the real relay core.
 
-``Relay`` below repeats the tracker calls of ``proxy.session.Session`` (``_client_frames``,
-``_client_inspect``, ``_expect``, ``_server_data``, ``_server_frames``, ``_reply_slow``) with
-the session's own scan tables, minus the sockets. What the rewrite layer would decide is
-scripted per message. Precise-mode tests run twice: with the session's inlined fast path for
-plain entries, and with every reply going through ``ResponseTracker.on_reply``; both must agree.
+``Relay`` below feeds bytes to ``proxy.relay.Relay`` (brought to READY through a real
+startup) and collects what it forwards and what effects it asks for, minus the sockets. What
+the rewrite layer would decide is scripted per message. Precise-mode tests run twice: with
+the core's inlined fast path for plain entries, and with every reply going through
+``ResponseTracker.on_reply`` (``Relay.inline_replies = False``); both must agree.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy import session as s
-from proxy.tracker import CYCLE_END, Pending, ResponseTracker
+from proxy import relay as rc
+from proxy.relay import Effects, ToClient, ToServer
+from proxy.tracker import Pending, ResponseTracker
 from proxy.wire import messages as m
 from proxy.wire.frames import FrameScanner, frame, frame_end
+from tests.support.relay_core import new_core, to_ready
 
 # ---------------------------------------------------------------------------------------------
 # Client messages
@@ -120,6 +122,8 @@ class ScriptedFrontend:
     def __init__(self) -> None:
         self.script: dict[bytes, list[tuple[bytes | None, list[int | Pending]]]] = {}
         self.inspects_extended = False
+        self.discarding = False
+        self.parameters: dict[str, str] = {}
 
     def on(
         self, raw: bytes, *entries: int | Pending, replacement: bytes | None = None
@@ -129,149 +133,64 @@ class ScriptedFrontend:
         if raw[0] not in (m.QUERY, m.PARSE):
             self.inspects_extended = True
 
-    def plain_extended(self, buf: bytes, starts: list[int]) -> bool:
+    def plain_query(self, body: bytes) -> bool:
+        """Like Frontend.plain_query: True when the lone Query has no script."""
+        return not self.script.get(frame(bytes((m.QUERY,)), body))
+
+    def plain_extended(self, buf: bytes, kinds: bytes, starts: list[int]) -> bool:
         """Like Frontend.plain_extended: no frame of the read has a script."""
         return not any(self.script.get(buf[at : frame_end(buf, at)]) for at in starts)
 
-    def message(self, raw: bytes) -> tuple[bytes | None, list[int | Pending]]:
-        scripted = self.script.get(raw)
+    def message(self, typ: int, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
+        scripted = self.script.get(frame(bytes((typ,)), body))
         if scripted:
             return scripted.pop(0)
-        typ = raw[0]
-        return None, [typ] if typ in s._REPLY_KINDS else []
+        return None, [typ] if typ in rc.REPLY_KINDS else []
+
+    def server_parameter(self, name: str, value: str) -> None:
+        self.parameters[name] = value
 
 
 class Relay:
-    """The session's use of the tracker and scanners, with byte buffers for sockets."""
+    """The real relay core, with byte buffers for sockets."""
 
     def __init__(self, *, inline: bool = True) -> None:
-        self.inline = inline
-        self.tracker = ResponseTracker()
         self.frontend = ScriptedFrontend()
-        self.client_scan = FrameScanner(s._CLIENT_TABLE, streamable=s._STREAMABLE_CLIENT)
-        self.server_scan = FrameScanner(s._SERVER_TABLE, streamable=s._STREAMABLE_SERVER)
+        self.core = new_core(self.frontend)
+        self.core.inline_replies = inline
+        to_ready(self.core)
+        self.tracker = self.core.tracker
         self.upstream = bytearray()
         self.to_client = bytearray()
-        #: (reply type, entry on_reply returned) for replies that took the slow path
-        self.matched: list[tuple[str, int | Pending | None]] = []
 
-    # --- client -> server (Session._client_frames / _client_inspect / _expect) ------------
+    @property
+    def server_scan(self) -> FrameScanner:
+        return self.core.server_scan
+
+    def _carry_out(self, effects: Effects) -> None:
+        for effect in effects:
+            if isinstance(effect, ToClient):
+                self.to_client += effect.data
+            elif isinstance(effect, ToServer):
+                self.upstream += effect.data
+            else:
+                pytest.fail(f"unexpected effect {effect!r}")
 
     def client(self, *messages: bytes) -> None:
-        data = b"".join(messages)
-        buf, ready_, kinds, starts, flags, ends, after, _ = self.client_scan.feed(data)
-        if not ready_:
-            return
-        if kinds:
-            if flags & s._INSPECT or (
-                flags & s._NAMED and not self.frontend.plain_extended(buf, starts)
-            ):
-                self._client_inspect(buf, ready_, starts[0])
-                return
-            self.tracker.sent(kinds, ends, after)
-        self.upstream += buf[:ready_]
-
-    def _client_inspect(self, buf: bytes, ready_: int, first: int) -> None:
-        self.upstream += buf[:first]
-        pos = first
-        while pos < ready_:
-            end = frame_end(buf, pos)
-            if end > ready_:
-                break
-            replacement, entries = self.frontend.message(buf[pos:end])
-            for entry in entries:
-                self._expect(entry)
-            self.upstream += buf[pos:end] if replacement is None else replacement
-            pos = end
-        self.upstream += buf[pos:ready_]
-        self.client_scan.table = (
-            s._CLIENT_TABLE_REWRITING if self.frontend.inspects_extended else s._CLIENT_TABLE
-        )
-
-    def _expect(self, entry: int | Pending) -> None:
-        tracker = self.tracker
-        tracker.expect(entry)
-        if type(entry) is not Pending:
-            return
-        if entry.plan is not None:
-            self.server_scan.table = s._SERVER_TABLE_ALL
-        if entry.inject is not None and tracker.queue and tracker.queue[0] is entry:
-            self.to_client += tracker.take_injections()
+        forward, effects = self.core.from_client(b"".join(messages))
+        self.upstream += forward
+        self._carry_out(effects)
 
     def proxy_sends(self, raw: bytes, *entries: int | Pending) -> None:
         """A message the proxy itself sends upstream (its replies are swallowed)."""
         for entry in entries:
-            self._expect(entry)
+            self.to_client += self.core.expect(entry)
         self.upstream += raw
 
-    # --- server -> client (Session._server_data / _server_frames / _reply_slow) ------------
-
     def server(self, *messages: bytes) -> None:
-        data = b"".join(messages)
-        buf, ready_, kinds, starts, _flags, readies, after, _ = self.server_scan.feed(data)
-        if not ready_:
-            return
-        if self.tracker.queue is None:
-            self.tracker.received(buf, kinds, starts, readies, after)
-            self.to_client += buf[:ready_]
-        else:
-            self._server_frames(buf, ready_, kinds, starts)
-
-    def _server_frames(self, buf: bytes, ready_: int, kinds: bytes, starts: list[int]) -> None:
-        tracker = self.tracker
-        queue = tracker.queue
-        assert queue is not None
-        out = bytearray()
-        run = 0
-        for typ, start in zip(kinds, starts, strict=True):
-            head = queue[0] if queue else None
-            if self.inline and type(head) is int:
-                if typ == m.DATA_ROW or typ == m.COPY_DATA:
-                    continue
-                if typ == m.READY_FOR_QUERY:
-                    tracker.status = buf[start + 5 : start + 6]
-                    tracker.copy_in = False
-                    if queue.popleft() not in CYCLE_END:
-                        tracker.on_reply(typ, tracker.status)
-                elif s._COMPLETES.get(typ) == head:
-                    queue.popleft()
-                elif not (head == m.QUERY and typ in s._QUERY_PARTS):
-                    tracker.on_reply(typ, b"")
-                if not tracker.injections:
-                    continue
-                end = frame_end(buf, start)
-                out += buf[run:end]
-                out += tracker.take_injections()
-                run = end
-                continue
-            run = self._reply_slow(out, buf, run, start, frame_end(buf, start), typ)
-        out += buf[run:ready_]
-        self.to_client += out
-        if tracker.settle():
-            self.server_scan.table = s._SERVER_TABLE
-
-    def _reply_slow(
-        self, out: bytearray, buf: bytes, run: int, start: int, end: int, typ: int
-    ) -> int:
-        body = buf[start + 5 : end]
-        entry = self.tracker.on_reply(typ, body)
-        self.matched.append((chr(typ), entry))
-        replacement: bytes | None = None
-        if type(entry) is Pending:
-            if entry.swallow:
-                replacement = b""
-            elif entry.plan is not None:
-                raw = buf[start:end]
-                new = entry.plan.on_reply(typ, body, raw)
-                if new is not raw:
-                    replacement = new
-        injections = self.tracker.take_injections()
-        if replacement is None and not injections:
-            return run
-        out += buf[run:start]
-        out += buf[start:end] if replacement is None else replacement
-        out += injections
-        return end
+        forward, effects = self.core.from_server(b"".join(messages))
+        self.to_client += forward
+        self._carry_out(effects)
 
     # --- what tests look at -----------------------------------------------------------------
 
@@ -290,7 +209,7 @@ class Relay:
         assert tracker.idle == (status == b"I")
         assert tracker.injections == 0
         assert tracker.unexpected == 0
-        assert self.server_scan.table == s._SERVER_TABLE
+        assert self.server_scan.table == rc.SERVER_TABLE
 
 
 @pytest.fixture(params=["session-inline", "tracker-only"])
@@ -429,7 +348,7 @@ def test_precise_extended_pipeline(relay: Relay) -> None:
     relay.client(*messages)
     assert tracker.precise
     assert relay.queue_kinds() == "PBDDECS"
-    assert relay.server_scan.table == s._SERVER_TABLE_ALL
+    assert relay.server_scan.table == rc.SERVER_TABLE_ALL
     relay.server(PARSE_COMPLETE, BIND_COMPLETE, PARAMETER_DESCRIPTION, ROW_DESCRIPTION)
     assert relay.queue_kinds() == "DECS"
     relay.server(ROW_DESCRIPTION, ROW, ROW)
@@ -929,13 +848,13 @@ def test_becoming_precise_at_any_point_ends_consistent(
     for index, (side, data) in enumerate(events):
         if index == switch:
             relay.tracker._become_precise()
-            relay.server_scan.table = s._SERVER_TABLE_ALL
+            relay.server_scan.table = rc.SERVER_TABLE_ALL
         if side == "c":
             relay.client(data)
         else:
             relay.server(data)
     assert relay.tracker.settle()
-    relay.server_scan.table = s._SERVER_TABLE
+    relay.server_scan.table = rc.SERVER_TABLE
     relay.assert_done()
     assert bytes(relay.to_client) == cat(*(data for side, data in events if side == "s"))
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from core.errors import ProtocolViolation
+from core.errors import ProtocolViolation, encode_error_response
 from proxy.wire.frames import frame
 
 # Frontend (client -> server) type bytes.
@@ -395,18 +395,12 @@ def error_response(
     detail: str | None = None,
     hint: str | None = None,
 ) -> bytes:
-    """An ErrorResponse as the server would send it (severity, SQLSTATE, message...)."""
-    fields: list[tuple[int, str]] = [
-        (FIELD_SEVERITY, severity),
-        (FIELD_SEVERITY_NONLOCALIZED, severity),
-        (FIELD_CODE, sqlstate),
-        (FIELD_MESSAGE, message),
-    ]
-    if detail:
-        fields.append((FIELD_DETAIL, detail))
-    if hint:
-        fields.append((FIELD_HINT, hint))
-    return frame(b"E", encode_fields(fields))
+    """An ErrorResponse as the server would send it (severity, SQLSTATE, message...).
+
+    The proxy's own errors come from the table in core/errors.py; this builds any other
+    (test servers, tests).
+    """
+    return encode_error_response(sqlstate, message, severity=severity, detail=detail, hint=hint)
 
 
 def encode_fields(fields: Iterable[tuple[int, str]]) -> bytes:
