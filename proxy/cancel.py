@@ -56,16 +56,18 @@ class CancelRegistry:
     def forget(self, key: CancelKey) -> None:
         self._sessions.pop(key, None)
 
-    def forward(self, key: CancelKey) -> None:
-        """Send the cancel upstream in the background if the key is one of ours."""
+    def forward(self, key: CancelKey) -> asyncio.Task[None] | None:
+        """Send the cancel upstream in the background if the key is one of ours; the task
+        ends once the server has closed the cancel connection (None: the key is unknown)."""
         session = self._sessions.get(key)
         if session is None:
             metrics.CANCEL_REQUESTS.labels("unknown_key").inc()
             _log.info("cancel_ignored", reason="unknown backend key")
-            return
+            return None
         task = asyncio.get_running_loop().create_task(self._send(key, session.conn_id))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _send(self, key: CancelKey, conn_id: int) -> None:
         try:

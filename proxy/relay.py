@@ -19,7 +19,12 @@ were still owed: they are relayed, in order, until the server closes, as Postgre
 answers every message it read before a Terminate.
 
     STARTUP --startup message--> CONNECT --upstream connected--> AUTH --ready--> READY
-    READY --client done--> DRAINING;   any state but CLOSED --close--> CLOSED
+    READY --client done--> DRAINING;   STARTUP --cancel request--> CANCELLING
+    any state but CLOSED --close--> CLOSED
+
+A CancelRequest connection is closed only once the cancel was forwarded (the glue closes it
+when the forwarding is done), as PostgreSQL closes it only after signalling the backend:
+a client that waits for the close knows its cancel was delivered.
 
 Client messages that expect a reply are recorded in the tracker (proxy/tracker.py) and
 replies are matched against it; the Frontend (proxy/frontend.py) decides about statements.
@@ -66,11 +71,13 @@ class State(enum.Enum):
     AUTH = "auth"  # authentication relayed both ways, unchanged, until the first ReadyForQuery
     READY = "ready"  # relaying; replies matched against the tracker and repaired
     DRAINING = "draining"  # the client is done; the replies still owed are relayed
+    CANCELLING = "cancelling"  # a CancelRequest is being forwarded; closed once it was
     CLOSED = "closed"
 
 
 class Event(enum.Enum):
     STARTUP_MESSAGE = "a StartupMessage was admitted"
+    CANCEL_REQUEST = "a CancelRequest arrived"
     UPSTREAM_CONNECTED = "the upstream connection is open"
     FIRST_READY = "the server's first ReadyForQuery"
     CLIENT_DONE = "the client sent Terminate or EOF with replies still owed"
@@ -80,6 +87,7 @@ class Event(enum.Enum):
 #: every legal move; anything else is a bug of ours
 TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = {
     (State.STARTUP, Event.STARTUP_MESSAGE): State.CONNECT,
+    (State.STARTUP, Event.CANCEL_REQUEST): State.CANCELLING,
     (State.CONNECT, Event.UPSTREAM_CONNECTED): State.AUTH,
     (State.AUTH, Event.FIRST_READY): State.READY,
     (State.READY, Event.CLIENT_DONE): State.DRAINING,
@@ -88,6 +96,7 @@ TRANSITIONS: Final[Mapping[tuple[State, Event], State]] = {
     (State.AUTH, Event.CLOSE): State.CLOSED,
     (State.READY, Event.CLOSE): State.CLOSED,
     (State.DRAINING, Event.CLOSE): State.CLOSED,
+    (State.CANCELLING, Event.CLOSE): State.CLOSED,
 }
 
 
@@ -119,7 +128,7 @@ class Connect:
 
 @dataclass(frozen=True, slots=True)
 class ForwardCancel:
-    """A CancelRequest arrived: forward it (if the key is a live session's)."""
+    """A CancelRequest arrived: forward it (if the key is a live session's), then ``close``."""
 
     key: m.CancelKey
 
@@ -349,7 +358,9 @@ class Relay:
             # plain text (or fail if they insist), exactly as with a server without SSL.
             return (ToClient(NOT_SUPPORTED),)
         if packet.code == m.CANCEL_REQUEST_CODE:
-            return (ForwardCancel(m.parse_cancel_request(packet)), *self.close())
+            key = m.parse_cancel_request(packet)
+            self.move(Event.CANCEL_REQUEST)
+            return (ForwardCancel(key),)
         refusal = unsupported_protocol(packet)
         if refusal is not None:
             return self.refuse(refusal, "protocol_error")
@@ -447,8 +458,8 @@ class Relay:
         if state is _READY:
             self.move(Event.CLIENT_DONE)
             return (EndUpstream(),)
-        if state is _DRAINING:
-            return NO_EFFECTS  # a Terminate already told the server
+        if state is _DRAINING or state is State.CANCELLING:
+            return NO_EFFECTS  # a Terminate already told the server; the cancel is on its way
         return self.close()
 
     # --- upstream side ------------------------------------------------------------------
@@ -628,8 +639,8 @@ class Relay:
     def request_shutdown(self) -> Effects:
         """Close as soon as no transaction or request is in flight (SIGTERM)."""
         self.shutdown_requested = True
-        if self.state is State.CLOSED:
-            return NO_EFFECTS
+        if self.state is State.CLOSED or self.state is State.CANCELLING:
+            return NO_EFFECTS  # (the cancel's forwarding ends on its own, and closes)
         if self.state is not _READY and self.state is not _DRAINING:
             return self.refuse(ADMIN_SHUTDOWN.response(), "shutting_down")
         if self.quiescent():
@@ -640,6 +651,8 @@ class Relay:
         """Close now (grace period over): tell the client why when a frame boundary allows."""
         if self.state is State.CLOSED:
             return NO_EFFECTS
+        if self.state is State.CANCELLING:
+            return self.close()  # a cancel connection is never answered
         return self.refuse(ADMIN_SHUTDOWN.response())
 
     def refuse(self, error: bytes, reason: str | None = None) -> Effects:

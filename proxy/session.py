@@ -185,7 +185,7 @@ class Session:
             elif kind is Connect:
                 self._connect_task = asyncio.get_running_loop().create_task(self._connect())
             elif kind is ForwardCancel:
-                self.server.cancels.forward(effect.key)  # type: ignore[union-attr]
+                self._forward_cancel(effect.key)  # type: ignore[union-attr]
             elif kind is CancelKeyKnown:
                 self.cancel_key = effect.key  # type: ignore[union-attr]
                 self.server.cancels.register(self.cancel_key, self)
@@ -199,6 +199,15 @@ class Session:
     def _write(transport: asyncio.Transport | None, data: bytes | memoryview) -> None:
         if data and transport is not None and not transport.is_closing():
             transport.write(data)
+
+    def _forward_cancel(self, key: m.CancelKey) -> None:
+        """Forward the cancel; close this connection once that is done (or at once when the
+        key is no live session's)."""
+        forwarding = self.server.cancels.forward(key)
+        if forwarding is None:
+            self.close()
+        else:
+            forwarding.add_done_callback(lambda _: self.close())
 
     def _end_upstream(self) -> None:
         upstream = self.upstream.transport

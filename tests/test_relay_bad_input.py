@@ -478,7 +478,12 @@ def test_a_cancel_request_with_the_clients_own_key_cancels_its_query(proxy, db, 
     assert backend_pids(pg, name) == [pid]  # the key is the backend's own (relayed unchanged)
     client.send(query("SELECT pg_sleep(60)"))
     wait_sleeping(pg, pid)
+    before = metric(scrape(proxy), "dualwrite_cancel_requests_total", outcome="forwarded")
     cancel(proxy, pid, secret)
+    # the proxy closes the cancel connection only once the cancel was forwarded, as
+    # PostgreSQL closes it only after signalling the backend
+    forwarded = metric(scrape(proxy), "dualwrite_cancel_requests_total", outcome="forwarded")
+    assert forwarded == before + 1
     replies = client.until_ready()
     assert [(m.sqlstate, m.message) for m in errors(replies)] == [
         ("57014", "canceling statement due to user request")
