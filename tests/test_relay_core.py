@@ -39,7 +39,7 @@ from tests.support.relay_core import (
 STARTUP = m.build_startup_message({"user": "u", "database": "d", "application_name": "a"})
 QUERY = m.build_query(b"SELECT 1")
 REPLY = (
-    frame(b"T", b"\x00\x01n\x00" + b"\x00" * 6 + b"\x00\x00\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00")
+    frame(b"T", b"\x00\x01n\x00" + b"\x00" * 9 + b"\x17\x00\x04\xff\xff\xff\xff\x00\x00")
     + frame(b"D", b"\x00\x01\x00\x00\x00\x011")
     + m.command_complete(b"SELECT 1")
     + m.ready_for_query(b"I")
