@@ -15,8 +15,8 @@ from typing import Any, Final
 
 from core import metrics
 from core.control import ActivityRecorder
-from core.sqllex import lexes_alike
 from core.errors import STATEMENT_REJECTED
+from core.sqllex import lexes_alike
 from proxy.classify import statement_kind
 from proxy.lexing import AMBIGUOUS, SessionLexing
 from proxy.literals import parameterize
