@@ -87,6 +87,11 @@ async def reconcile_command(
         results.append(result)
     say(reconcile_summary(results))
     for result in results:
+        if result.tally.dead_lettered:
+            say(
+                f"reconcile of {result.mapping}: {result.tally.dead_lettered} divergent keys are "
+                "in dualwrite.dead_letters (the applier gave up on them for now): not clean"
+            )
         if result.error:
             say(f"reconcile of {result.mapping} failed: {result.error}")
         if result.status == "busy":
@@ -156,6 +161,7 @@ def reconcile_summary(results: Sequence[PassResult]) -> str:
         "extra",
         "changed",
         "pending",
+        "dead_lettered",
         "repaired",
         "remaining",
         "seconds",
@@ -170,6 +176,7 @@ def reconcile_summary(results: Sequence[PassResult]) -> str:
             r.tally.counts["extra"],
             r.tally.counts["changed"],
             r.tally.pending,
+            r.tally.dead_lettered,
             _repaired(r),
             r.remaining,
             round(r.seconds, 1),

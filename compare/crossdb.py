@@ -1,7 +1,8 @@
 """The cross-database differ: chunk hashes on each server, row hashes only where they differ.
 
 A divergent key is re-checked after the mirror's lag (``reconcile.recheck_delay_seconds``)
-before it counts; keys queued in the outbox or dead letters are pending.
+before it counts; keys queued in the outbox are pending, keys in the dead letters are
+dead-lettered (stuck: the pass is not clean).
 """
 
 from __future__ import annotations
@@ -73,9 +74,10 @@ class CrossDatabaseDiffer:
         )
         keys = expected.keys() | actual.keys()
         differing = sorted(k for k in keys if expected.get(k) != actual.get(k))
-        pending = await self._pending(differing)
-        suspects = [k for k in differing if k not in pending]
-        return Chunk(upto, len(keys), suspects, len(differing) - len(suspects))
+        queued = await self._queued(differing)
+        suspects = [k for k in differing if k not in queued]
+        dead = sum(1 for k in differing if queued.get(k))
+        return Chunk(upto, len(keys), suspects, len(differing) - len(suspects) - dead, dead)
 
     def chunks(self, after: str | None) -> AsyncGenerator[Chunk, None]:
         """Every chunk after ``after``, one after the other (both servers already work at once)."""
@@ -116,11 +118,15 @@ class CrossDatabaseDiffer:
         statement = self.sql.key_at_or_before(a, b)
         return bool(await self.target.fetchval(statement.sql, *statement.args))
 
-    async def _pending(self, keys: Sequence[str]) -> set[str]:
+    async def _queued(self, keys: Sequence[str]) -> dict[str, bool]:
+        """The keys queued in the outbox or the dead letters: True for dead-lettered ones."""
         if not keys:
-            return set()
+            return {}
         statement = self.sql.pending_keys(keys_payload(keys))
-        return {r["key"] for r in await self.source.fetch(statement.sql, *statement.args)}
+        return {
+            r["key"]: bool(r["dead"])
+            for r in await self.source.fetch(statement.sql, *statement.args)
+        }
 
     def _conn(self, side: str) -> asyncpg.Connection:
         return self.source if side == "source" else self.target
@@ -131,21 +137,24 @@ class CrossDatabaseDiffer:
         """Read the source, then the target, then the source again; a key counts only if the
         source did not change around the target read and it was not queued at either read."""
         before = await self._details("source", keys)
-        queued = await self._pending(keys)
+        queued = await self._queued(keys)
         actual = await self._details("target", keys)
         after = await self._details("source", keys)
-        queued |= await self._pending(keys)
+        for key, dead in (await self._queued(keys)).items():
+            queued[key] = queued.get(key, False) or dead
         confirmed: list[Divergence] = []
-        pending = resolved = 0
+        pending = resolved = dead_lettered = 0
         for key in dict.fromkeys(keys):
             expected = before.get(key)
-            if key in queued or _hash(expected) != _hash(after.get(key)):
+            if queued.get(key) and _hash(expected) != _hash(actual.get(key)):
+                dead_lettered += 1
+            elif key in queued or _hash(expected) != _hash(after.get(key)):
                 pending += 1
             elif _hash(expected) == _hash(actual.get(key)):
                 resolved += 1
             else:
                 confirmed.append(self._classify(key, expected, actual.get(key)))
-        return Recheck(confirmed, pending, resolved)
+        return Recheck(confirmed, pending, resolved, dead_lettered)
 
     async def _details(self, side: str, keys: Sequence[str]) -> dict[str, _Row]:
         statement: Statement = self.sql.side_details(side, keys_payload(keys))

@@ -30,10 +30,12 @@ class Recheck:
     """The outcome of re-checking suspect keys with fresh reads."""
 
     confirmed: list[Divergence]
-    #: keys that still differ but wait in the outbox or dead letters (or changed meanwhile)
+    #: keys that still differ but wait in the outbox (or changed meanwhile)
     pending: int
     #: keys that agree now (a write landed between the first look and the re-check)
     resolved: int
+    #: keys that still differ and sit in the dead letters
+    dead_lettered: int = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Chunk:
     #: keys that differed and were not pending: re-checked before they count
     suspects: list[str]
     pending: int
+    #: keys that differed and sit in the dead letters: stuck, not in flight
+    dead_lettered: int = 0
 
 
 @dataclass
@@ -55,6 +59,9 @@ class Tally:
     max_samples: int
     compared: int = 0
     pending: int = 0
+    #: divergent keys in the dead letters: the mirror gave up on them for now, so a pass
+    #: that meets one is not clean (they are not counted as missing/extra/changed)
+    dead_lettered: int = 0
     resolved: int = 0
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0))
     by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -76,13 +83,14 @@ class Tally:
 
     @property
     def clean(self) -> bool:
-        return self.divergent == 0
+        return self.divergent == 0 and self.dead_lettered == 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "compared": self.compared,
             **self.counts,
             "pending": self.pending,
+            "dead_lettered": self.dead_lettered,
             "by_tenant": self.by_tenant,
             "by_column": self.by_column,
         }

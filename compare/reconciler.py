@@ -94,10 +94,11 @@ class PassResult:
 
     @property
     def remaining(self) -> int:
-        """Divergent keys left after the pass (and its repair, when it wrote)."""
+        """Divergent keys left after the pass (and its repair, when it wrote), dead-lettered
+        keys included: repair leaves them to the applier's retries, and they are stuck."""
         if self.repair is None or self.dry_run:
-            return self.tally.divergent
-        return self.repair.remaining
+            return self.tally.divergent + self.tally.dead_lettered
+        return self.repair.remaining + self.tally.dead_lettered
 
 
 def make_differ(
@@ -259,6 +260,7 @@ class _Pass:
     def _count(self, chunk: Chunk) -> None:
         self.tally.compared += chunk.compared
         self.tally.pending += chunk.pending
+        self.tally.dead_lettered += chunk.dead_lettered
         metrics.RECONCILE_ROWS_COMPARED.labels(self.mapping.name).inc(chunk.compared)
         if chunk.suspects:
             self.queue.append((time.monotonic() + self.differ.recheck_delay, chunk.suspects))
@@ -281,6 +283,7 @@ class _Pass:
     async def _recheck(self, keys: list[str]) -> None:
         result = await self.differ.recheck(keys)
         self.tally.pending += result.pending
+        self.tally.dead_lettered += result.dead_lettered
         self.tally.resolved += result.resolved
         samples = [d for d in result.confirmed if self.tally.add(d)]
         await add_findings(self.sessions.control, self.run_id, self.mapping.name, samples)

@@ -33,14 +33,14 @@ WHERE mapping = $1 AND kind = $2 AND status = 'running'
 _PROGRESS = """
 UPDATE dualwrite.reconcile_runs
 SET checkpoint = $2::jsonb, rows_compared = $3, missing = $4, extra = $5, changed = $6,
-    pending = $7, repaired = $8
+    pending = $7, repaired = $8, dead_lettered = $9
 WHERE id = $1
 """
 _FINISH = """
 UPDATE dualwrite.reconcile_runs
 SET status = $2, finished_at = now(), checkpoint = coalesce($3::jsonb, checkpoint),
     rows_compared = $4, missing = $5, extra = $6, changed = $7, pending = $8, repaired = $9,
-    clean = $10, by_tenant = $11::jsonb, by_column = $12::jsonb, error = $13
+    dead_lettered = $10, clean = $11, by_tenant = $12::jsonb, by_column = $13::jsonb, error = $14
 WHERE id = $1
 """
 _FINDING = """
@@ -108,9 +108,9 @@ async def record_progress(
     await conn.execute(_PROGRESS, run_id, checkpoint, *_figures(tally, repaired))
 
 
-def _figures(tally: Tally, repaired: int) -> tuple[int, int, int, int, int, int]:
+def _figures(tally: Tally, repaired: int) -> tuple[int, int, int, int, int, int, int]:
     """A run's figures in the order _PROGRESS and _FINISH take them: rows compared, missing,
-    extra, changed, pending, repaired."""
+    extra, changed, pending, repaired, dead-lettered."""
     counts = tally.counts
     return (
         tally.compared,
@@ -119,6 +119,7 @@ def _figures(tally: Tally, repaired: int) -> tuple[int, int, int, int, int, int]
         counts["changed"],
         tally.pending,
         repaired,
+        tally.dead_lettered,
     )
 
 
@@ -132,7 +133,8 @@ async def finish_run(
     checkpoint: str | None = None,
     error: str | None = None,
 ) -> None:
-    """Close a run; ``clean`` is only set for a pass that finished (True: nothing divergent)."""
+    """Close a run; ``clean`` is only set for a pass that finished (True: nothing divergent
+    and nothing dead-lettered)."""
     clean = tally.clean if status == "done" else None
     await conn.execute(
         _FINISH,

@@ -1,7 +1,8 @@
 """The same-database differ: one statement per keyset chunk, exact in a single snapshot.
 
 Source, target and outbox are read in the same snapshot, so a key whose mirror is still queued
-is seen as pending, never as divergent; a divergent key is re-checked once in a fresh
+is seen as pending, never as divergent, and a key in the dead letters as dead-lettered (stuck,
+which keeps the pass from being clean); a divergent key is re-checked once in a fresh
 snapshot before it counts.
 """
 
@@ -18,6 +19,8 @@ from compare.findings import Chunk, Divergence, Recheck, in_order
 from compare.statements import CompareSql
 from core.mapping import CompiledMapping
 from mirror.keysync import keys_payload
+
+PENDING, DEAD_LETTERED = "pending", "dead_lettered"
 
 
 class SameDatabaseDiffer:
@@ -107,8 +110,11 @@ class SameDatabaseDiffer:
         row = await self.conn.fetchrow(statement.sql, *statement.args)
         assert row is not None
         diffs = _divergences(row)
-        confirmed = [d for d, pending in diffs if not pending]
-        return Recheck(confirmed, len(diffs) - len(confirmed), len(set(keys)) - len(diffs))
+        confirmed = [d for d, state in diffs if state is None]
+        dead = sum(1 for _, state in diffs if state == DEAD_LETTERED)
+        return Recheck(
+            confirmed, len(diffs) - len(confirmed) - dead, len(set(keys)) - len(diffs), dead
+        )
 
 
 def _chunk_of(row: asyncpg.Record) -> Chunk:
@@ -118,13 +124,16 @@ def _chunk_of(row: asyncpg.Record) -> Chunk:
     return Chunk(
         upto=row["hi"],
         compared=int(row["expected_rows"]) + extra,
-        suspects=[d.key for d, pending in diffs if not pending],
-        pending=sum(1 for _, pending in diffs if pending),
+        suspects=[d.key for d, state in diffs if state is None],
+        pending=sum(1 for _, state in diffs if state == PENDING),
+        dead_lettered=sum(1 for _, state in diffs if state == DEAD_LETTERED),
     )
 
 
-def _divergences(row: asyncpg.Record) -> list[tuple[Divergence, bool]]:
-    """The divergent keys a diff statement described, each with whether it is pending."""
+def _divergences(row: asyncpg.Record) -> list[tuple[Divergence, str | None]]:
+    """The divergent keys a diff statement described, each with its queue state: PENDING
+    (in the outbox), DEAD_LETTERED (in the dead letters, whether or not also queued again)
+    or None (neither: a suspect)."""
     if row["keys"] is None:
         return []
     described = zip(
@@ -133,6 +142,7 @@ def _divergences(row: asyncpg.Record) -> list[tuple[Divergence, bool]]:
         row["columns"],
         row["tenants"],
         row["pending"],
+        row["dead"],
         row["expected"],
         row["actual"],
         strict=True,
@@ -142,7 +152,7 @@ def _divergences(row: asyncpg.Record) -> list[tuple[Divergence, bool]]:
             Divergence(
                 key, cls, tuple(json.loads(columns) if columns else ()), tenant, expected, actual
             ),
-            bool(pending),
+            DEAD_LETTERED if dead else PENDING if pending else None,
         )
-        for key, cls, columns, tenant, pending, expected, actual in described
+        for key, cls, columns, tenant, pending, dead, expected, actual in described
     ]

@@ -160,7 +160,8 @@ class CompareSql:
 
     def _diff(self, expected: str, actual: str, ctes: str | None, hi_sql: str) -> str:
         """One row: rows on each side, the chunk's end, and parallel arrays describing each
-        divergent key (key, class, columns as a JSON array, tenant, pending, both rows).
+        divergent key (key, class, columns as a JSON array, tenant, pending, dead-lettered,
+        both rows).
 
         The join is projected once (OFFSET 0 keeps it a subquery) and the descriptions are
         computed only for divergent rows (aggregate FILTER), so a clean chunk costs the join.
@@ -189,7 +190,8 @@ class CompareSql:
             "ELSE 'changed' END",
             "columns": f"CASE WHEN {has_e} AND {has_a} THEN {self._changed_columns()} END",
             "tenants": self._tenant_sql(),
-            "pending": self._pending_sql(key),
+            "pending": self._queued_sql(key, "outbox"),
+            "dead": self._queued_sql(key, "dead_letters"),
             "expected": f"CASE WHEN {has_e} THEN ({self._shown(e)})::text END",
             "actual": f"CASE WHEN {has_a} THEN ({self._shown(a)})::text END",
         }
@@ -219,13 +221,11 @@ class CompareSql:
         value = self.tenant_value
         return f"coalesce({_in_join('e')(value)}, {_in_join('a')(value)})::text"
 
-    def _pending_sql(self, key: str) -> str:
-        """Whether the key waits in the outbox or the dead letters (this snapshot)."""
+    def _queued_sql(self, key: str, table: str) -> str:
+        """Whether the key is in ``dualwrite.<table>`` (outbox: pending; dead_letters: stuck),
+        in this snapshot."""
         name = quote_literal(self.mapping.name)
-        return (
-            f"({key} IN (SELECT o.key FROM dualwrite.outbox o WHERE o.mapping = {name}) "
-            f"OR {key} IN (SELECT l.key FROM dualwrite.dead_letters l WHERE l.mapping = {name}))"
-        )
+        return f"({key} IN (SELECT q.key FROM dualwrite.{table} q WHERE q.mapping = {name}))"
 
     def _shown(self, ref: Callable[[str], str]) -> str:
         """A row as jsonb: values of revealed columns, ``REDACTED`` for every other column.
@@ -303,12 +303,12 @@ class CompareSql:
         return Statement(sql, tuple(p.values))
 
     def pending_keys(self, keys: str) -> Statement:
-        """Which of these keys wait in the outbox or the dead letters (run in the source db)."""
-        name = quote_literal(self.mapping.name)
+        """Which of these keys wait in the outbox or the dead letters (run in the source db):
+        rows (key, dead), ``dead`` true for a dead-lettered key."""
+        dead = self._queued_sql("value", "dead_letters")
         sql = (
-            "SELECT value::text AS key FROM jsonb_array_elements($1::jsonb) "
-            f"WHERE value IN (SELECT o.key FROM dualwrite.outbox o WHERE o.mapping = {name}) "
-            f"OR value IN (SELECT l.key FROM dualwrite.dead_letters l WHERE l.mapping = {name})"
+            f"SELECT value::text AS key, {dead} AS dead FROM jsonb_array_elements($1::jsonb) "
+            f"WHERE {self._queued_sql('value', 'outbox')} OR {dead}"
         )
         return Statement(sql, (keys,))
 

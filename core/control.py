@@ -320,6 +320,15 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE dualwrite.invariant_runs ADD COLUMN value_columns text[];
         """,
     ),
+    (
+        8,
+        """
+        -- Divergent keys a pass found in the dead letters: stuck, not in flight; a pass that
+        -- meets one is not clean.
+        ALTER TABLE dualwrite.reconcile_runs
+            ADD COLUMN dead_lettered bigint NOT NULL DEFAULT 0;
+        """,
+    ),
 ]
 
 

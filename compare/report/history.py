@@ -32,7 +32,7 @@ from core.sqltext import quote_ident, quote_literal
 
 _PASSES = """
 SELECT id, started_at, finished_at, rows_compared, missing, extra, changed, pending,
-       tenant IS NULL AS full, clean, tenant, by_tenant::text AS by_tenant
+       dead_lettered, tenant IS NULL AS full, clean, tenant, by_tenant::text AS by_tenant
 FROM dualwrite.reconcile_runs
 WHERE mapping = $1 AND kind = 'reconcile' AND status = 'done' AND finished_at >= $2
 ORDER BY finished_at DESC, id DESC
@@ -181,6 +181,7 @@ async def read_passes(conn: asyncpg.Connection, mapping: str, since: datetime) -
             extra=r["extra"],
             changed=r["changed"],
             pending=r["pending"],
+            dead_lettered=r["dead_lettered"],
             full=r["full"],
             flagged_unclean=r["clean"] is False,
             tenant=r["tenant"],

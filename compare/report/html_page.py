@@ -279,7 +279,7 @@ def _recent_passes(passes: list[Pass], limit: int = 10) -> str:
         f"<td class=\"num\">{duration_text((p.finished_at - p.started_at).total_seconds())}</td>"
         f'<td class="num">{number_text(p.rows_compared)}</td><td class="num">{p.missing}</td>'
         f'<td class="num">{p.extra}</td><td class="num">{p.changed}</td>'
-        f'<td class="num">{p.pending}</td>'
+        f'<td class="num">{p.pending}</td><td class="num">{p.dead_lettered}</td>'
         f'<td class="result {"pass" if p.clean else "fail"}">{"clean" if p.clean else "divergent"}'
         f'{"" if p.full else " (one tenant)"}</td></tr>'
         for p in passes[:limit]
@@ -287,7 +287,8 @@ def _recent_passes(passes: list[Pass], limit: int = 10) -> str:
     return (
         f"<h3>Latest passes ({min(limit, len(passes))} of {len(passes)})</h3><table><thead><tr>"
         "<th>Pass</th><th>Finished</th><th>Took</th><th>Rows</th><th>Missing</th><th>Extra</th>"
-        f"<th>Changed</th><th>Pending</th><th>Outcome</th></tr></thead><tbody>{rows}</tbody></table>"
+        "<th>Changed</th><th>Pending</th><th>Dead-lettered</th><th>Outcome</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
     )
 
 

@@ -145,11 +145,12 @@ def _recent(passes: list[Pass], limit: int = 5) -> list[str]:
         return []
     return [
         "",
-        "| Pass | Finished | Rows compared | Missing | Extra | Changed | Pending | Outcome |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Pass | Finished | Rows compared | Missing | Extra | Changed | Pending | Dead-lettered "
+        "| Outcome |",
+        "|---|---|---|---|---|---|---|---|---|",
         *(
             f"| #{p.id} | {timestamp_text(p.finished_at)} | {number_text(p.rows_compared)} | "
-            f"{p.missing} | {p.extra} | {p.changed} | {p.pending} | "
+            f"{p.missing} | {p.extra} | {p.changed} | {p.pending} | {p.dead_lettered} | "
             f"{'clean' if p.clean else '**divergent**'}{'' if p.full else ' (one tenant)'} |"
             for p in passes[:limit]
         ),

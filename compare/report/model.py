@@ -23,6 +23,8 @@ class Pass:
     extra: int
     changed: int
     pending: int
+    #: divergent keys found in the dead letters (the reconciler then records clean = false)
+    dead_lettered: int = 0
     #: False when the pass was limited to one tenant: it does not cover the whole mapping
     full: bool = True
     #: the reconciler recorded ``clean = false`` (trusted even if the counts are zero)
@@ -38,7 +40,7 @@ class Pass:
 
     @property
     def clean(self) -> bool:
-        return self.divergent == 0 and not self.flagged_unclean
+        return self.divergent == 0 and self.dead_lettered == 0 and not self.flagged_unclean
 
 
 @dataclass(frozen=True)
