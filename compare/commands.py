@@ -19,10 +19,10 @@ from compare.progress import Progress, format_table
 from compare.reconciler import PassOptions, PassResult, reconcile_mapping
 from core.catalog import validate_all
 from core.config import Config
-from core.connect import connect as connect_database
 from core.control import ensure_current
 from core.errors import ConfigError
 from core.mapping import CompiledMapping, compile_all
+from core.rowsecurity import SESSION_SETTINGS, connect_unfiltered
 from mirror import statements as key_sync_statements
 
 EXIT_OK, EXIT_FINDING, EXIT_USAGE = 0, 1, 2
@@ -37,7 +37,7 @@ async def load_mappings(
     """The mappings to work on, validated against the live database (ConfigError if unfit)."""
     if name is not None:
         config.mapping(name)  # raises ConfigError for an unknown name
-    conn = await connect(config.effective_service_dsn(), {}, "service_dsn")
+    conn = await connect(config.effective_service_dsn(), dict(SESSION_SETTINGS), "service_dsn")
     try:
         await ensure_current(conn)
         chosen = [m for m in compile_all(config) if name is None or m.name == name]
@@ -46,7 +46,7 @@ async def load_mappings(
             conn,
             chosen,
             config.search_path,
-            connect_database,
+            connect_unfiltered,
             statements=(key_sync_statements.statements_to_prepare,),
         )
     finally:

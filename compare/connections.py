@@ -17,6 +17,7 @@ from core.config import Config
 from core.connect import connect as connect_database
 from core.errors import DatabaseUnreachable
 from core.mapping import CompiledMapping
+from core.rowsecurity import SESSION_SETTINGS
 
 #: output settings that make a value's text the same in every session
 _CANONICAL_OUTPUT = {
@@ -32,6 +33,8 @@ def session_settings(config: Config, *, read_only: bool, role: str) -> dict[str,
     """Server settings for a reconcile or backfill session."""
     settings = {
         **_CANONICAL_OUTPUT,
+        # a policy the role is subject to raises instead of hiding rows (core/rowsecurity.py)
+        **SESSION_SETTINGS,
         "application_name": f"dualwrite-{role}",
         "statement_timeout": str(int(config.reconcile.statement_timeout_ms)),
         "lock_timeout": str(int(config.applier.lock_timeout_ms)),

@@ -1,11 +1,12 @@
 """Checks compiled mappings against the live database and binds them to what it finds.
 
 Before the proxy accepts traffic every mapping is validated here: the tables and columns
-exist, the target key has a unique constraint, required target columns are mapped, the key
-types agree, and the generated SQL prepares (so type errors surface at start, not mid-traffic).
-The statements are those of the parts that will run them (the rewrite's, sync_keys'): each
-part lists them (a :data:`StatementsOf`) and its caller passes them in. A mismatch raises
-MappingValidationError naming the mapping and the problem.
+exist, the service role sees every row of both (no row-level security filters them, see
+core/rowsecurity.py), the target key has a unique constraint, required target columns are
+mapped, the key types agree, and the generated SQL prepares (so type errors surface at start,
+not mid-traffic). The statements are those of the parts that will run them (the rewrite's,
+sync_keys'): each part lists them (a :data:`StatementsOf`) and its caller passes them in. A
+mismatch raises MappingValidationError naming the mapping and the problem.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncpg
 from core.control import delete_function_problem
 from core.errors import DatabaseUnreachable, MappingValidationError
 from core.mapping import CatalogFacts, CompiledMapping, bind_catalog, pin_expressions
+from core.rowsecurity import filtered_view_problem
 from core.sqltext import QualifiedName, pinned_select_list, quote_ident
 
 _RESOLVE = """
@@ -117,6 +119,10 @@ async def validate_mapping(
         raise fail(f"target {target_name} is not a table (relkind {target_kind})")
     if source_name == target_name and target_conn is None:
         raise fail("source and target are the same table")
+    for db, table, what in ((conn, source_name, "source"), (tconn, target_name, "target")):
+        problem = await filtered_view_problem(db, table, what)
+        if problem is not None:
+            raise fail(problem)
 
     source_cols = await _columns(conn, source_name)
     target_cols = {r["attname"]: r for r in await _columns(tconn, target_name)}

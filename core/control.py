@@ -1,6 +1,6 @@
 """The ``dualwrite`` control schema: its DDL (versioned, applied idempotently by ``setup``),
-the per-mapping delete functions, grants for the application role, and the per-mapping run
-state (paused or not).
+the per-mapping delete functions and the per-mapping run state (paused or not); the
+application role's grants are core/privileges.py's.
 
 Everything that must survive a restart or be shared between sidecars lives here: the outbox,
 dead letters, pause flags, unmirrored-statement marks, mirror activity, and (added by later
@@ -21,7 +21,7 @@ import asyncpg
 from core.errors import ControlSchemaMissing, DatabaseUnreachable
 from core.logs import get_logger
 from core.mapping import SRC, TGT, CompiledMapping
-from core.sqltext import QualifiedName, quote_ident
+from core.sqltext import QualifiedName
 
 SCHEMA = "dualwrite"
 #: NOTIFY channel on which pause/resume changes are announced to every sidecar
@@ -460,38 +460,6 @@ async def delete_function_problem(conn: asyncpg.Connection, mapping: CompiledMap
     except asyncpg.PostgresError as exc:
         return f"delete function call: {exc}"
     return None
-
-
-async def grant(
-    conn: asyncpg.Connection, role: str, mappings: Sequence[CompiledMapping]
-) -> list[str]:
-    """Grant ``role`` what rewritten statements need; idempotent. Returns the GRANTs run."""
-    exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
-    if not exists:
-        raise ControlSchemaMissing(f"app_role {role!r} does not exist")
-    who = quote_ident(role)
-    statements = [
-        f"GRANT USAGE ON SCHEMA {SCHEMA} TO {who}",
-        f"GRANT INSERT ON {SCHEMA}.outbox TO {who}",
-    ]
-    for mapping in mappings:
-        if (
-            mapping.capture.rewrites_statements
-            and mapping.source is not None
-            and mapping.catalog is not None
-        ):
-            # The rewrite adds RETURNING of the columns the mapping reads: an insert-only
-            # role (an audit writer) needs SELECT on exactly those columns.
-            columns = ", ".join(quote_ident(c) for c in mapping.catalog.source_columns_read)
-            if columns:
-                statements.append(f"GRANT SELECT ({columns}) ON {mapping.source.sql} TO {who}")
-        if mapping.mode.app_role_writes_target and mapping.target is not None:
-            statements.append(
-                f"GRANT SELECT, INSERT, UPDATE, DELETE ON {mapping.target.sql} TO {who}"
-            )
-    for statement in statements:
-        await conn.execute(statement)
-    return statements
 
 
 @dataclass

@@ -40,15 +40,16 @@ from core.control import (
     create_delete_functions,
     current_version,
     ensure_current,
-    grant,
     install,
     latest_version,
     load_paused,
     set_paused,
 )
-from core.errors import ConfigError
+from core.errors import ConfigError, MappingValidationError
 from core.logs import get_logger
 from core.mapping import CompiledMapping, compile_all
+from core.privileges import app_role_problems, grant
+from core.rowsecurity import SESSION_SETTINGS, connect_unfiltered
 from core.shadow import check_views
 from core.sqltext import quote_ident
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
@@ -98,8 +99,10 @@ def sidecar_id() -> str:
 
 
 async def connect_service(config: Config, **kwargs: Any) -> asyncpg.Connection:
-    """One connection as the sidecar's own service role."""
-    return await connect(config.effective_service_dsn(), **kwargs)
+    """One connection as the sidecar's own service role (row_security off: see
+    core/rowsecurity.py)."""
+    settings = {**SESSION_SETTINGS, **kwargs.pop("server_settings", {})}
+    return await connect(config.effective_service_dsn(), server_settings=settings, **kwargs)
 
 
 async def connect_shadow(dsn: str, search_path: list[str]) -> asyncpg.Connection:
@@ -122,7 +125,11 @@ async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
         max_size=size,
         # The applier's statements are prepared once and run against tables that grow from
         # empty: a generic plan made early would seq-scan the target forever after.
-        server_settings={"application_name": "dualwrite", "plan_cache_mode": "force_custom_plan"},
+        server_settings={
+            "application_name": "dualwrite",
+            "plan_cache_mode": "force_custom_plan",
+            **SESSION_SETTINGS,
+        },
     )
 
 
@@ -135,7 +142,7 @@ async def validated_mappings(
         conn,
         compiled,
         config.search_path,
-        connect,
+        connect_unfiltered,
         statements=SIDECAR_STATEMENTS,
         require_functions=require_functions,
     )
@@ -170,6 +177,8 @@ async def check_live(config: Config) -> list[str]:
             ]
             lines += await nullcheck.check_lines(conn, mappings)
         lines += await check_views(conn, config.shadow.views)
+        if mappings and config.app_role:
+            lines += await _check_app_role(conn, config.app_role, mappings)
     finally:
         await conn.close()
     return lines + await validate_invariants(config)
@@ -200,6 +209,26 @@ def describe(mapping: CompiledMapping) -> str:
     if mapping.capture.reads_wal:
         return f"{mapping.mode}, capture {mapping.capture}"
     return str(mapping.mode)
+
+
+async def _check_app_role(
+    conn: asyncpg.Connection, role: str, mappings: list[CompiledMapping]
+) -> list[str]:
+    """``check``: the application role can run every statement the rewrite generates."""
+    missing, skipped = await app_role_problems(conn, role, mappings)
+    if skipped is not None:
+        return [skipped]
+    if missing:
+        mapping, _ = missing[0]
+        lacks = "; ".join(what for _, what in missing)
+        reason = (
+            f"app_role {role} cannot run the mirrored statements: it lacks {lacks}. "
+            "Run `dualwrite setup --config FILE` (it grants them)"
+        )
+        if mapping is None:
+            raise ConfigError("app_role", reason)
+        raise MappingValidationError(mapping, reason)
+    return [f"app_role {role}: can run every mirrored statement"]
 
 
 async def setup(config: Config) -> list[str]:
@@ -260,7 +289,9 @@ async def target_pools(mappings: list[CompiledMapping]) -> dict[str, asyncpg.Poo
     for mapping in mappings:
         dsn = mapping.config.target_dsn
         if dsn is not None and dsn not in pools:
-            pools[dsn] = await create_pool(dsn, min_size=1, max_size=4)
+            pools[dsn] = await create_pool(
+                dsn, min_size=1, max_size=4, server_settings=dict(SESSION_SETTINGS)
+            )
     return pools
 
 
