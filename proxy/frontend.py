@@ -10,7 +10,7 @@ is sent in its place so the server's transaction state matches what the client w
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from core import metrics
@@ -22,7 +22,13 @@ from proxy.lexing import AMBIGUOUS, SessionLexing
 from proxy.literals import parameterize
 from proxy.prepared_reply import PreparedReply
 from proxy.prepared_writes import READY, PreparedShape, PreparedWrites, drops_statements
-from proxy.reply_repair import DescribeRepair, ExecuteRepair, ParseRepair, QueryRepair
+from proxy.reply_repair import (
+    Counted,
+    DescribeRepair,
+    ExecuteRepair,
+    ParseRepair,
+    QueryRepair,
+)
 from proxy.rewrite import (
     REJECT,
     REWRITE,
@@ -94,8 +100,10 @@ class Prepared:
 @dataclass(frozen=True)
 class Portal:
     statement: Prepared
-    #: the result format of the count column is binary (no-RETURNING rewrites)
+    #: the result format of the columns the rewrite added is binary (one format code, 1)
     binary: bool
+    #: its execution was counted (a portal run under a row limit takes several Executes)
+    counted: Counted = field(default_factory=Counted)
 
 
 class Frontend:
@@ -490,7 +498,8 @@ class Frontend:
             return None, [m.BIND]
         prepared, injected, entries = self._refresh(head.statement, prepared)
         formats = head.result_formats
-        self.portals[head.portal] = Portal(prepared, binary=bool(formats) and formats[0] == 1)
+        # With one format code per column the added columns are text (see the Bind below).
+        self.portals[head.portal] = Portal(prepared, binary=len(formats) == 1 and formats[0] == 1)
         reply = prepared.plan.template.reply
         if reply is not None and reply.returning and len(formats) > 1:
             # One format code per column: the columns the rewrite added need theirs.
@@ -523,7 +532,11 @@ class Frontend:
         reply = prepared.plan.template.reply
         assert reply is not None
         plan = ExecuteRepair(
-            reply, prepared.rewritten, binary_count=portal.binary, recorder=self.recorder
+            reply,
+            prepared.rewritten,
+            binary_count=portal.binary,
+            recorder=self.recorder,
+            counted=portal.counted,
         )
         return None, [Pending(m.EXECUTE, plan)]
 

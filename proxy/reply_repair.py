@@ -9,6 +9,8 @@ positions mapped back into the original text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from core import metrics
 from core.control import ActivityRecorder
 from proxy.rewrite import REWRITE, Rewritten, StatementReply
@@ -58,8 +60,10 @@ def _count_value(value: bytes | None, binary: bool) -> int:
     return int.from_bytes(value, "big", signed=True) if binary else int(value)
 
 
-def _record_success(reply: StatementReply, rows: int, recorder: ActivityRecorder | None) -> None:
-    for name in reply.mappings:
+def _record_success(
+    reply: StatementReply, written: Sequence[int], recorder: ActivityRecorder | None
+) -> None:
+    for name, rows in zip(reply.mappings, written, strict=True):
         metrics.child(metrics.STATEMENTS_REWRITTEN, name, reply.operation).inc()
         if rows:
             metrics.child(metrics.ROWS_MIRRORED, name, reply.operation).inc(rows)
@@ -67,10 +71,25 @@ def _record_success(reply: StatementReply, rows: int, recorder: ActivityRecorder
             recorder.mirrored(name, reply.operation, rows)
 
 
-class StatementRows:
-    """Repairs the rows and tag of one rewritten statement (shared by Execute and Query)."""
+class Counted:
+    """Whether one execution's success was recorded (a portal run in several Executes, under
+    a row limit, is one execution: counted at its first reply that carries the counts)."""
 
-    __slots__ = ("binary_count", "count", "recorder", "reply")
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+class StatementRows:
+    """Repairs the rows and tag of one rewritten statement (shared by Execute and Query).
+
+    The rewritten statement's rows end with one count per mapping of the rows written to its
+    target (the same on every row; a no-RETURNING statement's count row has them after the
+    count): they are read from the first row and stripped with the other added columns.
+    """
+
+    __slots__ = ("binary_count", "count", "counted", "recorder", "reply", "written")
 
     def __init__(
         self,
@@ -78,11 +97,15 @@ class StatementRows:
         *,
         binary_count: bool = False,
         recorder: ActivityRecorder | None = None,
+        counted: Counted | None = None,
     ) -> None:
         self.reply = reply
         self.binary_count = binary_count
         self.recorder = recorder
         self.count = 0
+        #: rows written to each mapping's target (None until a row carried them)
+        self.written: list[int] | None = None
+        self.counted = counted or Counted()
 
     def row_description(self, body: bytes) -> bytes:
         if not self.reply.returning:
@@ -92,16 +115,31 @@ class StatementRows:
 
     def data_row(self, body: bytes) -> bytes:
         if not self.reply.returning:
-            self.count = _count_value(m.data_row_values(body)[0], self.binary_count)
+            values = m.data_row_values(body)
+            self.count = _count_value(values[0], self.binary_count)
+            self._written(values)
             return b""
+        if self.written is None:
+            self._written(m.data_row_values(body))
         total = int.from_bytes(body[:2], "big")
         return m.trim_data_row(body, total - self.reply.extra_columns)
+
+    def _written(self, values: list[bytes | None]) -> None:
+        mapped = len(self.reply.mappings)
+        self.written = [_count_value(v, self.binary_count) for v in values[-mapped:]]
 
     def command_complete(self, body: bytes) -> bytes:
         tag = m.parse_command_complete(body)
         rows = (m.command_tag_rows(tag) or 0) if self.reply.returning else self.count
-        _record_success(self.reply, rows, self.recorder)
+        self.record()
         return m.command_complete(self.reply.tag + str(rows).encode())
+
+    def record(self) -> None:
+        """Count the statement and the rows written to each target, once per execution."""
+        if self.counted.done:
+            return
+        self.counted.done = True
+        _record_success(self.reply, self.written or [0] * len(self.reply.mappings), self.recorder)
 
 
 class ParseRepair:
@@ -147,8 +185,11 @@ class ExecuteRepair:
         *,
         binary_count: bool,
         recorder: ActivityRecorder | None = None,
+        counted: Counted | None = None,
     ) -> None:
-        self.rows = StatementRows(reply, binary_count=binary_count, recorder=recorder)
+        self.rows = StatementRows(
+            reply, binary_count=binary_count, recorder=recorder, counted=counted
+        )
         self.rewritten = rewritten
 
     def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes:
@@ -156,10 +197,14 @@ class ExecuteRepair:
             return self.rows.data_row(body)
         if typ == m.COMMAND_COMPLETE:
             return self.rows.command_complete(body)
-        if typ == m.PORTAL_SUSPENDED and not self.rows.reply.returning:
-            # A row limit on a statement that returns no rows: the count row was the only
-            # one; finish the way the original statement would have.
-            return self.rows.command_complete(m.command_complete(b"SELECT 1")[5:])
+        if typ == m.PORTAL_SUSPENDED:
+            if not self.rows.reply.returning:
+                # A row limit on a statement that returns no rows: the count row was the only
+                # one; finish the way the original statement would have.
+                return self.rows.command_complete(m.command_complete(b"SELECT 1")[5:])
+            # A row limit (asyncpg's fetchrow/fetchval): the statement ran to completion
+            # (PostgreSQL runs data-modifying WITH at once), and its first row had the counts.
+            self.rows.record()
         if typ == m.ERROR_RESPONSE:
             return repair_error(body, raw, self.rewritten, self.rows.reply, self.rows.recorder)
         return raw

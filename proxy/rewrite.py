@@ -8,7 +8,8 @@ PostgreSQL computes the affected rows and the mirror lands atomically with the w
     RETURNING <its own RETURNING list, if any>, <source columns the mappings read>
     ), __dualwrite_src AS (SELECT <those columns under their own names> FROM __dualwrite)
     , __dualwrite_m1 AS (<sync: upsert/delete in the target | outbox: INSERT of the keys>)
-    SELECT * FROM __dualwrite            -- or SELECT count(*) when it asked for no rows
+    SELECT __dualwrite.*, <per mapping: rows it includes>  -- or SELECT count(*), <those>
+                                                           --    when it asked for no rows
 
 The application's own text is kept byte for byte: the rewrite only inserts text at the
 statement's start (or before its main keyword when it starts with WITH) and at its end, at
@@ -34,7 +35,7 @@ from pglast import parser as pgparser
 from core import metrics
 from core.control import MappingStates, delete_call_sql
 from core.errors import STATEMENT_REJECTED
-from core.mapping import CompiledMapping, read_columns
+from core.mapping import SRC, CompiledMapping, read_columns
 from core.sqllex import Respelled
 from core.sqltext import QualifiedName, quote_ident, utf8_literal
 from proxy.classify import READ, first_keyword, statement_kind
@@ -45,6 +46,8 @@ SRC_CTE: Final = "__dualwrite_src"
 COLUMN_PREFIX: Final = "__dualwrite_c"
 #: the ``tableoid`` of a changed row, when the statement named its table unqualified
 TABLE_COLUMN: Final = "__dualwrite_t"
+#: the per-mapping counts of rows written to each target, after everything else
+WRITTEN_PREFIX: Final = "__dualwrite_n"
 
 PASS, REWRITE, UNMIRRORED, REJECT = "pass", "rewrite", "unmirrored", "reject"
 
@@ -88,8 +91,11 @@ class StatementReply:
     operation: str
     #: the application asked for rows (RETURNING); else the rewrite returns one count row
     returning: bool
-    #: columns the rewrite appended to the application's RETURNING list
+    #: columns the rewrite appended to the application's RETURNING list (the source columns
+    #: the mappings read, then one written-rows count per mapping)
     extra_columns: int
+    #: each row ends with (and a no-RETURNING count row follows its count with) the number of
+    #: rows written to each mapping's target, in this order
     mappings: tuple[str, ...]
     #: (schema, table) of targets written in the same statement (sync mode): their errors
     #: are mirror failures. Both parts: a target often has its source's table name.
@@ -480,10 +486,18 @@ class Rewriter:
         mirrors, targets, deletes = self._mirror_ctes(node, mappings, guarded=guarded)
         # The one-row join makes the delete CTEs run; it changes neither rows nor count.
         done = f", (SELECT 1 FROM {', '.join(deletes)}) AS {CTE}_done" if deletes else ""
+        # Per mapping, the changed rows it includes: what its target gets (the reply repair
+        # reads them for dualwrite_rows_mirrored_total and strips them).
+        written = ", ".join(
+            f"pg_catalog.count(*) FILTER (WHERE {self._included(m, guarded)}) "
+            f"AS {WRITTEN_PREFIX}{i + 1}"
+            for i, m in enumerate(mappings)
+        )
         outer = (
-            f"SELECT {CTE}.* FROM {CTE}{done}"
+            f"SELECT {CTE}.*, {CTE}_n.* FROM {CTE}, "
+            f"(SELECT {written} FROM {SRC_CTE} AS {SRC}) AS {CTE}_n{done}"
             if returning
-            else f"SELECT pg_catalog.count(*) FROM {CTE}{done}"
+            else f"SELECT pg_catalog.count(*), {written} FROM {SRC_CTE} AS {SRC}{done}"
         )
         has_with = bool(fields.get("withClause"))
         prefix = f",\n{CTE} AS (\n" if has_with else f"WITH {CTE} AS (\n"
@@ -496,7 +510,7 @@ class Rewriter:
             tag=_TAGS[node],
             operation=_OPERATIONS[node],
             returning=returning,
-            extra_columns=len(added) if returning else 0,
+            extra_columns=len(added) + len(mappings) if returning else 0,
             mappings=tuple(m.name for m in mappings),
             targets=frozenset(targets),
         )
@@ -509,6 +523,14 @@ class Rewriter:
             suffix=suffix,
             reply=reply,
         )
+
+    @staticmethod
+    def _included(mapping: CompiledMapping, guarded: bool) -> str:
+        """Whether a changed row (``src``) is one the mapping mirrors: its filter passes and,
+        for a statement that named the table unqualified, the row is its source's."""
+        if not guarded:
+            return mapping.filter_sql()
+        return f"{written_to_source_sql(mapping, TABLE_COLUMN)} AND {mapping.filter_sql()}"
 
     def _mirror_ctes(
         self, node: str, mappings: list[CompiledMapping], *, guarded: bool
