@@ -7,7 +7,9 @@ the expressions cast to the target's column types, i.e. what the target would ho
 bounds and key sets are jsonb parameters (one key array, or an array of key arrays);
 ``upto_row`` is an SQL row of typed key values instead (e.g. from sub-selects). The mapping's
 expressions, filter and key JSON come from the compiled mapping, as for the rewrite and
-sync_keys, so a mirror and its check read the mapping alike.
+sync_keys, so a mirror and its check read the mapping alike. On the target side only the rows
+the mapping owns are read (``target_filter``): in a merge the other mapping's rows are neither
+extra nor anything to repair.
 """
 
 from __future__ import annotations
@@ -167,6 +169,8 @@ def _conditions(
     key_sql = _side_keys(mapping, side)
     row = f"({', '.join(key_sql)})"
     conds = [f"{k} IS NOT NULL" for k in key_sql]
+    if side == "target" and mapping.target_filter is not None:
+        conds.append(mapping.owned_sql())  # rows another writer owns are not this mapping's
     if after is not None:
         conds.append(f"{row} > {key_bound_sql(mapping, after)}")
     if upto is not None:

@@ -12,14 +12,14 @@ mismatch raises MappingValidationError naming the mapping and the problem.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import asyncpg
 
 from core.control import delete_function_problem
 from core.errors import DatabaseUnreachable, MappingValidationError
-from core.mapping import CatalogFacts, CompiledMapping, bind_catalog, pin_expressions
+from core.mapping import SRC, TGT, CatalogFacts, CompiledMapping, bind_catalog, pin_expressions
 from core.rowsecurity import filtered_view_problem
 from core.sqltext import QualifiedName, pinned_select_list, quote_ident
 
@@ -245,13 +245,53 @@ async def _pinned(conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any)
     except ValueError as exc:
         raise fail(f"expressions and filter: {exc}") from None
     texts = dict(zip((column for column, _ in parts), pinned, strict=True))
-    return pin_expressions(mapping, texts)
+    pinned_mapping = pin_expressions(mapping, texts)
+    if mapping.target_filter is None or mapping.cross_database:
+        return pinned_mapping
+    owned = await _pinned_target_filter(conn, mapping, fail)
+    return replace(pinned_mapping, target_filter=replace(mapping.target_filter, sql=owned))
+
+
+async def _pinned_target_filter(
+    conn: asyncpg.Connection, mapping: CompiledMapping, fail: Any
+) -> str:
+    """``target_filter`` resolved as :func:`_pinned` resolves the expressions (a sync-mode
+    upsert evaluates it in the application's session), over the target row."""
+    _, target, _ = mapping.binding()
+    assert mapping.target_filter is not None
+    transaction = conn.transaction()
+    await transaction.start()
+    try:
+        await conn.execute(
+            f"CREATE TEMP VIEW {_PIN_VIEW} AS SELECT ({mapping.target_filter.sql}) AS e0 "
+            f"FROM {target.sql} AS {TGT}"
+        )
+        await conn.execute("SELECT pg_catalog.set_config('search_path', '', true)")
+        viewdef = await conn.fetchval(
+            f"SELECT pg_catalog.pg_get_viewdef('{_PIN_VIEW}'::pg_catalog.regclass)"
+        )
+    except asyncpg.PostgresError as exc:
+        raise fail(f"target_filter: {exc}") from None
+    finally:
+        await transaction.rollback()
+    try:
+        return pinned_select_list(str(viewdef))[0]
+    except ValueError as exc:
+        raise fail(f"target_filter: {exc}") from None
 
 
 def _mapping_checks(mapping: CompiledMapping) -> list[Prepared]:
     """The mapping's own SQL, whichever part runs it: its expressions and filter."""
-    source, _, _ = mapping.binding()
+    source, target, _ = mapping.binding()
     checks = [Prepared("expressions and filter", mapping.expected_rows_sql(source.sql))]
+    if mapping.target_filter is not None:
+        checks.append(
+            Prepared(
+                "target_filter",
+                f"SELECT 1 FROM {target.sql} AS {TGT} WHERE {mapping.owned_sql()}",
+                in_target=True,
+            )
+        )
     if not mapping.cross_database:
         # Aggregates, window and set-returning functions are not allowed in WHERE, which
         # makes this the place to reject expressions that are not per-row.
@@ -316,6 +356,7 @@ async def validate_all(
             )
         finally:
             await target_conn.close()
+    _check_shared_targets(bound)
     sources = {m.source for m in bound if not m.cross_database}
     for mapping in bound:
         if not mapping.cross_database and mapping.target in sources:
@@ -325,3 +366,53 @@ async def validate_all(
                 "refused (pause or remove one direction)",
             )
     return bound
+
+
+def _check_shared_targets(mappings: Sequence[CompiledMapping]) -> None:
+    """Mappings writing one target table (as resolved) must each have a target_filter."""
+    writers: dict[tuple[QualifiedName | None, str | None], list[CompiledMapping]] = {}
+    for mapping in mappings:
+        writers.setdefault((mapping.target, mapping.config.target_dsn), []).append(mapping)
+    for group in writers.values():
+        for mapping in group:
+            if len(group) > 1 and mapping.target_filter is None:
+                others = ", ".join(m.name for m in group if m is not mapping)
+                raise MappingValidationError(
+                    mapping.name,
+                    f"target_filter is required: {mapping.target} is also written by {others}; "
+                    "set it to the condition naming the target rows this mapping owns",
+                )
+
+
+async def foreign_rows_problem(conn: asyncpg.Connection, mapping: CompiledMapping) -> str | None:
+    """Why a mapping without ``target_filter`` cannot own its whole target: a target row that
+    no source row maps to and that waits in no queue (a reverse mapping into a table that
+    holds other rows). None when there is none, or when the mapping has a target_filter or
+    its target is in another database. One anti-join over the target: ``check`` runs it.
+    """
+    if mapping.target_filter is not None or mapping.cross_database:
+        return None
+    source, target, _ = mapping.binding()
+    keys = mapping.target_key_list(TGT)
+    queued = ""
+    if await conn.fetchval("SELECT to_regclass('dualwrite.dead_letters') IS NOT NULL"):
+        queued = (
+            f"AND jsonb_build_array({keys}) NOT IN (SELECT q.key FROM dualwrite.outbox q "
+            "WHERE q.mapping = $1 UNION ALL SELECT l.key FROM dualwrite.dead_letters l "
+            "WHERE l.mapping = $1) "
+        )
+    found = await conn.fetchval(
+        f"SELECT jsonb_build_array({keys})::text FROM {target.sql} AS {TGT} "
+        f"WHERE NOT EXISTS (SELECT FROM {source.sql} AS {SRC} WHERE {mapping.filter_sql()} "
+        f"AND ({', '.join(mapping.key_exprs())}) = ({keys})) "
+        f"{queued}AND $1::text IS NOT NULL ORDER BY {keys} LIMIT 1",
+        mapping.name,
+    )
+    if found is None:
+        return None
+    return (
+        f"target_filter is required: {target} holds rows this mapping's source does not "
+        f"produce (key {found}, for one). If another writer owns them (a reverse mapping into "
+        "a table with other rows), set target_filter to the condition naming this mapping's "
+        "rows; if they are divergence, run `dualwrite reconcile --repair`"
+    )

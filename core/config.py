@@ -199,6 +199,10 @@ class MappingConfig(Strict):
     key: Annotated[list[str], Field(min_length=1)]
     columns: Annotated[dict[str, str], Field(min_length=1)]
     filter: str | None = None
+    #: SQL condition over a target row: the rows this mapping owns (``channel = 'pos'``).
+    #: Reconcile, repair and backfill consider only these, and never delete another's row;
+    #: required when the target has other writers (a merge, a reverse mapping)
+    target_filter: str | None = None
     mode: MirrorMode = MirrorMode.OUTBOX
     #: where changes are captured: the statements the proxy sees, the WAL, or both
     capture: Capture = Capture.STATEMENT
@@ -634,9 +638,38 @@ def parse_config(data: Any, *, source: str | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("", "the config must be a mapping of keys to values", source=source)
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigErrors(_problems(exc, data), source=source) from None
+
+    _check_shared_targets(config, source)
+    return config
+
+
+def _check_shared_targets(config: Config, source: str | None) -> None:
+    """Mappings that write one target must each say which of its rows they own.
+
+    Names are compared as written (``validate_all`` compares the resolved tables too).
+    """
+    writers: dict[tuple[str, str | None], list[int]] = {}
+    for index, mapping in enumerate(config.mappings):
+        writers.setdefault((mapping.target.lower(), mapping.target_dsn), []).append(index)
+    for indexes in writers.values():
+        if len(indexes) < 2:
+            continue
+        for index in indexes:
+            mapping = config.mappings[index]
+            if mapping.target_filter is None:
+                others = ", ".join(
+                    config.mappings[i].name for i in indexes if i != index
+                )
+                raise ConfigError(
+                    f"mappings[{index}].target_filter",
+                    f"required: mapping {mapping.name} writes {mapping.target} with {others}; "
+                    "set target_filter to the condition naming the target rows this mapping "
+                    "owns (e.g. \"channel = 'pos'\")",
+                    source=source,
+                )
 
 
 def duplicate_keys(text: str) -> list[tuple[str, str]]:

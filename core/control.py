@@ -403,10 +403,12 @@ def delete_function(mapping: CompiledMapping) -> QualifiedName:
 def delete_function_body(mapping: CompiledMapping) -> str:
     """The PL/pgSQL body of :func:`delete_function` (compared by validation)."""
     _, target, _ = mapping.binding()
+    # never a row another writer owns (unchanged text for a mapping without target_filter)
+    owned = "" if mapping.target_filter is None else f" AND {mapping.owned_sql()}"
     return (
         "\nDECLARE deleted bigint;\nBEGIN\n"
         f"  DELETE FROM {target.sql} AS {TGT} WHERE ({mapping.target_key_list(TGT)}) IN "
-        f"({mapping.keys_from_json_sql(DELETE_KEYS_PARAM)});\n"
+        f"({mapping.keys_from_json_sql(DELETE_KEYS_PARAM)}){owned};\n"
         "  GET DIAGNOSTICS deleted = ROW_COUNT;\n  RETURN deleted;\nEND\n"
     )
 

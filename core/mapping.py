@@ -4,10 +4,11 @@ The proxy's rewrite, ``sync_keys`` (applier, repair, backfill) and the reconcile
 their own statements (proxy/mirror_sql.py, mirror/statements.py, compare/rows.py and
 compare/statements.py; the delete function's DDL is core/control.py's), but all of them from one
 :class:`CompiledMapping` and its fragments: the expected target rows of a source relation, the
-key as JSON, the filter, the upsert that skips unchanged rows. So they cannot disagree about
-what the target should hold. Expressions are parsed by PostgreSQL's parser (pglast) and
-deparsed; identifiers are always quoted. Compiling needs no database; :func:`bind_catalog` later
-adds what only the live database knows (resolved names, column and key types).
+key as JSON, the filter, which target rows the mapping owns (``target_filter``), the upsert
+that skips unchanged rows. So they cannot disagree about what the target should hold.
+Expressions are parsed by PostgreSQL's parser (pglast) and deparsed; identifiers are always
+quoted. Compiling needs no database; :func:`bind_catalog` later adds what only the live
+database knows (resolved names, column and key types).
 
 Conventions of the generated SQL: source rows are always read through the alias ``src``, so a
 mapping expression (which names source columns unqualified) means the same thing whether
@@ -30,6 +31,7 @@ from core.sqltext import (
     QualifiedName,
     parse_expression,
     parse_relation_name,
+    qualified_sql,
     quote_ident,
 )
 
@@ -83,6 +85,8 @@ class CompiledMapping:
     expressions: dict[str, ParsedExpression]
     key: tuple[str, ...]
     filter: ParsedExpression | None
+    #: which target rows the mapping owns (``target_filter``), over the target row ``tgt``
+    target_filter: ParsedExpression | None = None
     catalog: CatalogFacts | None = None
     source: QualifiedName | None = None
     target: QualifiedName | None = None
@@ -127,6 +131,13 @@ class CompiledMapping:
         if self.filter is None:
             return "true"
         return f"coalesce(({self.filter.sql}), false)"
+
+    def owned_sql(self) -> str:
+        """Whether the target row ``tgt`` is one this mapping owns (``target_filter``; never
+        NULL). Reconcile, repair, backfill and the delete paths look only at owned rows."""
+        if self.target_filter is None:
+            return "true"
+        return f"coalesce(({qualified_sql(self.target_filter, TGT)}), false)"
 
     def key_json_sql(self) -> str:
         """The key of a source row as a jsonb array (how keys travel through the outbox)."""
@@ -182,13 +193,15 @@ class CompiledMapping:
         sets = ", ".join(f"{quote_ident(c)} = EXCLUDED.{quote_ident(c)}" for c in others)
         current = ", ".join(self._comparable(f"{TGT}.{quote_ident(c)}", c) for c in others)
         excluded = ", ".join(self._comparable(f"EXCLUDED.{quote_ident(c)}", c) for c in others)
+        # Never overwrite a row another writer owns (target_filter).
+        owned = "" if self.target_filter is None else f"{self.owned_sql()} AND "
         # Skip rows that would not change: no new row version, no WAL, no trigger work. As
         # records, compared by record equality (NULLs equal to each other, like IS NOT
         # DISTINCT FROM), through an operator named in full: this runs in the application's
         # session, under its search_path.
         return (
             f"ON CONFLICT ({self.target_key_list()}) DO UPDATE SET {sets} "
-            f"WHERE NOT (ROW({current})::pg_catalog.record OPERATOR(pg_catalog.=) "
+            f"WHERE {owned}NOT (ROW({current})::pg_catalog.record OPERATOR(pg_catalog.=) "
             f"ROW({excluded})::pg_catalog.record)"
         )
 
@@ -226,6 +239,14 @@ def compile_mapping(config: MappingConfig, *, source: str | None = None) -> Comp
             filter_expr = parse_expression(config.filter)
         except ValueError as exc:
             raise MappingValidationError(config.name, f"filter: {exc}", source=source) from None
+    owned = None
+    if config.target_filter is not None:
+        try:
+            owned = parse_expression(config.target_filter)
+        except ValueError as exc:
+            raise MappingValidationError(
+                config.name, f"target_filter: {exc}", source=source
+            ) from None
     mentioned = set().union(*(e.column_names for e in expressions.values()))
     if filter_expr is not None:
         mentioned |= filter_expr.column_names
@@ -241,6 +262,7 @@ def compile_mapping(config: MappingConfig, *, source: str | None = None) -> Comp
         expressions=expressions,
         key=tuple(config.key),
         filter=filter_expr,
+        target_filter=owned,
         mentioned=frozenset(mentioned),
         key_mentioned=frozenset(key_mentioned),
     )

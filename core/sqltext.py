@@ -333,3 +333,32 @@ def check_select(text: str) -> str:
     if any(not isinstance(getattr(cte, "ctequery", None), SelectStmt) for cte in ctes or ()):
         raise ValueError("a WITH query must be a SELECT (no INSERT/UPDATE/DELETE)")
     return text
+
+
+def qualified_sql(expression: ParsedExpression, alias: str) -> str:
+    """The expression with its unqualified column references qualified by ``alias``.
+
+    So it names the aliased row's columns wherever it is spliced, even where another row is
+    in scope too (``EXCLUDED`` in ON CONFLICT DO UPDATE). References inside sub-SELECTs are
+    left alone (they may name the subquery's own tables).
+    """
+    stmt = parse_sql(f"SELECT ({expression.sql})")[0].stmt
+    assert isinstance(stmt, SelectStmt)
+    assert stmt.targetList
+    target = stmt.targetList[0]
+    assert isinstance(target, ResTarget)
+    assert target.val is not None
+
+    class Qualify(Visitor):
+        def visit_SubLink(self, _ancestors: Any, node: Any) -> Any:
+            if node.testexpr is not None:
+                self(node.testexpr)  # ``col IN (SELECT ...)``: the col is ours
+            return Skip
+
+        def visit_ColumnRef(self, _ancestors: Any, node: ColumnRef) -> None:
+            name = _simple_name(node)
+            if name is not None:
+                node.fields = (String(sval=alias), String(sval=name))
+
+    Qualify()(target.val)
+    return str(RawStream()(target.val))

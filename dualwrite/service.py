@@ -30,7 +30,7 @@ from compare.report.history import (
     tenant_trouble,
 )
 from core import metrics, nullcheck
-from core.catalog import StatementsOf, validate_all
+from core.catalog import StatementsOf, foreign_rows_problem, validate_all
 from core.config import Config
 from core.connect import connect, create_pool
 from core.control import (
@@ -171,6 +171,10 @@ async def check_live(config: Config) -> list[str]:
             mappings = await validated_mappings(conn, config)
         if mappings:
             await wal_slot.require_ready(conn, config.wal, wal_slot.wal_mappings(mappings))
+            for mapping in mappings:
+                problem = await foreign_rows_problem(conn, mapping)
+                if problem is not None:
+                    raise MappingValidationError(mapping.name, problem)
             lines += [
                 f"mapping {m.name}: {m.source} -> {m.target} ({describe(m)}) ok"
                 for m in mappings

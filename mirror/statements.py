@@ -1,5 +1,7 @@
 """The SQL ``sync_keys`` runs: read the source rows of some keys, lock rows, write the target.
 
+A mapping with ``target_filter`` deletes (and overwrites) only target rows it owns.
+
 Built from the compiled mapping's shared fragments (expected rows, key JSON, the upsert), so
 the applier, repair and backfill write the target exactly as the rewrite would. Keys arrive
 as a jsonb array of key arrays (``keys_param``); see mirror/keysync.py for the locking
@@ -77,7 +79,8 @@ def apply_keys_sql(mapping: CompiledMapping, keys_param: str, locked_param: str 
     gone = (
         f"del AS (DELETE FROM {target.sql} AS {TGT} WHERE ({key_row}) "
         f"IN (SELECT {names} FROM ({mapping.keys_from_json_sql(keys_param)}) AS g "
-        f"WHERE jsonb_build_array({names}) NOT IN (SELECT __dw_key FROM e)) RETURNING 1)"
+        f"WHERE jsonb_build_array({names}) NOT IN (SELECT __dw_key FROM e)) "
+        f"AND {mapping.owned_sql()} RETURNING 1)"
     )
     inserted = "(SELECT count(*) FROM up)" + (
         " + (SELECT count(*) FROM ins)" if locked_param is not None else ""
@@ -118,7 +121,7 @@ def apply_rows_sql(mapping: CompiledMapping, rows_param: str, keys_param: str) -
         "RETURNING 1), "
         f"del AS (DELETE FROM {target.sql} AS {TGT} WHERE ({key_row}) IN "
         f"({mapping.keys_from_json_sql(keys_param)}) AND jsonb_build_array({key_row}) "
-        f"NOT IN (SELECT __dw_key FROM e) RETURNING 1) "
+        f"NOT IN (SELECT __dw_key FROM e) AND {mapping.owned_sql()} RETURNING 1) "
         "SELECT (SELECT count(*) FROM up) AS upserted, (SELECT count(*) FROM del) AS deleted"
     )
 

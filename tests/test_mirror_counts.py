@@ -61,7 +61,8 @@ def test_asyncpg_fetchval_and_fetchrow_writes_are_counted_once(db, sidecar, mode
             new_id = await conn.fetchval(_INSERT + " RETURNING id", "a@x", "customer")
             assert isinstance(new_id, int)
             row = await conn.fetchrow(_INSERT + " RETURNING id, email", "b@x", "employee")
-            assert row is not None and row["email"] == "b@x"
+            assert row is not None
+            assert row["email"] == "b@x"
             # without RETURNING: the count row is the only row
             assert await conn.fetchval(_INSERT, "c@x", "customer") is None
             # several rows returned under a row limit of one: still one statement, 3 rows

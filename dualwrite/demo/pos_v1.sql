@@ -62,3 +62,20 @@ CREATE TABLE IF NOT EXISTS audit_log (
     details jsonb,
     at timestamptz NOT NULL DEFAULT now()
 );
+
+-- orders from the tills and from the web shop, kept apart today (merged into v2.sales)
+CREATE TABLE IF NOT EXISTS pos_orders (
+    id bigserial PRIMARY KEY,
+    tenant_id bigint NOT NULL REFERENCES tenants (id),
+    store_code text NOT NULL,
+    total numeric(12, 2) NOT NULL,
+    sold_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS web_orders (
+    id bigserial PRIMARY KEY,
+    tenant_id bigint NOT NULL REFERENCES tenants (id),
+    customer_email text NOT NULL,
+    total numeric(12, 2) NOT NULL,
+    placed_at timestamptz NOT NULL DEFAULT now()
+);

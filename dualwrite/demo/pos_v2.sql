@@ -57,6 +57,18 @@ CREATE TABLE IF NOT EXISTS v2.stock_levels (
     PRIMARY KEY (product_id, store)
 );
 
+-- till and web orders merged into one sales table; the channel keeps their key spaces apart
+CREATE TABLE IF NOT EXISTS v2.sales (
+    channel text NOT NULL CHECK (channel IN ('pos', 'web')),
+    order_id bigint NOT NULL,
+    tenant_id bigint NOT NULL,
+    total numeric(12, 2) NOT NULL,
+    sold_at timestamptz NOT NULL,
+    store_code text,
+    customer_email text,
+    PRIMARY KEY (channel, order_id)
+);
+
 -- the compliance audit log, multi-tenant, with row-level security for the application role
 CREATE TABLE IF NOT EXISTS v2.audit_events (
     id bigint PRIMARY KEY,
