@@ -653,7 +653,9 @@ def _check_shared_targets(config: Config, source: str | None) -> None:
     """
     writers: dict[tuple[str, str | None], list[int]] = {}
     for index, mapping in enumerate(config.mappings):
-        writers.setdefault((mapping.target.lower(), mapping.target_dsn), []).append(index)
+        # PostgreSQL folds unquoted names to lower case; quoted ones are compared as written
+        name = mapping.target if '"' in mapping.target else mapping.target.lower()
+        writers.setdefault((name, mapping.target_dsn), []).append(index)
     for indexes in writers.values():
         if len(indexes) < 2:
             continue
