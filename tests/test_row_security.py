@@ -365,7 +365,7 @@ async def prepare_as(data: dict[str, Any]):
     config = parse_config(data)
     conn = await connect_service(config)
     try:
-        mappings, _ = await validated_mappings(conn, config)
+        mappings = await validated_mappings(conn, config)
     finally:
         await conn.close()
     return config, {m.name: m for m in mappings}
