@@ -548,7 +548,8 @@ class Frontend:
             return b"", []
         self.discarding = False
         failing = (
-            "DO $dualwrite$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+            "DO $dualwrite$ BEGIN RAISE EXCEPTION USING "
+            f"ERRCODE = '{STATEMENT_REJECTED.sqlstate}', "
             "MESSAGE = 'dualwrite: statement rejected'; END $dualwrite$"
         )
         injected = (

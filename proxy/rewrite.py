@@ -641,7 +641,8 @@ class Rewriter:
     def _reject_sql(template: Template) -> str:
         """A statement that fails with the policy's error, so nothing of the original runs."""
         return (
-            "DO $dualwrite$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', "
+            "DO $dualwrite$ BEGIN RAISE EXCEPTION USING "
+            f"ERRCODE = '{STATEMENT_REJECTED.sqlstate}', "
             f"MESSAGE = {utf8_literal(reject_message(template))}, "
             f"HINT = {utf8_literal(REJECT_HINT)}; END $dualwrite$"
         )

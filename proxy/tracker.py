@@ -25,10 +25,6 @@ from typing import Final, Protocol
 
 from proxy.wire import messages as m
 
-# The client messages that get a reply, by their type byte.
-EXPECTS_REPLY: Final = frozenset(
-    {m.PARSE, m.BIND, m.DESCRIBE, m.EXECUTE, m.CLOSE, m.SYNC, m.QUERY, m.FUNCTION_CALL}
-)
 #: messages whose reply ends with ReadyForQuery
 CYCLE_END: Final = frozenset({m.QUERY, m.SYNC, m.FUNCTION_CALL})
 #: messages that are a cycle of their own (unlike Sync, which ends a batch of others)
@@ -162,11 +158,6 @@ class ResponseTracker:
         if self.unsynced or self.skipping or self.copy_in:
             return False
         return self.queue is not None or not self.open
-
-    @property
-    def head(self) -> int | Pending | None:
-        queue = self.queue
-        return queue[0] if queue else None
 
     # --- client side -------------------------------------------------------------------
 
