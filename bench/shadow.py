@@ -207,6 +207,8 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     started = common.utc_now()
     server, origin = common.resolve_server(stack, args.dsn)
     bench_db = common.ensure_database(server, args.database)
+    # the view depends on pgbench_accounts: pgbench -i at another scale must be able to drop it
+    common.psql(bench_db, f"DROP VIEW IF EXISTS {VIEW_SCHEMA}.pgbench_accounts")
     common.init_pgbench(bench_db, args.scale, force=args.reinit)
     prepare(bench_db)
     targets = start_targets(stack, bench_db, args)
