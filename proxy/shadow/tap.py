@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from core import metrics
 from core.config import ShadowConfig
 from proxy.wire import messages as m
+from proxy.wire.frames import frame_end
 
 _OUTCOMES = metrics.HOT.shadow_statements
 #: named prepared statements remembered per connection (beyond it, the oldest are forgotten)
@@ -31,9 +31,8 @@ MAX_CACHED_TEXTS: Final = 10_000
 _READ_STARTS: Final = (b"select", b"with", b"table", b"values", b"(")
 
 
-@dataclass(frozen=True, slots=True)
-class Capture:
-    """One sampled read, as the application sent it."""
+class Capture(NamedTuple):
+    """One sampled read, as the application sent it (a tuple: cheap to build on the relay)."""
 
     sql: bytes
     codec: str
@@ -58,13 +57,19 @@ class ShadowTap:
     def connection(self) -> ConnectionTap:
         return ConnectionTap(self)
 
+    def full(self) -> bool:
+        """No room for another capture: the caller drops it and this counts it."""
+        if len(self.queue) < self.capacity:
+            return False
+        _OUTCOMES["dropped"] += 1
+        return True
+
     def offer(self, capture: Capture) -> None:
-        """Queue a sampled read, or drop and count it when the queue is full."""
-        if len(self.queue) >= self.capacity:
-            _OUTCOMES["dropped"] += 1
-            return
+        """Queue a sampled read (the caller checked :meth:`full` first)."""
         self.queue.append(capture)
-        self.wake.set()
+        wake = self.wake
+        if not wake.is_set():
+            wake.set()
 
     def candidate(self, sql: bytes) -> bool:
         """A cheap, cached prefilter: may this text be an eligible read? (The planner decides.)"""
@@ -99,8 +104,9 @@ class ConnectionTap:
         """A simple Query (relay path)."""
         if random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
             return
-        if self.tap.candidate(sql):
-            self.tap.offer(Capture(sql, self.codec))
+        tap = self.tap
+        if tap.candidate(sql) and not tap.full():
+            tap.offer(Capture(sql, self.codec))
 
     def parse(self, parse: m.Parse) -> None:
         """A Parse (relay path): remember the statement if it may be an eligible read."""
@@ -116,9 +122,25 @@ class ConnectionTap:
         """A Bind whose body is ``buf[start:end]`` (relay path): sample one execution."""
         if random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
             return
+        self._capture_bind(statement, buf, start, end)
+
+    def binds(self, buf: bytes, kinds: bytes, starts: list[int]) -> None:
+        """A read of Bind/Execute/Sync... frames (relay path): sampled as a whole, so that a
+        read the sample skips costs one ``random()``; a sampled read captures each Bind of a
+        remembered statement."""
+        if random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
+            return
+        for typ, start in zip(kinds, starts, strict=True):
+            if typ == m.BIND:
+                end = frame_end(buf, start)
+                statement = m.bind_names(buf, start + 5, end)[1]
+                self._capture_bind(statement, buf, start + 5, end)
+
+    def _capture_bind(self, statement: bytes, buf: bytes, start: int, end: int) -> None:
         found = self.prepared.get(statement)
-        if found is not None:
-            self.tap.offer(Capture(found[0], self.codec, found[1], bytes(buf[start:end])))
+        tap = self.tap
+        if found is not None and not tap.full():
+            tap.offer(Capture(found[0], self.codec, found[1], bytes(buf[start:end])))
 
     def close(self, statement: bytes) -> None:
         self.prepared.pop(statement, None)
