@@ -409,8 +409,8 @@ class Sidecar:
         async with self.pool.acquire() as conn:
             await ensure_current(conn)
         tap = await self._start_shadow()
-        rewriter = Rewriter([], states=self.states)
-        self.proxy = ProxyServer(self.config, MirrorContext(rewriter, self.recorder, shadow=tap))
+        # no rewriter: the relay's statement paths stay those of a plain relay
+        self.proxy = ProxyServer(self.config, MirrorContext(None, self.recorder, shadow=tap))
 
     async def _start_shadow(self) -> ShadowTap:
         config = self.config

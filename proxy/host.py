@@ -23,7 +23,8 @@ from proxy.traffic import TrafficRecorder
 class MirrorContext:
     """What sessions need to mirror writes: the rewriter and where activity is recorded."""
 
-    rewriter: Rewriter
+    #: None: nothing is mirrored (shadow reads alone)
+    rewriter: Rewriter | None
     recorder: ActivityRecorder
     #: notes statement texts for lint's traffic evidence (None: traffic.enabled is false)
     traffic: TrafficRecorder | None = None
