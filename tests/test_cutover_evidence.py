@@ -610,3 +610,23 @@ def test_the_sidecar_checks_invariants_after_its_continuous_passes(seeded: Any, 
     # the sidecar's /metrics reads the latest check from the control schema
     text = handle.http("/metrics")[1]
     assert f'dualwrite_invariant_failing_groups{{invariant="{DAILY}"}} 0.0' in text
+
+
+def test_a_criterion_no_tenant_can_be_told_apart_in_counts_for_every_tenant(
+    seeded: Any, tmp_path: Path
+) -> None:
+    db = seeded
+    data = evidence_config(db, "transactions-total")
+    data["report"] = {
+        "criteria": {"clean_window_hours": 0, "require_backfill_complete": False},
+        "tenants": ["1", "2"],
+    }
+    run_setup(data)
+    assert reconcile(data)[0] == 0
+    # a paused mapping is mirrored for no tenant
+    db.sql("INSERT INTO dualwrite.mapping_state (mapping, paused) VALUES ('transactions', true)")
+    path = write_config(tmp_path / "dw.yaml", data)
+    done = run_dualwrite("report", "--config", str(path), "--format", "json", "--tenant", "1")
+    assert done.returncode == 1
+    for tenant in json.loads(done.stdout)["tenants"]:
+        assert tenant["failing"] == ["transactions:mirroring_active"], tenant

@@ -352,8 +352,9 @@ def _tenants(report: Report) -> str:
     return (
         '<section class="tenants" id="tenants"><h2>Tenants</h2>'
         f'<p class="meta">{go} of {plural(len(report.tenants), "tenant")} GO. Each tenant is '
-        "judged on its own rows (divergence, dead letters, invariant groups) plus the criteria "
-        "shared by all (outbox age, backfill, pause, unmirrored statements, mirror failures)."
+        "judged on its own rows (divergence, dead letters, invariant groups) plus every "
+        "criterion that cannot be told apart by tenant (outbox age, backfill, pause, "
+        "unmirrored statements, ...)."
         f"</p>{focus}<table><thead><tr><th>Tenant</th><th>Verdict</th><th>Missing</th>"
         "<th>Extra</th><th>Changed</th><th>Dead letters</th><th>Invariant groups</th>"
         f"<th>Failing criteria</th></tr></thead><tbody>{rows}</tbody></table>{more}</section>"

@@ -170,8 +170,8 @@ def _tenants(report: Report) -> list[str]:
         "## Tenants",
         "",
         f"{go} of {plural(len(report.tenants), 'tenant')} GO. Each tenant is judged on its own "
-        "rows (divergence, dead letters, invariant groups) plus the criteria shared by all "
-        "(outbox age, backfill, pause, unmirrored statements, mirror failures).",
+        "rows (divergence, dead letters, invariant groups) plus every criterion that cannot be "
+        "told apart by tenant (outbox age, backfill, pause, unmirrored statements, ...).",
         "",
     ]
     if report.tenant is not None:

@@ -9,9 +9,10 @@ For a tenant T, in every mapping with a ``tenant_column``:
 - dead letters are those whose source row belongs to T;
 - a tenant-aware invariant (``tenant:`` set) counts T's failing groups only.
 
-Criteria no tenant can be told apart in (outbox age, unmirrored statements, mirror failures,
-backfill, pause, invariants without a tenant column, the sidecar's status) are shared: they
-count for every tenant.
+Every other criterion (outbox age, unmirrored statements, mirror failures, uncaptured
+changes, a pending resync, backfill, pause, invariants without a tenant column, the shadow
+reads, the sidecar's status) cannot be told apart by tenant: it is shared, it counts for
+every tenant.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from compare.report.model import (
 )
 from core.config import CutoverCriteria
 
-#: mapping criteria shared by every tenant (judged once for the whole mapping)
-SHARED = ("outbox_age", "unmirrored_statements", "mirror_failures", "backfill", "mirroring_active")
+#: mapping criteria judged again on each tenant's own evidence; all the others are shared
+PER_TENANT = ("clean_window", "dead_letters")
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,11 @@ def judge_tenant(
                 divergent[cls] += getattr(newest, cls)
         judged.append(_named(mapping.name, clean_window(facts, criteria, window)))
         judged.append(_named(mapping.name, dead_letters(facts, criteria)))
-        judged += [_named(mapping.name, c) for c in mapping.criteria if c.name in SHARED]
+        judged += [
+            _named(mapping.name, c)
+            for c in mapping.criteria
+            if c.name not in PER_TENANT and not c.name.startswith("invariant:")
+        ]
     failing_groups = 0
     for check in evidence.checks:
         if check.tenant_column is not None:
