@@ -37,7 +37,7 @@ import asyncpg
 from compare.connections import connect, session_settings
 from core import metrics
 from core.config import Config, InvariantConfig, MappingConfig
-from core.errors import ConfigError
+from core.errors import ConfigError, DatabaseUnreachable
 from core.logs import get_logger
 from core.sqltext import quote_ident
 
@@ -186,7 +186,13 @@ async def check_invariant(
                 if result.failures or result.groups_failed:
                     await asyncio.sleep(config.reconcile.recheck_delay_seconds)
                     await checker.recheck(result)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, ValueError) as exc:
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            OSError,
+            ValueError,
+            DatabaseUnreachable,
+        ) as exc:
             result.status = "failed"
             result.error = f"{type(exc).__name__}: {exc}"
             _log.warning("invariant_check_failed", invariant=inv.name, error=result.error)
