@@ -6,7 +6,8 @@ For a tenant T, in every mapping with a ``tenant_column``:
   rows only (its ``by_tenant``), a pass limited to T is full evidence for T, a pass limited
   to another tenant is left out; only repairs that touched T's rows (or whose tenants were not
   recorded) restart T's window;
-- dead letters are those whose source row belongs to T;
+- dead letters are those whose source row belongs to T (a full pass's dead-lettered keys are
+  not counted per tenant, so in T's view of a pass they are left to this criterion);
 - a tenant-aware invariant (``tenant:`` set) counts T's failing groups only.
 
 Every other criterion (outbox age, unmirrored statements, mirror failures, uncaptured
@@ -123,8 +124,11 @@ def _tenant_pass(run: Pass, tenant: str) -> Pass | None:
         missing=int(counts.get("missing", 0)),
         extra=int(counts.get("extra", 0)),
         changed=int(counts.get("changed", 0)),
+        # dead-lettered keys are not counted per tenant: the tenant's own dead letters are
+        # judged by its dead-letters criterion instead
+        dead_lettered=0,
         # flagged with no counts: nothing says which tenant, so it counts for every tenant
-        flagged_unclean=run.flagged_unclean and run.divergent == 0,
+        flagged_unclean=run.flagged_unclean and run.divergent == 0 and run.dead_lettered == 0,
         by_tenant={},
     )
 
