@@ -308,7 +308,8 @@ async def test_a_chunk_that_fails_on_one_of_several_sessions_fails_the_pass_clea
     ]
     assert (
         db.scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dualwrite-reconcile'"
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'dualwrite-reconcile' AND datname = current_database()"
         )
         == 0
     )
