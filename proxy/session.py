@@ -83,6 +83,9 @@ class Session:
         self.server = server
         self.conn_id = conn_id
         self.relay = Relay(server, get_logger("proxy").bind(conn_id=conn_id))
+        # bound once: these two run for every socket read
+        self._from_client = self.relay.from_client
+        self._from_server = self.relay.from_server
         self.client = _Side(
             self._client_data,
             self._client_lost,
@@ -229,7 +232,7 @@ class Session:
             self._client_data_relayed(data)
 
     def _client_data_relayed(self, data: bytes) -> None:
-        forward, effects = self.relay.from_client(data)
+        forward, effects = self._from_client(data)
         if forward:
             upstream = self.upstream.transport
             if upstream is not None and not upstream.is_closing():
@@ -283,7 +286,7 @@ class Session:
             self._upstream_data_relayed(data)
 
     def _upstream_data_relayed(self, data: bytes) -> None:
-        forward, effects = self.relay.from_server(data)
+        forward, effects = self._from_server(data)
         if forward:
             client = self.client.transport
             if client is not None and not client.is_closing():
