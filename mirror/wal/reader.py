@@ -42,6 +42,7 @@ from core.config import WalConfig
 from core.control import LOCK_CLASS, MappingStates
 from core.logs import get_logger
 from core.mapping import CompiledMapping
+from core.redact import describe_error
 from core.sqltext import QualifiedName
 from mirror.keysync import sync_keys
 from mirror.wal import pgoutput, slot
@@ -346,7 +347,9 @@ class WalReader:
                 await conn.execute(f"SET LOCAL lock_timeout = {APPLY_LOCK_TIMEOUT_MS}")
                 done = await sync_keys(conn, mapping, sorted(keys))
         except asyncpg.PostgresError as exc:
-            _log.info("wal_apply_deferred", mapping=mapping.name, error=str(exc))
+            _log.info(
+                "wal_apply_deferred", mapping=mapping.name, error=describe_error(exc, mapping)
+            )
             return False
         metrics.APPLIER_ROWS.labels(mapping=mapping.name, outcome="upserted").inc(done.upserted)
         metrics.APPLIER_ROWS.labels(mapping=mapping.name, outcome="deleted").inc(done.deleted)
