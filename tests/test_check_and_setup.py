@@ -54,13 +54,15 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 def test_check_before_setup_reports_the_step_to_do_and_validates_the_rest(db, tmp_path, capsys):
     db.sql(_TABLES)
-    config = _config(tmp_path, db.dsn, _mapping(), _mapping(name="items_sync", mode="sync"))
+    db.sql("CREATE TABLE v2.items_s (id int PRIMARY KEY, label text, shop text NOT NULL)")
+    sync = _mapping(name="items_sync", mode="sync", target="v2.items_s")
+    config = _config(tmp_path, db.dsn, _mapping(), sync)
     code, out, err = _run(capsys, "check", "--config", config)
     assert code == 0, err
     assert "control schema: at version 0" in out
     assert "step still to do: `dualwrite setup --config FILE`" in out
     # the sync mapping's statements (delete function included) were validated in the rehearsal
-    assert "mapping items_sync: public.items -> v2.items (sync) ok" in out
+    assert "mapping items_sync: public.items -> v2.items_s (sync) ok" in out
     assert "configuration is valid against the live database" in out
     # ...which was rolled back: check changed nothing
     assert db.scalar("SELECT to_regnamespace('dualwrite') IS NULL")
