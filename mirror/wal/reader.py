@@ -29,6 +29,7 @@ other tables' traffic writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Sequence
@@ -212,12 +213,14 @@ class WalReader:
                     await asyncio.sleep(interval)
             except asyncio.CancelledError:
                 raise
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # a lost connection, a slot held by a dying backend, a restart: let go of the
-                # leadership and try again; nothing was confirmed past what is queued
+            except Exception as exc:  # the reader must outlive any failure
+                # a lost connection, a slot held by a dying backend, a restart (whatever the
+                # driver raises on the way): let go of the leadership and try again; nothing
+                # was confirmed past what is queued
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 _log.warning("wal_reader_retry", error=self.last_error)
-                await self._release()
+                with contextlib.suppress(Exception):
+                    await self._release()
                 await asyncio.sleep(interval * STANDBY_POLLS)
 
     async def lead(self) -> bool:
