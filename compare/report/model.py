@@ -133,18 +133,10 @@ class Criterion:
     detail: str = ""
 
 
-@dataclass
-class MappingReport:
-    """The verdict on one mapping, the criteria behind it, and its history."""
+class Judged:
+    """A verdict over a list of criteria (mixed into the mapping and tenant reports)."""
 
-    name: str
-    source: str
-    target: str
-    mode: str
     criteria: list[Criterion]
-    facts: Facts
-    #: what the running sidecar said about this mapping (None: no --status-url, or not listed)
-    live: dict[str, Any] | None = None
 
     @property
     def go(self) -> bool:
@@ -157,6 +149,20 @@ class MappingReport:
     @property
     def failed(self) -> list[Criterion]:
         return [c for c in self.criteria if not c.passed]
+
+
+@dataclass
+class MappingReport(Judged):
+    """The verdict on one mapping, the criteria behind it, and its history."""
+
+    name: str
+    source: str
+    target: str
+    mode: str
+    criteria: list[Criterion]
+    facts: Facts
+    #: what the running sidecar said about this mapping (None: no --status-url, or not listed)
+    live: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +232,7 @@ class ContractReadiness:
 
 
 @dataclass
-class TenantReport:
+class TenantReport(Judged):
     """One tenant's verdict: its own evidence in every mapping with a tenant_column, plus the
     criteria no tenant can be told apart in (outbox age, backfill, pause, ...)."""
 
@@ -236,18 +242,6 @@ class TenantReport:
     dead_letters: int
     invariant_failures: int
     criteria: list[Criterion]
-
-    @property
-    def go(self) -> bool:
-        return all(c.passed for c in self.criteria)
-
-    @property
-    def verdict(self) -> str:
-        return GO if self.go else NO_GO
-
-    @property
-    def failed(self) -> list[Criterion]:
-        return [c for c in self.criteria if not c.passed]
 
     @property
     def trouble(self) -> int:
