@@ -40,16 +40,25 @@ anywhere else.
 from __future__ import annotations
 
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-#: ErrorResponse field codes (the protocol's one-byte field types)
-_SEVERITY: Final = ord("S")
-_SEVERITY_NONLOCALIZED: Final = ord("V")
-_CODE: Final = ord("C")
-_MESSAGE: Final = ord("M")
-_DETAIL: Final = ord("D")
-_HINT: Final = ord("H")
+#: ErrorResponse / NoticeResponse field codes (the protocol's one-byte field types) that
+#: dualwrite sets or reads; the codec and the reply repair use these, so they live here once
+FIELD_SEVERITY: Final = ord("S")
+FIELD_SEVERITY_NONLOCALIZED: Final = ord("V")
+FIELD_CODE: Final = ord("C")
+FIELD_MESSAGE: Final = ord("M")
+FIELD_DETAIL: Final = ord("D")
+FIELD_HINT: Final = ord("H")
+FIELD_POSITION: Final = ord("P")
+FIELD_CONTEXT: Final = ord("W")
+
+
+def build_fields(fields: Iterable[tuple[int, bytes]]) -> bytes:
+    """The body of an ErrorResponse or NoticeResponse: each field code, value, NUL; then NUL."""
+    return b"".join(bytes((code,)) + value + b"\x00" for code, value in fields) + b"\x00"
 
 
 def encode_error_response(
@@ -62,21 +71,17 @@ def encode_error_response(
 ) -> bytes:
     """An ErrorResponse frame as the server would send it (severity, SQLSTATE, message...)."""
     fields: list[tuple[int, str]] = [
-        (_SEVERITY, severity),
-        (_SEVERITY_NONLOCALIZED, severity),
-        (_CODE, sqlstate),
-        (_MESSAGE, message),
+        (FIELD_SEVERITY, severity),
+        (FIELD_SEVERITY_NONLOCALIZED, severity),
+        (FIELD_CODE, sqlstate),
+        (FIELD_MESSAGE, message),
     ]
     if detail:
-        fields.append((_DETAIL, detail))
+        fields.append((FIELD_DETAIL, detail))
     if hint:
-        fields.append((_HINT, hint))
-    body = bytearray()
-    for code, value in fields:
-        body.append(code)
-        body += value.encode("utf-8", "replace") + b"\x00"
-    body.append(0)
-    return b"E" + (len(body) + 4).to_bytes(4, "big") + bytes(body)
+        fields.append((FIELD_HINT, hint))
+    body = build_fields((code, value.encode("utf-8", "replace")) for code, value in fields)
+    return b"E" + (len(body) + 4).to_bytes(4, "big") + body
 
 
 @dataclass(frozen=True)

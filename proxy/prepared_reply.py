@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Final
 
+from core import errors
 from core.control import ActivityRecorder
 from proxy.literals import Parameterized
 from proxy.reply_repair import StatementRows, repair_error
@@ -23,7 +24,6 @@ from proxy.rewrite import Rewritten, StatementReply
 from proxy.wire import messages as m
 from proxy.wire.frames import frame
 
-_FIELD_CONTEXT: Final = ord("W")
 #: fields that come after the position in PostgreSQL's ErrorResponse (elog.c's order)
 _AFTER_POSITION: Final = frozenset(b"pqWstcdnFLR")
 #: the CONTEXT line exec_bind_message adds when a parameter's input function fails
@@ -89,13 +89,13 @@ def client_error(frame_bytes: bytes, params: Parameterized) -> bytes:
     position: bytes | None = None
     changed = False
     for code, value in fields:
-        if code == m.FIELD_POSITION and value.isdigit():
+        if code == errors.FIELD_POSITION and value.isdigit():
             mapped = params.original_position(int(value))
             changed = True
             if mapped is not None:
                 position = str(mapped).encode()
             continue
-        if code == _FIELD_CONTEXT:
+        if code == errors.FIELD_CONTEXT:
             match = _BIND_PARAMETER.search(value)
             if match is not None:
                 changed = True
@@ -111,5 +111,5 @@ def client_error(frame_bytes: bytes, params: Parameterized) -> bytes:
         return frame_bytes
     if position is not None:
         at = next((i for i, (code, _) in enumerate(out) if code in _AFTER_POSITION), len(out))
-        out.insert(at, (m.FIELD_POSITION, position))
-    return frame(b"E", m.build_fields(out))
+        out.insert(at, (errors.FIELD_POSITION, position))
+    return frame(b"E", errors.build_fields(out))

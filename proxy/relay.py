@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from core import metrics
+from core import errors, metrics
 from core.errors import (
     ADMIN_SHUTDOWN,
     INTERNAL_ERROR,
@@ -681,5 +681,6 @@ class Relay:
 def _is_fatal(buf: bytes, start: int) -> bool:
     """True when the ErrorResponse at ``start`` has severity FATAL or PANIC."""
     fields = dict(m.parse_fields(buf[start + 5 : frame_end(buf, start)]))
-    severity = fields.get(m.FIELD_SEVERITY_NONLOCALIZED, fields.get(m.FIELD_SEVERITY, b""))
+    fallback = fields.get(errors.FIELD_SEVERITY, b"")
+    severity = fields.get(errors.FIELD_SEVERITY_NONLOCALIZED, fallback)
     return severity in (b"FATAL", b"PANIC")

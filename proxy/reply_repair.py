@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from core import metrics
+from core import errors, metrics
 from core.control import ActivityRecorder
 from proxy.rewrite import REWRITE, Rewritten, StatementReply
 from proxy.wire import messages as m
@@ -41,7 +41,7 @@ def repair_error(
     changed = False
     out: list[tuple[int, bytes]] = []
     for code, value in fields:
-        if code == m.FIELD_POSITION and value.isdigit():
+        if code == errors.FIELD_POSITION and value.isdigit():
             position = rewritten.original_position(int(value))
             if position is None:
                 changed = True
@@ -51,7 +51,7 @@ def repair_error(
                 out.append((code, str(position).encode()))
                 continue
         out.append((code, value))
-    return frame(b"E", m.build_fields(out)) if changed else raw
+    return frame(b"E", errors.build_fields(out)) if changed else raw
 
 
 def _count_value(value: bytes | None, binary: bool) -> int:

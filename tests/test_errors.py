@@ -71,9 +71,3 @@ def test_raised_protocol_errors_answer_from_the_table() -> None:
     fields = decode(MessageTooLarge(1 << 20, 4096).response())
     assert fields["C"] == "08P01"
     assert fields["M"] == "message of 1048576 bytes exceeds the limit of 4096 bytes"
-
-
-def test_the_wire_codec_builds_the_same_frame() -> None:
-    assert m.error_response("42P01", "missing", severity="FATAL", hint="h") == (
-        errors.encode_error_response("42P01", "missing", severity="FATAL", hint="h")
-    )

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from core import errors
 from core.errors import TOO_MANY_CLIENTS
 from proxy.relay import (
     NO_EFFECTS,
@@ -53,9 +54,9 @@ def error_fields(data: bytes) -> tuple[str, str, str]:
     assert struct.unpack("!i", data[1:5])[0] == len(data) - 1
     fields = dict(m.parse_fields(data[5:]))
     return (
-        fields[m.FIELD_SEVERITY_NONLOCALIZED].decode(),
-        fields[m.FIELD_CODE].decode(),
-        fields[m.FIELD_MESSAGE].decode(),
+        fields[errors.FIELD_SEVERITY_NONLOCALIZED].decode(),
+        fields[errors.FIELD_CODE].decode(),
+        fields[errors.FIELD_MESSAGE].decode(),
     )
 
 
@@ -302,7 +303,7 @@ def test_upstream_lost_unexpectedly_is_reported() -> None:
 
 def test_upstream_lost_after_its_own_fatal_adds_nothing() -> None:
     core = ready_core()
-    fatal = m.error_response("57P01", "terminating connection", severity="FATAL")
+    fatal = errors.encode_error_response("57P01", "terminating connection", severity="FATAL")
     assert core.from_server(fatal) == (fatal, NO_EFFECTS)
     client, _, closed = split(core.upstream_lost())
     assert (client, closed) == (b"", True)

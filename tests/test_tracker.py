@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core import errors
 from proxy import relay as rc
 from proxy.relay import Effects, ToClient, ToServer
 from proxy.tracker import Pending, ResponseTracker
@@ -80,7 +81,7 @@ FUNCTION_RESULT = frame(b"V", b"\x00\x00\x00\x011")
 NOTICE = frame(b"N", b"SNOTICE\x00Mhello\x00\x00")
 NOTIFICATION = frame(b"A", b"\x00\x00\x04\xd2chan\x00\x00")
 PARAMETER_STATUS = frame(b"S", b"TimeZone\x00UTC\x00")
-ERROR = m.error_response("22012", "division by zero")
+ERROR = errors.encode_error_response("22012", "division by zero")
 
 
 def complete(tag: bytes) -> bytes:
@@ -445,7 +446,7 @@ def test_precise_injected_entry_dropped_while_the_server_skips(relay: Relay) -> 
     relay.server(PARSE_COMPLETE, ERROR)
     assert relay.tracker.skipping
     refused = parse(b"", b"DELETE FROM t")
-    relay.frontend.on(refused, Pending(m.PARSE, inject=m.error_response("0A000", "no")))
+    relay.frontend.on(refused, Pending(m.PARSE, inject=errors.encode_error_response("0A000", "no")))
     relay.client(refused)
     assert relay.tracker.injections == 0
     assert b"0A000" not in relay.to_client
@@ -610,7 +611,7 @@ def test_injected_reply_goes_out_when_its_entry_reaches_the_head(relay: Relay) -
 
 def test_injected_reply_due_at_once_is_sent_by_the_relay(relay: Relay) -> None:
     refused = parse(b"", b"DELETE FROM t")
-    error = m.error_response("0A000", "refused")
+    error = errors.encode_error_response("0A000", "refused")
     relay.frontend.on(refused, Pending(m.PARSE, inject=error), replacement=b"")
     relay.client(refused, FLUSH)
     assert bytes(relay.to_client) == error

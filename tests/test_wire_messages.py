@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core import errors
 from core.errors import ProtocolViolation
 from proxy.wire import messages as m
 from proxy.wire.frames import frame_end
@@ -260,30 +261,30 @@ def test_authentication() -> None:
 def test_error_response_fields() -> None:
     fields = m.parse_fields(body(ERROR))
     assert fields == [
-        (m.FIELD_SEVERITY, b"ERROR"),
-        (m.FIELD_SEVERITY_NONLOCALIZED, b"ERROR"),
-        (m.FIELD_CODE, b"42P01"),
-        (m.FIELD_MESSAGE, b'relation "nope" does not exist'),
-        (m.FIELD_POSITION, b"15"),
+        (errors.FIELD_SEVERITY, b"ERROR"),
+        (errors.FIELD_SEVERITY_NONLOCALIZED, b"ERROR"),
+        (errors.FIELD_CODE, b"42P01"),
+        (errors.FIELD_MESSAGE, b'relation "nope" does not exist'),
+        (errors.FIELD_POSITION, b"15"),
     ]
     assert m.error_sqlstate(body(ERROR)) == b"42P01"
-    assert m.build_fields(fields) == body(ERROR)
+    assert errors.build_fields(fields) == body(ERROR)
 
 
 def test_error_response_builder() -> None:
-    built = m.error_response("42P01", 'relation "nope" does not exist')
+    built = errors.encode_error_response("42P01", 'relation "nope" does not exist')
     assert built == b"E\x00\x00\x00\x3a" + body(ERROR)[: -len(b"P15\x00\x00")] + b"\x00"
-    full = m.error_response(
+    full = errors.encode_error_response(
         "23505", "duplicate", severity="FATAL", detail="Key (id)=(1)", hint="é"
     )
     assert frame_end(full, 0) == len(full)
     assert m.parse_fields(body(full)) == [
-        (m.FIELD_SEVERITY, b"FATAL"),
-        (m.FIELD_SEVERITY_NONLOCALIZED, b"FATAL"),
-        (m.FIELD_CODE, b"23505"),
-        (m.FIELD_MESSAGE, b"duplicate"),
-        (m.FIELD_DETAIL, b"Key (id)=(1)"),
-        (m.FIELD_HINT, "é".encode()),
+        (errors.FIELD_SEVERITY, b"FATAL"),
+        (errors.FIELD_SEVERITY_NONLOCALIZED, b"FATAL"),
+        (errors.FIELD_CODE, b"23505"),
+        (errors.FIELD_MESSAGE, b"duplicate"),
+        (errors.FIELD_DETAIL, b"Key (id)=(1)"),
+        (errors.FIELD_HINT, "é".encode()),
     ]
 
 

@@ -8,11 +8,12 @@ forwards never come here.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from core.errors import ProtocolViolation, encode_error_response
+from core import errors
+from core.errors import ProtocolViolation
 from proxy.wire.frames import frame
 
 # Frontend (client -> server) type bytes.
@@ -377,41 +378,6 @@ def parse_command_complete(body: bytes) -> bytes:
 NO_DATA_MESSAGE: Final = frame(b"n", b"")
 
 
-#: ErrorResponse / NoticeResponse field codes we set or read
-FIELD_SEVERITY: Final = ord("S")
-FIELD_SEVERITY_NONLOCALIZED: Final = ord("V")
-FIELD_CODE: Final = ord("C")
-FIELD_MESSAGE: Final = ord("M")
-FIELD_DETAIL: Final = ord("D")
-FIELD_HINT: Final = ord("H")
-FIELD_POSITION: Final = ord("P")
-
-
-def error_response(
-    sqlstate: str,
-    message: str,
-    *,
-    severity: str = "ERROR",
-    detail: str | None = None,
-    hint: str | None = None,
-) -> bytes:
-    """An ErrorResponse as the server would send it (severity, SQLSTATE, message...).
-
-    The proxy's own errors come from the table in core/errors.py; this builds any other
-    (test servers, tests).
-    """
-    return encode_error_response(sqlstate, message, severity=severity, detail=detail, hint=hint)
-
-
-def encode_fields(fields: Iterable[tuple[int, str]]) -> bytes:
-    out = bytearray()
-    for code, value in fields:
-        out.append(code)
-        out += value.encode("utf-8", "replace") + b"\x00"
-    out.append(0)
-    return bytes(out)
-
-
 def parse_fields(body: bytes) -> list[tuple[int, bytes]]:
     """The (code, value) fields of an ErrorResponse or NoticeResponse, in order."""
     fields: list[tuple[int, bytes]] = []
@@ -423,13 +389,9 @@ def parse_fields(body: bytes) -> list[tuple[int, bytes]]:
     return fields
 
 
-def build_fields(fields: Iterable[tuple[int, bytes]]) -> bytes:
-    return b"".join(bytes((c,)) + v + b"\x00" for c, v in fields) + b"\x00"
-
-
 def error_sqlstate(body: bytes) -> bytes:
     for code, value in parse_fields(body):
-        if code == FIELD_CODE:
+        if code == errors.FIELD_CODE:
             return value
     return b""
 
