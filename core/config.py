@@ -464,6 +464,49 @@ class ShadowConfig(Strict):
         return self.sample_rate > 0
 
 
+class CutoverConfig(Strict):
+    """Staged cutover: the tenants whose writes have moved to the new schema.
+
+    Migration-wide: a tenant moves as a whole (every pair below), because the application
+    switches a tenant's writes in one deploy and related tables must not be split between two
+    sources of truth. For a moved tenant the forward mapping of each pair is paused (its
+    ``filter`` and ``target_filter`` leave the tenant out) and the reverse mapping carries the
+    tenant's rows from the new table back to the old (its ``filter`` and ``target_filter``
+    take the tenant only). Every other tenant stays forward. See docs/architecture.md.
+    """
+
+    #: tenant ids (compared as text with the mappings' tenant_column, like ``--tenant``)
+    tenants: list[str] = []
+    #: forward mapping name -> the mapping that mirrors its target back into its source
+    reverse: dict[str, str] = {}
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenant_ids_as_text(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+        return value
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants_listed_once(cls, value: list[str]) -> list[str]:
+        for tenant in value:
+            if not tenant:
+                raise ValueError("a tenant id cannot be empty")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a tenant twice")
+        return value
+
+    @model_validator(mode="after")
+    def _tenants_need_pairs(self) -> CutoverConfig:
+        if self.tenants and not self.reverse:
+            raise ValueError(
+                "tenants are listed but no mapping pair is: set reverse (forward mapping -> "
+                "its reverse mapping)"
+            )
+        return self
+
+
 class Config(Strict):
     """The whole sidecar configuration (one YAML file)."""
 
@@ -490,6 +533,8 @@ class Config(Strict):
     mappings: list[MappingConfig] = []
     #: migration-level business rules (both queries run in the service database)
     invariants: list[InvariantConfig] = []
+    #: staged per-tenant cutover (which tenants already write the new schema)
+    cutover: CutoverConfig = CutoverConfig()
 
     @field_validator("service_dsn")
     @classmethod
@@ -643,7 +688,103 @@ def parse_config(data: Any, *, source: str | None = None) -> Config:
         raise ConfigErrors(_problems(exc, data), source=source) from None
 
     _check_shared_targets(config, source)
+    _check_cutover(config, source)
     return config
+
+
+def _folded(name: str) -> str:
+    """A table name as written, folded as PostgreSQL folds an unquoted one."""
+    return name if '"' in name else name.lower()
+
+
+def _check_cutover(config: Config, source: str | None) -> None:
+    """The cutover section names real mapping pairs that can be reversed per tenant.
+
+    Every problem is reported at once, each with its path. What is refused and why:
+    a pair whose mappings are not each other's reverse (a loop or a half); a mapping in two
+    pairs; a mapping without ``tenant_column`` (nothing to split the rows by); a target in
+    another database (the reverse mapping's outbox would live in the new database); and WAL
+    capture (the WAL reader sees every change of a source table, including the other
+    direction's applier writes: ``both`` would count them as uncaptured changes, and ``wal``
+    is not supported for a staged cutover yet).
+    """
+    cutover = config.cutover
+    index = {m.name: i for i, m in enumerate(config.mappings)}
+    problems: list[tuple[str, str]] = []
+    used: dict[str, str] = {}
+    for forward_name, reverse_name in cutover.reverse.items():
+        path = f"cutover.reverse.{forward_name}"
+        pair = []
+        for role, name in (("forward", forward_name), ("reverse", reverse_name)):
+            if name not in index:
+                problems.append((path, f"no mapping named {name!r} (the {role} mapping)"))
+            elif name in used:
+                problems.append((path, f"mapping {name} is already in the pair of {used[name]}"))
+            else:
+                used[name] = forward_name
+                pair.append((role, name))
+        if forward_name == reverse_name:
+            problems.append((path, "a mapping cannot be its own reverse"))
+            continue
+        if len(pair) != 2:
+            continue
+        forward = config.mappings[index[forward_name]]
+        reverse = config.mappings[index[reverse_name]]
+        if (_folded(reverse.source), _folded(reverse.target)) != (
+            _folded(forward.target),
+            _folded(forward.source),
+        ):
+            problems.append(
+                (
+                    path,
+                    f"{reverse_name} ({reverse.source} -> {reverse.target}) is not the reverse "
+                    f"of {forward_name} ({forward.source} -> {forward.target}): its source must "
+                    "be the forward target and its target the forward source",
+                )
+            )
+        for _, name in pair:
+            mapping = config.mappings[index[name]]
+            at = f"mappings[{index[name]}]"
+            if mapping.tenant_column is None:
+                problems.append(
+                    (
+                        f"{at}.tenant_column",
+                        f"required: mapping {name} is in cutover.reverse, and a staged "
+                        "cutover splits its rows by tenant",
+                    )
+                )
+            if mapping.target_dsn is not None:
+                problems.append(
+                    (
+                        f"{at}.target_dsn",
+                        f"mapping {name} is in cutover.reverse: a staged cutover needs old and "
+                        "new tables in one database (the reverse mapping's keys are captured "
+                        "in the database of its source)",
+                    )
+                )
+            if mapping.capture.reads_wal:
+                problems.append(
+                    (
+                        f"{at}.capture",
+                        f"mapping {name} is in cutover.reverse: a staged cutover needs "
+                        "capture: statement (the WAL reader sees every change of a source "
+                        "table, including the other direction's applier writes)",
+                    )
+                )
+    if cutover.reverse:
+        for mapping in config.mappings:
+            if mapping.tenant_column is not None and mapping.name not in used:
+                problems.append(
+                    (
+                        "cutover.reverse",
+                        f"mapping {mapping.name} has a tenant_column but no reverse mapping: a "
+                        f"moved tenant's writes to {mapping.target} would never reach "
+                        f"{mapping.source}; add `{mapping.name}: <a mapping from "
+                        f"{mapping.target} to {mapping.source}>`",
+                    )
+                )
+    if problems:
+        raise ConfigErrors(problems, source=source)
 
 
 def _check_shared_targets(config: Config, source: str | None) -> None:

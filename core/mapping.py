@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from core.config import Config, MappingConfig
 from core.errors import MappingValidationError
@@ -62,6 +62,56 @@ class CatalogFacts:
     target_types: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class CutoverRole:
+    """A mapping's part in a staged cutover (``cutover:`` in the config)."""
+
+    #: forward (old -> new): leaves the moved tenants out; reverse (new -> old): takes only them
+    direction: Literal["forward", "reverse"]
+    #: the other mapping of the pair
+    partner: str
+    #: the moved tenants (as text)
+    tenants: tuple[str, ...]
+
+    def phase(self, tenant: str) -> Literal["forward", "moved"]:
+        """Which schema is the source of truth for ``tenant``: old (forward) or new (moved)."""
+        return "moved" if tenant in self.tenants else "forward"
+
+
+def moved_tenant_sql(value_sql: str, tenants: Sequence[str]) -> str:
+    """Whether ``value_sql`` (a tenant id) is one of the moved ``tenants``: compared as text,
+    like ``--tenant``; never NULL (a NULL tenant is not moved); operators named in full."""
+    if not tenants:
+        return "false"
+    items = ", ".join("'" + t.replace("'", "''") + "'" for t in tenants)
+    return (
+        f"coalesce(({value_sql})::pg_catalog.text OPERATOR(pg_catalog.=) "
+        f"ANY (ARRAY[{items}]::pg_catalog.text[]), false)"
+    )
+
+
+def cutover_predicates(
+    config: MappingConfig, role: CutoverRole
+) -> tuple[str | None, str | None]:
+    """The ``filter`` and ``target_filter`` texts of a mapping in a staged cutover: its own,
+    narrowed to the tenants its direction carries (forward: all but the moved ones; reverse:
+    only the moved ones). A forward mapping with no tenant moved keeps its own texts."""
+    column = config.tenant_column
+    if column is None:  # refused at config load
+        raise ValueError(f"mapping {config.name} is in a cutover without a tenant_column")
+    if role.direction == "forward" and not role.tenants:
+        return config.filter, config.target_filter
+    source_side = moved_tenant_sql(config.columns[column], role.tenants)
+    target_side = moved_tenant_sql(quote_ident(column), role.tenants)
+    if role.direction == "forward":
+        source_side, target_side = f"NOT {source_side}", f"NOT {target_side}"
+
+    def both(own: str | None, tenant: str) -> str:
+        return tenant if own is None else f"({own}) AND {tenant}"
+
+    return both(config.filter, source_side), both(config.target_filter, target_side)
+
+
 class Binding(NamedTuple):
     """What :func:`bind_catalog` added to a mapping: its resolved tables and catalog facts."""
 
@@ -94,6 +144,8 @@ class CompiledMapping:
     mentioned: frozenset[str] = field(default_factory=frozenset)
     #: unqualified column names the key expressions mention
     key_mentioned: frozenset[str] = field(default_factory=frozenset)
+    #: its part in a staged cutover (None: not in one; filters already narrowed when set)
+    cutover: CutoverRole | None = None
 
     # --- identity -----------------------------------------------------------------------
 
@@ -218,8 +270,18 @@ class CompiledMapping:
         return ref
 
 
-def compile_mapping(config: MappingConfig, *, source: str | None = None) -> CompiledMapping:
-    """Parse a mapping's names and expressions; raise MappingValidationError naming the problem."""
+def compile_mapping(
+    config: MappingConfig, *, source: str | None = None, cutover: CutoverRole | None = None
+) -> CompiledMapping:
+    """Parse a mapping's names and expressions; raise MappingValidationError naming the problem.
+
+    With ``cutover``, the filter and target_filter are the mapping's own narrowed to the
+    tenants its direction carries (:func:`cutover_predicates`): every consumer (rewrite,
+    applier, repair, backfill, reconciler, delete function) then sees the narrowed ones.
+    """
+    row_filter, target_filter = config.filter, config.target_filter
+    if cutover is not None:
+        row_filter, target_filter = cutover_predicates(config, cutover)
     try:
         source_schema, source_name = parse_relation_name(config.source)
         target_schema, target_name = parse_relation_name(config.target)
@@ -234,15 +296,15 @@ def compile_mapping(config: MappingConfig, *, source: str | None = None) -> Comp
                 config.name, f"columns.{column}: {exc}", source=source
             ) from None
     filter_expr = None
-    if config.filter is not None:
+    if row_filter is not None:
         try:
-            filter_expr = parse_expression(config.filter)
+            filter_expr = parse_expression(row_filter)
         except ValueError as exc:
             raise MappingValidationError(config.name, f"filter: {exc}", source=source) from None
     owned = None
-    if config.target_filter is not None:
+    if target_filter is not None:
         try:
-            owned = parse_expression(config.target_filter)
+            owned = parse_expression(target_filter)
         except ValueError as exc:
             raise MappingValidationError(
                 config.name, f"target_filter: {exc}", source=source
@@ -265,13 +327,27 @@ def compile_mapping(config: MappingConfig, *, source: str | None = None) -> Comp
         target_filter=owned,
         mentioned=frozenset(mentioned),
         key_mentioned=frozenset(key_mentioned),
+        cutover=cutover,
     )
+
+
+def cutover_roles(config: Config) -> dict[str, CutoverRole]:
+    """Each mapping in a cutover pair (by name): its direction, partner and the moved tenants."""
+    tenants = tuple(config.cutover.tenants)
+    roles: dict[str, CutoverRole] = {}
+    for forward, reverse in config.cutover.reverse.items():
+        roles[forward] = CutoverRole("forward", reverse, tenants)
+        roles[reverse] = CutoverRole("reverse", forward, tenants)
+    return roles
 
 
 def compile_all(config: Config, *, source: str | None = None) -> list[CompiledMapping]:
     """Compile every mapping of the config (each checked on its own; validation checks
     the ones that only make sense together against the database)."""
-    return [compile_mapping(m, source=source) for m in config.mappings]
+    roles = cutover_roles(config)
+    return [
+        compile_mapping(m, source=source, cutover=roles.get(m.name)) for m in config.mappings
+    ]
 
 
 def bind_catalog(

@@ -591,6 +591,12 @@ class Sidecar:
                 "leader": self.wal_reader.leader,
                 "last_error": self.wal_reader.last_error,
             },
+            # what this sidecar's config says has moved: every sidecar must agree before a
+            # moved tenant's writes resume (README, staged cutover)
+            "cutover": {
+                "tenants": list(self.config.cutover.tenants),
+                "reverse": dict(self.config.cutover.reverse),
+            },
             "mappings": {
                 m.name: {
                     "mode": m.mode,

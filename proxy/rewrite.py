@@ -473,11 +473,14 @@ class Rewriter:
         alias = (relation.get("alias") or {}).get("aliasname") or relation["relname"]
         ref = quote_ident(alias)
         columns = read_columns(mappings)
-        _, guarded = self._sources(relation)
+        sources, guarded = self._sources(relation)
         returning = bool((fields.get("returningClause") or {}).get("exprs")) or bool(
             fields.get("returningList")
         )
-        added = [f"{ref}.{quote_ident(c)} AS {COLUMN_PREFIX}{i + 1}" for i, c in enumerate(columns)]
+        added = [
+            f"{self._returned(c, ref, sources if guarded else [])} AS {COLUMN_PREFIX}{i + 1}"
+            for i, c in enumerate(columns)
+        ]
         renamed = [f"{COLUMN_PREFIX}{i + 1} AS {quote_ident(c)}" for i, c in enumerate(columns)]
         if guarded:
             added.append(f"{ref}.tableoid AS {TABLE_COLUMN}")
@@ -523,6 +526,27 @@ class Rewriter:
             suffix=suffix,
             reply=reply,
         )
+
+    def _returned(self, column: str, ref: str, sources: list[QualifiedName]) -> str:
+        """How the rewrite returns a source column of the changed row ``ref``.
+
+        ``ref.column`` when every table the name may mean has the column. An unqualified name
+        may also mean a mapped table without it (a staged cutover mirrors ``accounts`` and
+        ``v2.accounts``, whose columns differ), and naming a column the table lacks would fail
+        the application's statement: then the value is read through the row as jsonb into a
+        record of a table that has it (NULL for a row of a table without it, which no
+        mapping reading the column mirrors: ``written_to_source_sql``)."""
+        holders = [s for s in sources if column in self._source_columns(s)]
+        if len(holders) == len(sources):
+            return f"{ref}.{quote_ident(column)}"
+        return (
+            f"(pg_catalog.jsonb_populate_record(NULL::{holders[0].sql}, "
+            f"pg_catalog.to_jsonb({ref}))).{quote_ident(column)}"
+        )
+
+    def _source_columns(self, source: QualifiedName) -> tuple[str, ...]:
+        _, _, catalog = self.by_source[source][0].binding()
+        return catalog.source_columns
 
     @staticmethod
     def _included(mapping: CompiledMapping, guarded: bool) -> str:
