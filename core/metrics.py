@@ -420,8 +420,9 @@ WORST_TENANTS_MAX: Final = 5
 TENANTS: Final = Gauge(
     "dualwrite_tenants",
     "Tenants by verdict of their open trouble: no_go when the latest full pass found divergent "
-    "rows of the tenant, it has dead letters or failing invariant groups; go for the others "
-    "named in report.tenants (the cutover report also judges each tenant's clean window)",
+    "rows of the tenant, it has dead letters or failing invariant groups; go for every other "
+    "tenant the report judges (report.tenants, cutover.tenants, tenants named by the passes "
+    "it reads); the cutover report also judges each tenant's clean window",
     ["verdict"],
 )
 WORST_TENANT_TROUBLE: Final = Gauge(

@@ -23,13 +23,16 @@ import asyncpg
 from compare.continuous import ContinuousReconciler
 from compare.invariants import export_invariant_gauges, validate_invariants
 from compare.reconciler import PassOptions, reconcile_mapping
+from compare.report.gather import passes_lookback
 from compare.report.history import (
+    database_now,
     export_gauges,
     export_tenant_gauges,
     latest_runs,
     tenant_trouble,
+    tenants_of_passes,
 )
-from core import metrics, nullcheck
+from core import cutover, metrics, nullcheck
 from core.catalog import StatementsOf, foreign_rows_problem, validate_all
 from core.config import Config
 from core.connect import connect, create_pool
@@ -180,6 +183,7 @@ async def check_live(config: Config) -> list[str]:
                 for m in mappings
             ]
             lines += await nullcheck.check_lines(conn, mappings)
+            lines += await cutover.check_lines(conn, mappings, config.cutover.tenants)
         lines += await check_views(conn, config.shadow.views)
         if mappings and config.app_role:
             lines += await _check_app_role(conn, config.app_role, mappings)
@@ -630,7 +634,12 @@ class Sidecar:
             if tenant_mappings:
                 aware = [i.name for i in self.config.all_invariants() if i.tenant]
                 trouble = await tenant_trouble(conn, tenant_mappings, aware)
-                export_tenant_gauges(trouble, self.config.report.tenants)
+                since = await database_now(conn) - passes_lookback(self.config)
+                judged = await tenants_of_passes(conn, tenant_mappings, since)
+                export_tenant_gauges(
+                    trouble,
+                    {*self.config.report.tenants, *self.config.cutover.tenants, *judged},
+                )
 
     async def _reconcile_history(self) -> dict[str, dict[str, Any]]:
         if self.pool is None:

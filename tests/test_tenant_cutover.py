@@ -11,20 +11,24 @@ applied twice).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from support import pos
+from test_compare_support import run_dualwrite, write_config
 
 from core.config import parse_config
-from core.errors import ConfigError, ConfigErrors
+from core.errors import ConfigError, ConfigErrors, MappingValidationError
 from core.mapping import compile_all
-from dualwrite.service import setup
+from dualwrite.service import check_live, setup
 
 SCHEMA = """
 CREATE SEQUENCE account_ids;
@@ -425,3 +429,80 @@ def test_tenant_ids_and_decimal_literals() -> None:
     assert "NOT" not in reverse.filter.sql
     quoted = compile_all(parse_config(migration(["it's"])))  # type: ignore[list-item]
     assert "'it''s'" in quoted[1].owned_sql()
+
+
+def test_report_and_tenant_gauges_judge_each_tenant_in_its_phase(
+    db: Any, sidecar: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Tenant 1 has moved: its old row edited behind dualwrite's back is divergence of the
+    reverse mapping, judged in its phase (NO-GO); tenant 3, judged only by a pass limited to
+    it, is GO in the forward phase, and the go gauge counts it (it used to count only
+    report.tenants)."""
+    db.sql(SCHEMA)
+    data = migration([A])
+    run_setup(db, data)
+    handle = sidecar(data)
+    with psycopg.connect(handle.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO v2.accounts (tenant_id, display_name, balance_cents) "
+                     "SELECT 1, 'a' || g, 100 * g FROM generate_series(1, 3) g")
+        conn.execute("INSERT INTO accounts (tenant_id, name, balance) "
+                     "SELECT 2 + g % 2, 'b' || g, g FROM generate_series(1, 6) g")
+    pos.drain(handle)
+    db.sql("UPDATE public.accounts SET name = 'edited' "
+           "WHERE id = (SELECT min(id) FROM public.accounts WHERE tenant_id = 1)")
+    path = write_config(tmp_path / "dw.yaml", {"service_dsn": db.dsn, **data})
+    done = run_dualwrite("reconcile", "--config", str(path))
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert run_dualwrite("reconcile", "--config", str(path), "--mapping", "accounts",
+                         "--tenant", "3").returncode == 0
+    # the reverse mapping's pass found tenant 1's row; the forward one never looked at it
+    assert db.sql("SELECT mapping, changed FROM dualwrite.reconcile_runs WHERE tenant IS NULL "
+                  "ORDER BY mapping") == [("accounts", 0), ("accounts_back", 1)]
+
+    report = json.loads(run_dualwrite("report", "--config", str(path), "--format", "json",
+                                      "--max-gap", "1h").stdout)
+    tenants = {t["tenant"]: t for t in report["tenants"]}
+    assert set(tenants) == {"1", "3"}
+    assert (tenants["1"]["phase"], tenants["1"]["go"]) == ("moved", False)
+    assert tenants["1"]["divergent"]["changed"] == 1
+    assert all(n.startswith("accounts_back:") for n in tenants["1"]["failing"]
+               if n.startswith("accounts"))
+    assert not any(n.startswith("accounts:") for n in tenants["1"]["failing"])
+    assert tenants["3"]["phase"] == "forward"
+    assert not any(n.startswith("accounts_back:") for n in tenants["3"]["failing"])
+    markdown = run_dualwrite("report", "--config", str(path), "--max-gap", "1h").stdout
+    assert "| 1 (moved) | **NO-GO** | 0 | 0 | 1 |" in markdown
+    assert "a moved tenant writes the new schema" in markdown
+
+    sidecar_ = handle.sidecar
+    assert sidecar_ is not None
+    sidecar_._gauges_refreshed = float("-inf")
+    handle.call(sidecar_._refresh_gauges)
+    assert REGISTRY.get_sample_value("dualwrite_tenants", {"verdict": "no_go"}) == 1
+    assert REGISTRY.get_sample_value("dualwrite_tenants", {"verdict": "go"}) == 1
+
+
+def test_check_proves_the_reverse_mapping_gives_back_what_the_forward_one_carries(db: Any) -> None:
+    db.sql(SCHEMA)
+    db.sql("INSERT INTO accounts (tenant_id, name, balance, updated) "
+           "SELECT 1 + g % 2, 'n' || g, g * 1.25, g FROM generate_series(1, 20) g")
+    data = migration([A, 99])
+    run_setup(db, data)
+    lines = asyncio.run(check_live(parse_config({"service_dsn": db.dsn, **data})))
+    assert ("cutover accounts <-> accounts_back: the rows of tenants 1, 99 map forward and "
+            "back unchanged") in lines
+    assert ("warning: cutover tenant '99' has no row in public.accounts nor in v2.accounts "
+            "(a typo, or a tenant not created yet?)") in lines
+    assert not any("'1'" in line for line in lines)
+
+    # a reverse mapping that cannot express the old rows: the version counter is not kept
+    lossy = migration([A])
+    lossy["mappings"][1]["columns"] = {**REVERSE["columns"], "updated": "0"}
+    with pytest.raises(MappingValidationError) as info:
+        asyncio.run(check_live(parse_config({"service_dsn": db.dsn, **lossy})))
+    assert info.value.mapping == "accounts_back"
+    assert "does not give back what accounts carries: the old row with key [" in str(info.value)
+    # before any tenant moves, every tenant's rows are looked at
+    lossy["cutover"]["tenants"] = []
+    with pytest.raises(MappingValidationError, match="a move would lose data"):
+        asyncio.run(check_live(parse_config({"service_dsn": db.dsn, **lossy})))

@@ -60,6 +60,15 @@ def default_max_gap(config: Config) -> timedelta:
     return max(timedelta(hours=1), quarter)
 
 
+def passes_lookback(
+    config: Config, since: timedelta = timedelta(hours=24), max_gap: timedelta | None = None
+) -> timedelta:
+    """How far back the report reads passes: the history shown, or two clean windows and a
+    gap (a window may be walked from any pass inside it), whichever is longer."""
+    clean = timedelta(hours=config.report.criteria.clean_window_hours)
+    return max(since, 2 * clean + (max_gap or default_max_gap(config)))
+
+
 async def build_report(config: Config, request: ReportRequest) -> Report:
     """Read everything, judge every mapping; raise ConfigError when nothing can be read."""
     if not config.mappings:
@@ -105,7 +114,7 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
     )
     history_start = now - request.since
     bucket = pick_bucket(request.since)
-    lookback = max(request.since, 2 * window.clean_window + window.max_gap)
+    lookback = passes_lookback(config, request.since, window.max_gap)
     checks = [await read_invariant(conn, i, None) for i in config.invariants]
     checks += [
         await read_invariant(conn, i, m.name) for m in config.mappings for i in m.invariants
@@ -146,7 +155,16 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
             },
             checks=[c for c in checks if c.mapping is None or c.mapping in names],
             overall=overall,
-            named=[*config.report.tenants, *([request.tenant] if request.tenant else [])],
+            directions={
+                **dict.fromkeys(config.cutover.reverse, "forward"),
+                **dict.fromkeys(config.cutover.reverse.values(), "reverse"),
+            },
+            moved=frozenset(config.cutover.tenants) if config.cutover.reverse else None,
+            named=[
+                *config.report.tenants,
+                *config.cutover.tenants,
+                *([request.tenant] if request.tenant else []),
+            ],
         )
         tenants = judge_tenants(evidence, criteria, window)
     report = Report(

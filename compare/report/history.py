@@ -8,7 +8,7 @@ reporting machine's.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -432,8 +432,33 @@ async def tenant_trouble(
     return trouble
 
 
-def export_tenant_gauges(trouble: dict[str, int], named: Sequence[str]) -> None:
-    """dualwrite_tenants by verdict, and the worst tenants by name (capped)."""
+_TENANTS_OF_PASSES = """
+SELECT DISTINCT t FROM (
+    SELECT tenant AS t FROM dualwrite.reconcile_runs
+    WHERE kind = 'reconcile' AND status = 'done' AND mapping = ANY($1::text[])
+      AND finished_at >= $2 AND tenant IS NOT NULL
+    UNION ALL
+    SELECT jsonb_object_keys(by_tenant) FROM dualwrite.reconcile_runs
+    WHERE kind = 'reconcile' AND status = 'done' AND mapping = ANY($1::text[])
+      AND finished_at >= $2 AND jsonb_typeof(by_tenant) = 'object'
+) AS s
+"""
+
+
+async def tenants_of_passes(
+    conn: asyncpg.Connection, mappings: Sequence[CompiledMapping], since: datetime
+) -> set[str]:
+    """Tenants the passes since ``since`` name (limited to them, or divergent in them): the
+    report judges each of them, so the tenant gauges count them too."""
+    rows = await conn.fetch(_TENANTS_OF_PASSES, [m.name for m in mappings], since)
+    return {r["t"] for r in rows}
+
+
+def export_tenant_gauges(trouble: dict[str, int], named: Iterable[str]) -> None:
+    """dualwrite_tenants by verdict, and the worst tenants by name (capped).
+
+    ``named``: every other tenant the report judges (report.tenants, cutover.tenants, the
+    tenants of recent passes); those without open trouble count as go."""
     no_go = {t for t, n in trouble.items() if n > 0}
     metrics.TENANTS.labels("no_go").set(len(no_go))
     metrics.TENANTS.labels("go").set(len(set(named) - no_go))

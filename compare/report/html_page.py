@@ -10,7 +10,14 @@ from html import escape
 from compare.report import charts
 from compare.report.criteria import CLEAN_WINDOW_DEFINITION, clean_streak, plural
 from compare.report.format import duration_text, number_text, timestamp_text
-from compare.report.model import Criterion, InvariantCheck, MappingReport, Pass, Report
+from compare.report.model import (
+    PHASES,
+    Criterion,
+    InvariantCheck,
+    MappingReport,
+    Pass,
+    Report,
+)
 from compare.report.passes import history_passes, worst_pass_per_bucket
 
 _CSS = """
@@ -340,13 +347,15 @@ def _tenants(report: Report) -> str:
             " (the exit status follows it)</p>"
         )
     rows = "".join(
-        f'<tr class="{"pass" if t.go else "fail"}"><td><b>{escape(t.tenant)}</b></td>'
+        f'<tr class="{"pass" if t.go else "fail"}"><td><b>{escape(t.label)}</b></td>'
         f"<td>{_pill(t.go, t.verdict)}</td>"
         + "".join(f'<td class="num">{t.divergent[c]}</td>' for c in ("missing", "extra", "changed"))
         + f'<td class="num">{t.dead_letters}</td><td class="num">{t.invariant_failures}</td>'
         f'<td class="detail">{escape(", ".join(c.title for c in t.failed)) or "—"}</td></tr>'
         for t in report.tenants[:TENANT_ROWS]
     )
+    if any(t.phase for t in report.tenants):
+        focus = f"<p>{escape(PHASES)}</p>{focus}"
     hidden = len(report.tenants) - TENANT_ROWS
     more = f"<p>… and {plural(hidden, 'more tenant')}.</p>" if hidden > 0 else ""
     return (

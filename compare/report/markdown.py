@@ -6,7 +6,14 @@ import json
 
 from compare.report.criteria import CLEAN_WINDOW_DEFINITION, plural
 from compare.report.format import duration_text, number_text, sparkline, timestamp_text
-from compare.report.model import Criterion, InvariantCheck, MappingReport, Pass, Report
+from compare.report.model import (
+    PHASES,
+    Criterion,
+    InvariantCheck,
+    MappingReport,
+    Pass,
+    Report,
+)
 from compare.report.passes import history_passes, worst_pass_per_bucket
 
 
@@ -174,6 +181,8 @@ def _tenants(report: Report) -> list[str]:
         "told apart by tenant (outbox age, backfill, pause, unmirrored statements, ...).",
         "",
     ]
+    if any(t.phase for t in report.tenants):
+        lines += [PHASES, ""]
     if report.tenant is not None:
         found = report.tenant_report(report.tenant)
         verdict = found.verdict if found else "NO-GO (no evidence)"
@@ -185,7 +194,7 @@ def _tenants(report: Report) -> list[str]:
     ]
     for t in report.tenants[:TENANT_ROWS]:
         lines.append(
-            f"| {_cell(t.tenant)} | **{t.verdict}** | {t.divergent['missing']} | "
+            f"| {_cell(t.label)} | **{t.verdict}** | {t.divergent['missing']} | "
             f"{t.divergent['extra']} | {t.divergent['changed']} | {t.dead_letters} | "
             f"{t.invariant_failures} | {_cell(', '.join(c.title for c in t.failed)) or '—'} |"
         )

@@ -242,11 +242,27 @@ class TenantReport(Judged):
     dead_letters: int
     invariant_failures: int
     criteria: list[Criterion]
+    #: staged cutover (``cutover:``): "forward" (old is the source of truth, judged on the
+    #: forward mappings) or "moved" (new is, judged on the reverse ones); None without one
+    phase: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The tenant as the table shows it: its id, and its phase in a staged cutover."""
+        return self.tenant if self.phase is None else f"{self.tenant} ({self.phase})"
 
     @property
     def trouble(self) -> int:
         """Rows and groups in trouble, to rank tenants by."""
         return sum(self.divergent.values()) + self.dead_letters + self.invariant_failures
+
+
+#: what the phase beside a tenant means (staged cutover)
+PHASES = (
+    "Staged cutover: a forward tenant writes the old schema, which is its source of truth, "
+    "and is judged on the forward mappings; a moved tenant writes the new schema and is "
+    "judged on the reverse mappings."
+)
 
 
 @dataclass

@@ -10,6 +10,11 @@ For a tenant T, in every mapping with a ``tenant_column``:
   not counted per tenant, so in T's view of a pass they are left to this criterion);
 - a tenant-aware invariant (``tenant:`` set) counts T's failing groups only.
 
+In a staged cutover (``cutover:``) each tenant is judged in its own phase: a moved tenant on
+the reverse mappings (new is its source of truth) and not on the forward ones it has left, any
+other tenant on the forward mappings and not on the reverse ones; mappings outside a pair count
+for every tenant.
+
 Every other criterion (outbox age, unmirrored statements, mirror failures, uncaptured
 changes, a pending resync, backfill, pause, invariants without a tenant column, the shadow
 reads, the sidecar's status) cannot be told apart by tenant: it is shared, it counts for
@@ -19,7 +24,7 @@ every tenant.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from compare.report.criteria import Window, clean_window, dead_letters, invariant
 from compare.report.model import (
@@ -48,8 +53,25 @@ class TenantEvidence:
     checks: Sequence[InvariantCheck]
     #: deployment criteria (migration-level invariants are re-judged per tenant)
     overall: Sequence[Criterion]
-    #: tenants to list even without any trouble (report.tenants, --tenant)
+    #: tenants to list even without any trouble (report.tenants, cutover.tenants, --tenant)
     named: Iterable[str] = ()
+    #: staged cutover: mapping name -> "forward" or "reverse" (mappings in a pair)
+    directions: Mapping[str, str] = field(default_factory=dict)
+    #: staged cutover: the moved tenants (None: no cutover configured)
+    moved: frozenset[str] | None = None
+
+    def phase(self, tenant: str) -> str | None:
+        """The tenant's phase: "moved" (new is its source of truth), "forward", or None."""
+        if self.moved is None:
+            return None
+        return "moved" if tenant in self.moved else "forward"
+
+    def judges(self, mapping: str, tenant: str) -> bool:
+        """Whether ``mapping`` carries ``tenant``'s rows in the tenant's phase."""
+        direction = self.directions.get(mapping)
+        if direction is None:
+            return True
+        return (direction == "reverse") == (self.phase(tenant) == "moved")
 
 
 def tenants_seen(evidence: TenantEvidence) -> list[str]:
@@ -82,6 +104,8 @@ def judge_tenant(
     divergent = {"missing": 0, "extra": 0, "changed": 0}
     dead_total = 0
     for mapping in evidence.mappings:
+        if not evidence.judges(mapping.name, tenant):
+            continue
         facts = tenant_facts(mapping.facts, tenant)
         facts.dead_letters = int(evidence.dead_letters.get(mapping.name, {}).get(tenant, 0))
         dead_total += facts.dead_letters
@@ -104,7 +128,9 @@ def judge_tenant(
         else:
             judged.append(invariant(check, criteria, window))
     judged += [c for c in evidence.overall if not c.name.startswith("invariant:")]
-    return TenantReport(tenant, divergent, dead_total, failing_groups, judged)
+    return TenantReport(
+        tenant, divergent, dead_total, failing_groups, judged, evidence.phase(tenant)
+    )
 
 
 def tenant_facts(facts: Facts, tenant: str) -> Facts:
