@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -344,6 +345,30 @@ def test_while_moved_each_direction_carries_only_its_tenants(
     pos.drain(handle)
     assert db.sql("SELECT id FROM v2.accounts ORDER BY id") == [(2,), (3,), (4,)]
     assert db.sql("SELECT id FROM accounts ORDER BY id") == [(1,), (2,), (3,)]
+    # psql's simple Queries (run as prepared mirrored writes from the second one on), naming
+    # either table unqualified through its search_path: the tables' columns differ
+    executed = REGISTRY.get_sample_value(
+        "dualwrite_prepared_writes_total", {"outcome": "executed"}) or 0
+    for path, sql in (
+        ("public", "UPDATE accounts SET balance = balance + 1 WHERE id = {}"),
+        ("v2", "UPDATE accounts SET balance_cents = balance_cents + 100 WHERE id = {}"),
+    ):
+        script = "".join(sql.format(key) + ";\n" for key in (1, 2, 3, 4) * 2)
+        done = subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", handle.dsn()],
+            input=f"SET search_path = {path};\n{script}", capture_output=True, text=True,
+            timeout=60, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    assert (REGISTRY.get_sample_value(
+        "dualwrite_prepared_writes_total", {"outcome": "executed"}) or 0) > executed
+    pos.drain(handle)
+    # tenant 2 written in the old table and tenant 1 in the new one are mirrored, the others
+    # are not (old 2 stays at 400 while new 2 went on to 600: divergence reconcile would show)
+    assert db.sql(f"{OLD_AS_NEW} ORDER BY id") == [
+        (1, 1, "a-old", 300, 0), (2, 2, "b-old", 400, 0), (3, 1, "a-new", 500, 0)]
+    assert db.sql(f"{NEW_ROWS} ORDER BY id") == [
+        (2, 2, "b-old", 600, 0), (3, 1, "a-new", 500, 0), (4, 2, "b-new", 600, 0)]
     compiled = {m.name: m for m in compile_all(parse_config({"service_dsn": db.dsn, **data}))}
     assert compiled["accounts"].cutover is not None
     assert compiled["accounts"].cutover.phase("1") == "moved"
