@@ -220,6 +220,7 @@ class _Pass:
             dry_run=self.options.repair and self.options.dry_run,
             sidecar=self.options.sidecar,
             requested_by=self.options.requested_by,
+            cutover_tenants=None if self.mapping.cutover is None else self.mapping.cutover.tenants,
         )
 
     def _repairer(self) -> Repairer:

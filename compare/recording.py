@@ -21,8 +21,8 @@ RUN_LOCK_CLASS = LOCK_CLASS + 1
 
 _START_RUN = """
 INSERT INTO dualwrite.reconcile_runs
-    (mapping, kind, method, tenant, dry_run, sidecar, requested_by)
-VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id
+    (mapping, kind, method, tenant, dry_run, sidecar, requested_by, cutover_tenants)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::text[]) RETURNING id
 """
 _ABANDONED = """
 UPDATE dualwrite.reconcile_runs
@@ -83,6 +83,8 @@ class RunInfo:
     dry_run: bool = False
     sidecar: str | None = None
     requested_by: str | None = None
+    #: staged cutover: the tenants moved when the pass ran (None: the mapping is in no pair)
+    cutover_tenants: tuple[str, ...] | None = None
 
 
 async def start_run(conn: asyncpg.Connection, info: RunInfo) -> int:
@@ -98,6 +100,7 @@ async def start_run(conn: asyncpg.Connection, info: RunInfo) -> int:
         info.dry_run,
         info.sidecar,
         info.requested_by,
+        None if info.cutover_tenants is None else list(info.cutover_tenants),
     )
     return int(run_id)
 

@@ -329,6 +329,15 @@ MIGRATIONS: list[tuple[int, str]] = [
             ADD COLUMN dead_lettered bigint NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        9,
+        """
+        -- Staged cutover: the tenants that had moved when a pass of a cutover pair's mapping
+        -- ran (NULL: not in a pair), so the report counts a pass only for the tenants the
+        -- mapping carried then.
+        ALTER TABLE dualwrite.reconcile_runs ADD COLUMN cutover_tenants text[];
+        """,
+    ),
 ]
 
 

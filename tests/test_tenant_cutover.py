@@ -499,6 +499,24 @@ def test_report_and_tenant_gauges_judge_each_tenant_in_its_phase(
     assert "| 1 (moved) | **NO-GO** | 0 | 0 | 1 |" in markdown
     assert "a moved tenant writes the new schema" in markdown
 
+    # tenant 3 moves too: the reverse mapping's passes so far did not compare it, so they do
+    # not count for it; a pass after the move does
+    both = {"service_dsn": db.dsn, **migration([A, 3]),
+            "report": {"criteria": {"clean_window_hours": 0}}}
+    path = write_config(tmp_path / "moved.yaml", both)
+
+    def failing_of_3() -> list[str]:
+        done = run_dualwrite("report", "--config", str(path), "--format", "json",
+                             "--max-gap", "1h")
+        found = {t["tenant"]: t for t in json.loads(done.stdout)["tenants"]}
+        assert found["3"]["phase"] == "moved"
+        return list(found["3"]["failing"])
+
+    assert "accounts_back:clean_window" in failing_of_3()
+    assert run_dualwrite("reconcile", "--config", str(path), "--mapping", "accounts_back",
+                         "--tenant", "3").returncode == 0
+    assert "accounts_back:clean_window" not in failing_of_3()
+
     sidecar_ = handle.sidecar
     assert sidecar_ is not None
     sidecar_._gauges_refreshed = float("-inf")

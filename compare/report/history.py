@@ -32,7 +32,8 @@ from core.sqltext import quote_ident, quote_literal
 
 _PASSES = """
 SELECT id, started_at, finished_at, rows_compared, missing, extra, changed, pending,
-       dead_lettered, tenant IS NULL AS full, clean, tenant, by_tenant::text AS by_tenant
+       dead_lettered, tenant IS NULL AS full, clean, tenant, by_tenant::text AS by_tenant,
+       cutover_tenants
 FROM dualwrite.reconcile_runs
 WHERE mapping = $1 AND kind = 'reconcile' AND status = 'done' AND finished_at >= $2
 ORDER BY finished_at DESC, id DESC
@@ -186,6 +187,7 @@ async def read_passes(conn: asyncpg.Connection, mapping: str, since: datetime) -
             flagged_unclean=r["clean"] is False,
             tenant=r["tenant"],
             by_tenant=json.loads(r["by_tenant"]) if r["by_tenant"] else {},
+            moved=None if r["cutover_tenants"] is None else tuple(r["cutover_tenants"]),
         )
         for r in await conn.fetch(_PASSES, mapping, since)
     ]

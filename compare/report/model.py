@@ -33,6 +33,8 @@ class Pass:
     tenant: str | None = None
     #: divergent rows per tenant: {"<tenant>": {"missing": n, "extra": n, "changed": n}}
     by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: staged cutover: the tenants moved when the pass ran (None: its mapping was in no pair)
+    moved: tuple[str, ...] | None = None
 
     @property
     def divergent(self) -> int:

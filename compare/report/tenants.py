@@ -13,7 +13,9 @@ For a tenant T, in every mapping with a ``tenant_column``:
 In a staged cutover (``cutover:``) each tenant is judged in its own phase: a moved tenant on
 the reverse mappings (new is its source of truth) and not on the forward ones it has left, any
 other tenant on the forward mappings and not on the reverse ones; mappings outside a pair count
-for every tenant.
+for every tenant. A pair mapping's pass counts for a tenant only if it carried the tenant
+when it ran (its recorded ``cutover_tenants``), so a tenant that has just moved earns its clean
+window again on passes that compared it in its new phase.
 
 Every other criterion (outbox age, unmirrored statements, mirror failures, uncaptured
 changes, a pending resync, backfill, pause, invariants without a tenant column, the shadow
@@ -106,7 +108,7 @@ def judge_tenant(
     for mapping in evidence.mappings:
         if not evidence.judges(mapping.name, tenant):
             continue
-        facts = tenant_facts(mapping.facts, tenant)
+        facts = tenant_facts(mapping.facts, tenant, evidence.directions.get(mapping.name))
         facts.dead_letters = int(evidence.dead_letters.get(mapping.name, {}).get(tenant, 0))
         dead_total += facts.dead_letters
         if facts.passes:
@@ -133,11 +135,24 @@ def judge_tenant(
     )
 
 
-def tenant_facts(facts: Facts, tenant: str) -> Facts:
-    """``facts`` as tenant ``tenant`` sees them (the module docstring's rules)."""
-    passes = [p for p in (_tenant_pass(run, tenant) for run in facts.passes) if p is not None]
+def tenant_facts(facts: Facts, tenant: str, direction: str | None = None) -> Facts:
+    """``facts`` as tenant ``tenant`` sees them (the module docstring's rules); ``direction``:
+    the mapping's in a staged cutover, whose passes count only where they carried the tenant."""
+    passes = [
+        p
+        for p in (_tenant_pass(run, tenant) for run in facts.passes)
+        if p is not None and _carried(p, tenant, direction)
+    ]
     repairs = [r for r in facts.repairs if _touches(r, tenant)]
     return replace(facts, passes=passes, repairs=repairs, dead_letters_by_sqlstate={})
+
+
+def _carried(run: Pass, tenant: str, direction: str | None) -> bool:
+    """Whether the pass compared the tenant's rows: a pair mapping's pass did only in the
+    tenant's phase then (a pass recorded before cutovers were recorded is trusted)."""
+    if direction is None or run.moved is None:
+        return True
+    return (tenant in run.moved) == (direction == "reverse")
 
 
 def _tenant_pass(run: Pass, tenant: str) -> Pass | None:
