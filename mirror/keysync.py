@@ -16,6 +16,11 @@ Locking discipline (why it is correct under concurrency, see also docs/architect
    transactions never wait on it.
 
 Callers run it inside a transaction they own (so the outbox claim commits with it).
+
+In a staged cutover a key whose row belongs to a tenant the mapping does not carry under this
+process's config (captured by a process with another config, during a rolling restart) is
+refused with an error, which the applier turns into a dead letter, retried until a process
+whose config carries the tenant applies it: never dropped as "not mine".
 """
 
 from __future__ import annotations
@@ -32,7 +37,16 @@ from mirror.statements import (
     apply_rows_sql,
     lock_source_rows_sql,
     lock_target_rows_sql,
+    other_phase_sql,
     source_rows_json_sql,
+)
+
+#: why a key of the other phase of a staged cutover is refused (and so dead-lettered)
+OTHER_PHASE = (
+    "dualwrite: mapping {mapping} does not carry the tenant of this row under the cutover "
+    "config of this process (cutover.tenants here: {tenants}), yet the key was captured for "
+    "it: a sidecar or applier with another cutover config is running; the key is retried "
+    "until a process whose config carries the tenant applies it"
 )
 
 _ADVISORY_LOCKS = """
@@ -68,6 +82,16 @@ async def sync_keys(
         return SyncResult(0, 0)
     payload = keys_payload(keys)
     await conn.fetchval(_ADVISORY_LOCKS, mapping.name, payload, LOCK_CLASS)
+    other_phase = other_phase_sql(mapping, "$1::jsonb")
+    if other_phase is not None and await conn.fetchval(other_phase, payload) is not None:
+        # Applying it would drop it (the row is not this mapping's under this config), and a
+        # staged cutover's move would lose a write: refuse it, so the applier dead-letters it.
+        assert mapping.cutover is not None
+        raise asyncpg.exceptions.RaiseError(
+            OTHER_PHASE.format(
+                mapping=mapping.name, tenants=", ".join(mapping.cutover.tenants) or "none"
+            )
+        )
     if mapping.mode.key_sync_locks_rows:
         await conn.execute(lock_source_rows_sql(mapping, "$1::jsonb"), payload)
         locked = await conn.fetch(lock_target_rows_sql(mapping, "$1::jsonb"), payload)

@@ -11,7 +11,7 @@ discipline these statements serve.
 from __future__ import annotations
 
 from core.catalog import Prepared
-from core.mapping import SRC, TGT, CompiledMapping
+from core.mapping import SRC, TGT, CompiledMapping, compile_mapping
 from core.sqltext import quote_ident
 
 
@@ -91,6 +91,28 @@ def apply_keys_sql(mapping: CompiledMapping, keys_param: str, locked_param: str 
     )
 
 
+def other_phase_sql(mapping: CompiledMapping, keys_param: str) -> str | None:
+    """Staged cutover: one key (jsonb text) of these whose source or target row the mapping
+    would carry but for the cutover (its own filter or target_filter holds, the narrowed one
+    does not): a row of a tenant in the other phase, which only a process with another
+    cutover config can have captured. None when the mapping's cutover narrows nothing."""
+    role = mapping.cutover
+    if role is None or (role.direction == "forward" and not role.tenants):
+        return None
+    source, target, _ = mapping.binding()
+    plain = compile_mapping(mapping.config)
+    keys = mapping.keys_from_json_sql(keys_param)
+    return (
+        f"SELECT {mapping.key_json_sql()}::pg_catalog.text FROM {source.sql} AS {SRC} "
+        f"WHERE ({', '.join(mapping.key_exprs())}) IN ({keys}) "
+        f"AND {plain.filter_sql()} AND NOT {mapping.filter_sql()} "
+        f"UNION ALL SELECT pg_catalog.jsonb_build_array({mapping.target_key_list(TGT)})::"
+        f"pg_catalog.text FROM {target.sql} AS {TGT} "
+        f"WHERE ({mapping.target_key_list(TGT)}) IN ({keys}) "
+        f"AND {plain.owned_sql()} AND NOT {mapping.owned_sql()} LIMIT 1"
+    )
+
+
 # --- across databases (``target_dsn``) -------------------------------------------------------
 
 
@@ -137,7 +159,11 @@ def statements_to_prepare(mapping: CompiledMapping) -> list[Prepared]:
                 in_target=True,
             ),
         ]
-    return [
+    checks = [
         Prepared("apply keys", apply_keys_sql(mapping, "$1::jsonb", None)),
         Prepared("apply keys (locked)", apply_keys_sql(mapping, "$1::jsonb", "$2::jsonb")),
     ]
+    other_phase = other_phase_sql(mapping, "$1::jsonb")
+    if other_phase is not None:
+        checks.append(Prepared("cutover: keys of the other phase", other_phase))
+    return checks

@@ -550,3 +550,55 @@ def test_check_proves_the_reverse_mapping_gives_back_what_the_forward_one_carrie
     lossy["cutover"]["tenants"] = []
     with pytest.raises(MappingValidationError, match="a move would lose data"):
         asyncio.run(check_live(parse_config({"service_dsn": db.dsn, **lossy})))
+
+
+def test_an_applier_on_the_old_config_dead_letters_a_moved_tenants_keys_instead_of_dropping(
+    db: Any, sidecar: Callable[..., Any]
+) -> None:
+    """The careless rolling restart: tenant 1's writes resume on a sidecar with the new
+    config while an applier still runs the old one. Its reverse mapping carries no tenant, so
+    applying the keys would drop them (the new row is "not its own", the old row's delete "not
+    its own" either); it refuses them instead, and a process on the new config applies them."""
+    db.sql(SCHEMA)
+    old, new = migration([]), migration([A])
+    run_setup(db, new)
+    capture = sidecar({**new, "applier": {"enabled": False}})
+    stale = sidecar(old)
+    with psycopg.connect(capture.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO v2.accounts (id, tenant_id, display_name, balance_cents) "
+                     "VALUES (1, 1, 'a', 100), (2, 1, 'b', 200)")
+    deadline = time.monotonic() + 30
+    while db.scalar("SELECT count(*) FROM dualwrite.dead_letters") < 2:
+        assert time.monotonic() < deadline, db.sql("SELECT * FROM dualwrite.outbox")
+        time.sleep(0.05)
+    error = db.scalar("SELECT DISTINCT error FROM dualwrite.dead_letters")
+    assert "mapping accounts_back does not carry the tenant of this row" in error
+    assert "(cutover.tenants here: none)" in error
+    assert db.scalar("SELECT count(*) FROM public.accounts") == 0
+    stale.stop(grace=0)
+    current = sidecar({**new, "applier": {"poll_interval_seconds": 0.05,
+                                          "retry_base_seconds": 0.1}})
+    deadline = time.monotonic() + 30
+    while db.scalar("SELECT count(*) FROM dualwrite.dead_letters"):
+        assert time.monotonic() < deadline, db.sql("SELECT error FROM dualwrite.dead_letters")
+        time.sleep(0.05)
+    assert db.sql("SELECT id, name, balance FROM public.accounts ORDER BY id") == [
+        (1, "a", 1), (2, "b", 2)]
+
+    # a delete: the new row is gone, the old one is the only trace of whose it was
+    current.stop(grace=0)
+    stale = sidecar(old)
+    with psycopg.connect(capture.dsn(), autocommit=True) as conn:
+        conn.execute("DELETE FROM v2.accounts WHERE id = 2")
+    deadline = time.monotonic() + 30
+    while not db.scalar("SELECT count(*) FROM dualwrite.dead_letters"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert db.sql("SELECT id FROM public.accounts ORDER BY id") == [(1,), (2,)]
+    stale.stop(grace=0)
+    sidecar({**new, "applier": {"poll_interval_seconds": 0.05, "retry_base_seconds": 0.1}})
+    deadline = time.monotonic() + 30
+    while db.scalar("SELECT count(*) FROM dualwrite.dead_letters"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert db.sql("SELECT id FROM public.accounts ORDER BY id") == [(1,)]
