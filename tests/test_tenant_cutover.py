@@ -499,6 +499,10 @@ def test_report_and_tenant_gauges_judge_each_tenant_in_its_phase(
     markdown = run_dualwrite("report", "--config", str(path), "--max-gap", "1h").stdout
     assert "| 1 (moved) | **NO-GO** | 0 | 0 | 1 |" in markdown
     assert "a moved tenant writes the new schema" in markdown
+    html = run_dualwrite("report", "--config", str(path), "--format", "html",
+                         "--max-gap", "1h").stdout
+    assert "<td><b>1 (moved)</b></td>" in html
+    assert "<td><b>3 (forward)</b></td>" in html
 
     # tenant 3 moves too: the reverse mapping's passes so far did not compare it, so they do
     # not count for it; a pass after the move does
