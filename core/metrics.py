@@ -109,6 +109,46 @@ class HotCounters(Collector):
         yield shadow
 
 
+class _HotChild:
+    """One series of a :class:`HotCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class HotCounter(Collector):
+    """A labelled counter bumped once or more per mirrored statement: ``labels(...).inc()``
+    as on a prometheus-client Counter, but a plain float without a lock (the same event-loop
+    thread bumps it and serves /metrics, as for :class:`HotCounters`)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._children: dict[tuple[str, ...], _HotChild] = {}
+        REGISTRY.register(self)
+
+    def labels(self, *values: str) -> _HotChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HotChild()
+        return child
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+
 _CHILDREN: dict[tuple[int, tuple[str, ...]], Any] = {}
 
 
@@ -141,12 +181,12 @@ PROXY_PROCESSING_SECONDS: Final = Histogram(
 
 # --- mirroring ---------------------------------------------------------------------------------
 
-STATEMENTS_REWRITTEN: Final = Counter(
+STATEMENTS_REWRITTEN: Final = HotCounter(
     "dualwrite_statements_rewritten_total",
     "Application writes rewritten to mirror into the new schema",
     ["mapping", "operation"],
 )
-ROWS_MIRRORED: Final = Counter(
+ROWS_MIRRORED: Final = HotCounter(
     "dualwrite_rows_mirrored_total",
     "Source rows captured by rewritten statements (written to the target in sync mode, "
     "queued in the outbox otherwise)",
@@ -167,7 +207,7 @@ REJECTED_STATEMENTS: Final = Counter(
     "Writes to a mapped table refused (policy reject)",
     ["mapping", "reason"],
 )
-PREPARED_WRITES: Final = Counter(
+PREPARED_WRITES: Final = HotCounter(
     "dualwrite_prepared_writes_total",
     "Simple-protocol writes to mapped tables and the server-side prepared statements made for "
     "their shapes, by outcome: prepared, parse_failed, executed, unprepared (ran as a simple "

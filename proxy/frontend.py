@@ -19,7 +19,14 @@ from core.errors import STATEMENT_REJECTED
 from core.sqllex import lexes_alike
 from proxy.classify import statement_kind
 from proxy.lexing import AMBIGUOUS, SessionLexing
-from proxy.literals import parameterize
+from proxy.literals import (
+    FAST_CODECS,
+    Known,
+    Parameterized,
+    parameterize,
+    remember_known,
+    split_known,
+)
 from proxy.prepared_reply import PreparedReply
 from proxy.prepared_writes import READY, PreparedShape, PreparedWrites, drops_statements
 from proxy.reply_repair import (
@@ -59,8 +66,10 @@ _ENCODINGS: Final = {
 }
 
 _STATEMENT_COUNTS = metrics.HOT.statements
+_EXECUTED: Final = metrics.child(metrics.PREPARED_WRITES, "executed")
 _DESCRIBE_UNNAMED_PORTAL: Final = m.build_describe(ord("P"), b"")
 _EXECUTE_UNNAMED_PORTAL: Final = m.build_execute(b"", 0)
+_DESCRIBE_EXECUTE_SYNC: Final = _DESCRIBE_UNNAMED_PORTAL + _EXECUTE_UNNAMED_PORTAL + m.SYNC_MESSAGE
 _CLOSE_UNNAMED_STATEMENT: Final = m.build_close(ord("S"), b"")
 #: transaction statuses a prepared write may run in (idle, in a transaction block)
 _LIVE: Final = (b"I", b"T")
@@ -128,6 +137,8 @@ class Frontend:
         #: a logger when statement text may be logged (debug level and log_statements only)
         self.statement_log = statement_log
         self.codec = "utf-8"
+        #: statements of a known shape may be split without a parse (proxy/literals.py)
+        self.known_shapes = True
         self.lexing = SessionLexing()
         self.statements: dict[bytes, Prepared] = {}
         self.portals: dict[bytes, Portal] = {}
@@ -142,6 +153,8 @@ class Frontend:
         )
         #: the client prepared an unnamed statement, which a simple Query would drop
         self.unnamed_statement = False
+        #: the last Query text the rewriter's pre-filter passed (the full path needs not ask)
+        self._candidate = b""
 
     @property
     def inspects_extended(self) -> bool:
@@ -155,6 +168,7 @@ class Frontend:
 
     def set_client_encoding(self, pg_encoding: str) -> None:
         self.codec = python_codec(pg_encoding)
+        self.known_shapes = self.codec in FAST_CODECS
         if self.traffic is not None:
             self.traffic.codec = self.codec
         if self.shadow is not None:
@@ -197,8 +211,10 @@ class Frontend:
             return None, [typ]
         return None, []
 
-    def plain_query(self, body: bytes) -> bool:
-        """Fast path for a lone Query: count it and return True if it needs nothing else.
+    def plain_query(self, body: bytes) -> bool | tuple[bytes, Pending]:
+        """Fast path for a lone Query: count it and return True if it needs nothing else;
+        for a write of a shape prepared on this connection, what to send instead and the
+        one entry its reply needs.
 
         False means the full path must handle it (it may concern a mapping, or the proxy is
         discarding); nothing has been counted then.
@@ -207,7 +223,8 @@ class Frontend:
             return False
         sql = m.parse_query(body)
         if self.rewriter is not None and self.rewriter.candidate(sql):
-            return False
+            self._candidate = sql  # the full path asks again
+            return self._known_write(sql) or False
         writes = self.prepared_writes
         if writes is not None and (writes.pending or (writes.shapes and drops_statements(sql))):
             return False
@@ -258,6 +275,37 @@ class Frontend:
             else:
                 return False  # not one of the above: the full path decides
         return True
+
+    def _known_write(self, sql: bytes) -> tuple[bytes, Pending] | None:
+        """``_query`` for a write of a shape already prepared on this connection, when
+        nothing else is due (no batch of the proxy's own, no traffic, shadow or statement
+        log to feed): a split along the shape's text and a Bind; None: the full path."""
+        writes, tracker, rewriter = self.prepared_writes, self.tracker, self.rewriter
+        if (
+            writes is None
+            or tracker is None
+            or rewriter is None
+            or writes.pending
+            or not self.known_shapes
+            or not self.lexing.standard_conforming_strings
+            or self.traffic is not None
+            or self.shadow is not None
+            or self.statement_log is not None
+        ):
+            return None
+        known = split_known(sql)
+        if known is None:
+            return None
+        shape = writes.get((known.shape, known.types, rewriter.states.version))
+        if (
+            shape is None
+            or shape.state != READY
+            or tracker.status_at_rest() not in _LIVE
+            or drops_statements(sql)
+        ):
+            return None
+        _STATEMENT_COUNTS[shape.kind] += 1
+        return self._run_prepared(writes, shape, known, sql)
 
     def _log_statement(self, sql: bytes) -> None:
         if self.statement_log is not None:
@@ -330,7 +378,8 @@ class Frontend:
         # Only at rest outside a failed transaction: there the server would refuse the Bind,
         # not the Query, and say so from another place in its code.
         if shape is not None and params is not None and self.tracker.status_at_rest() in _LIVE:
-            main, entries = self._run_prepared(writes, shape, params, sql)
+            main, entry = self._run_prepared(writes, shape, params, sql)
+            entries: list[int | Pending] = [entry]
         else:
             if shape is not None:
                 _prepared_outcome("unprepared")
@@ -353,15 +402,24 @@ class Frontend:
 
     def _prepared_write(
         self, writes: PreparedWrites, sql: bytes
-    ) -> tuple[PreparedShape | None, Any]:
+    ) -> tuple[PreparedShape | None, Known | Parameterized | None]:
         """The prepared shape for a write to a mapped table, with its literals; (shape, None)
         when the shape is not ready yet (a new one is added); (None, None) when the statement
-        does not qualify (not one rewritten write, or nothing to take out of it)."""
+        does not qualify (not one rewritten write, or nothing to take out of it).
+
+        A statement of a shape already prepared on this connection costs a split along the
+        shape's fixed text (``split_known``), no parse and no rewrite lookup.
+        """
         rewriter = self.rewriter
-        if rewriter is None or not rewriter.candidate(sql):
+        if rewriter is None or (sql != self._candidate and not rewriter.candidate(sql)):
             return None, None
         if not self.lexing.standard_conforming_strings:
             return None, None  # read as the server reads it: the plain path respells it
+        known = split_known(sql) if self.known_shapes else None
+        if known is not None:
+            shape = writes.get((known.shape, known.types, rewriter.states.version))
+            if shape is not None:
+                return shape, (known if shape.state == READY else None)
         try:
             text = sql.decode(self.codec)
         except UnicodeDecodeError:
@@ -374,49 +432,49 @@ class Frontend:
         shaped = rewriter.rewrite(params.shape, remember_text=True)
         if shaped is None or len(shaped.statements) != 1 or shaped.statements[0].action != REWRITE:
             return None, None
+        if known is None and self.known_shapes:
+            remember_known(sql, self.codec, params)
         key = (params.shape, params.types, rewriter.states.version)
         shape = writes.get(key)
         if shape is None:
-            writes.add(key, shaped, self._encode(shaped.sql), params.types)
+            kind = statement_kind(self._encode(params.shape))
+            writes.add(key, shaped, self._encode(shaped.sql), params.types, kind)
             return writes.get(key), None
         if shape.state != READY:
             return shape, None
         return shape, params
 
     def _run_prepared(
-        self, writes: PreparedWrites, shape: PreparedShape, params: Any, sql: bytes
-    ) -> tuple[bytes, list[int | Pending]]:
-        """Bind, Describe, Execute, Sync for one write of a prepared shape."""
-        _prepared_outcome("executed")
+        self,
+        writes: PreparedWrites,
+        shape: PreparedShape,
+        params: Known | Parameterized,
+        sql: bytes,
+    ) -> tuple[bytes, Pending]:
+        """Bind, Describe, Execute, Sync for one write of a prepared shape.
+
+        One tracker entry, a Sync's, stands for the whole batch: every reply up to the
+        ReadyForQuery goes to the one plan, an error included (the server skips the rest
+        of the batch up to that Sync).
+        """
+        _EXECUTED.inc()
         self._log_statement(sql)
         rewritten = shape.rewritten
         assert isinstance(rewritten, Rewritten)
         reply = rewritten.statements[0].template.reply
         assert reply is not None
 
-        def broken(exists: bool) -> None:
-            writes.invalidate(shape, exists=exists)
-
-        plan = PreparedReply(reply, rewritten, params, broken, self.recorder)
-        values = [self._encode(lit.value) for lit in params.literals]
-        out = [
-            m.build_bind_text(b"", shape.name, values),
-            _DESCRIBE_UNNAMED_PORTAL,
-            _EXECUTE_UNNAMED_PORTAL,
-            m.SYNC_MESSAGE,
-        ]
-        entries: list[int | Pending] = [
-            Pending(m.BIND, plan),
-            Pending(m.DESCRIBE, plan),
-            Pending(m.EXECUTE, plan),
-            Pending(m.SYNC, plan),
-        ]
+        if isinstance(params, Known):
+            values = params.values
+        else:
+            values = tuple(self._encode(lit.value) for lit in params.literals)
+        plan = PreparedReply(reply, rewritten, params, shape.broken, self.recorder, self.codec)
+        batch = m.build_bind_text(b"", shape.name, values) + _DESCRIBE_EXECUTE_SYNC
         if self.unnamed_statement:
             # A simple Query drops the unnamed statement; so does the prepared form of it.
             self.unnamed_statement = False
-            out.insert(0, _CLOSE_UNNAMED_STATEMENT)
-            entries.insert(0, Pending(m.CLOSE, plan))
-        return b"".join(out), entries
+            batch = _CLOSE_UNNAMED_STATEMENT + batch
+        return batch, Pending(m.SYNC, plan, whole=None if reply.returning else plan.whole)
 
     def _parse(self, body: bytes) -> tuple[bytes | None, list[int | Pending]]:
         parse = m.parse_parse(body)

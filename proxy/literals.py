@@ -430,3 +430,164 @@ def _split_slowly(plan: _Plan, text: str) -> Parameterized | None:
         return None
     pieces.append(plan.segments[-1])
     return Parameterized("".join(pieces), tuple(literals))
+
+
+# --- the hot path: a statement text of a known shape, in the client's bytes ---------------------
+#
+# ``parameterize`` costs a ``pglast.normalize`` per statement. For a text already seen in a shape
+# that was prepared, the frontend needs only the shape, the parameter types and the values, and
+# ``split_known`` gets them with no parse: a cheap hint (the bytes without digits and without
+# what lies between quotes) finds the shapes seen under that hint, and one anchored regular
+# expression per shape, built from a text the analysis split, must match the whole text. The
+# expression is the shape's fixed text byte for byte, with a group per parameter that matches
+# exactly one token of PostgreSQL's lexer: a plain ``'...'`` string (``''`` inside) or a
+# decimal number (with the minus sign the parser folded into it, when it did) followed by no
+# identifier character and no dot. The text before each group is identical to the analysed
+# text's, so the lexer reaches each group at a token boundary in the same state, and reads
+# the group as one literal of the same kind; everything between groups is the same tokens.
+# Hence a match is the analysis's answer, which ``remember_known`` checks once per shape.
+# Texts with a backslash anywhere (their reading depends on standard_conforming_strings) or a
+# ``$`` (which the analysis leaves alone) never match, and only client encodings in which an
+# ASCII byte is always that character qualify.
+
+#: client encodings (Python codec names) in which every byte < 0x80 is that ASCII character
+FAST_CODECS: Final = frozenset({"utf-8", "latin-1", "iso8859-15", "cp1252"})
+_KNOWN_CACHE_SIZE: Final = 4096
+#: shapes kept under one hint (texts whose only difference is a digit in a name share one)
+_PER_HINT: Final = 4
+_DIGITS: Final = b"0123456789"
+_SQ: Final = b"'"
+_STRING_GROUP: Final = rb"('(?:[^']|'')*')"
+_NUMBER_BODY: Final = (
+    rb"(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?(?![A-Za-z0-9_$\x80-\xff.])"
+)
+_NUMBER_GROUP: Final = b"(" + _NUMBER_BODY + b")"
+_SIGNED_GROUP: Final = rb"(-[ \t\r\n\f\v]*" + _NUMBER_BODY + b")"
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """One prepared-eligible shape: the expression its texts match, and its parameters."""
+
+    pattern: re.Pattern[bytes]
+    shape: str
+    #: per parameter: a string (else a number)
+    strings: tuple[bool, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """A statement split along a known shape: what a Bind needs, and how to find positions."""
+
+    shape: str
+    types: tuple[int, ...]
+    #: the parameters' values in text format, in the client's encoding
+    values: tuple[bytes, ...]
+    #: the match of the shape's expression on the statement (a group per literal)
+    match: re.Match[bytes]
+
+    def parameterized(self, codec: str) -> Parameterized:
+        """The same split as :func:`parameterize` gives (character positions, str values);
+        only errors need it."""
+        sql = self.match.string
+        literals = []
+        for group, (value, type_oid) in enumerate(zip(self.values, self.types, strict=True)):
+            start, end = self.match.span(group + 1)
+            at = len(sql[:start].decode(codec, "replace"))
+            width = len(sql[start:end].decode(codec, "replace"))
+            literals.append(Literal(at, at + width, type_oid, value.decode(codec, "replace")))
+        return Parameterized(self.shape, tuple(literals))
+
+
+_KNOWN: dict[bytes, tuple[_Known, ...]] = {}
+#: shapes whose texts the hot path does not take (so they are not looked at again)
+_REFUSED: dict[str, None] = {}
+
+
+def _hint(sql: bytes) -> bytes:
+    """Equal for texts that differ only in their literals (and for a few more)."""
+    text = sql.translate(None, _DIGITS)
+    if _SQ in text:
+        text = _SQ.join(text.split(_SQ)[0::2])
+    return text
+
+
+def _number_type(value: bytes) -> int:
+    """:func:`_typed_number`'s type for a decimal number's bytes."""
+    digits = value[1:] if value[:1] == b"-" else value
+    if digits.isdigit():
+        if len(digits) < 10:
+            return INT4
+        number = int(value)
+        return INT4 if number in _INT4_RANGE else INT8 if number in _INT8_RANGE else NUMERIC
+    return NUMERIC
+
+
+def split_known(sql: bytes) -> Known | None:
+    """``sql`` split along a shape :func:`remember_known` learnt; None when it fits none."""
+    found = _KNOWN.get(_hint(sql))
+    if found is None or b"\\" in sql or b"$" in sql:
+        return None  # (texts the analysis does not take either)
+    for known in found:
+        match = known.pattern.fullmatch(sql)
+        if match is not None:
+            return _split_match(known, match)
+    return None
+
+
+def _split_match(known: _Known, match: re.Match[bytes]) -> Known:
+    values: list[bytes] = []
+    types: list[int] = []
+    for group, string in zip(match.groups(), known.strings, strict=True):
+        if string:
+            values.append(group[1:-1].replace(b"''", b"'"))
+            types.append(UNKNOWN)
+        else:
+            value = b"".join(group.split()) if group[:1] == b"-" else group
+            values.append(value)
+            types.append(_number_type(value))
+    return Known(known.shape, tuple(types), tuple(values), match)
+
+
+def remember_known(sql: bytes, codec: str, params: Parameterized) -> bool:
+    """Learn the shape of ``sql`` (whose analysis is ``params``) for :func:`split_known`;
+    False when the hot path cannot take texts of this shape."""
+    if codec not in FAST_CODECS or b"\\" in sql or params.shape in _REFUSED:
+        return False
+    if len(_REFUSED) >= _KNOWN_CACHE_SIZE:
+        del _REFUSED[next(iter(_REFUSED))]
+    try:
+        text = sql.decode(codec)
+    except UnicodeDecodeError:
+        return False
+    parts: list[bytes] = []
+    strings: list[bool] = []
+    cursor = 0
+    for lit in params.literals:
+        before = text[lit.start - 1 : lit.start]
+        if before and (before.isalnum() or before in "_$&.'\"" or not before.isascii()):
+            _REFUSED[params.shape] = None
+            return False  # E'', U&'', a name that could run into the literal: not here
+        parts.append(re.escape(text[cursor : lit.start].encode(codec)))
+        first = text[lit.start : lit.start + 1]
+        if lit.type_oid == UNKNOWN:
+            if first != _QUOTE:
+                _REFUSED[params.shape] = None
+                return False
+            parts.append(_STRING_GROUP)
+        else:
+            parts.append(_SIGNED_GROUP if first == "-" else _NUMBER_GROUP)
+        strings.append(lit.type_oid == UNKNOWN)
+        cursor = lit.end
+    parts.append(re.escape(text[cursor:].encode(codec)))
+    known = _Known(re.compile(b"".join(parts)), params.shape, tuple(strings))
+    match = known.pattern.fullmatch(sql)
+    if match is None or _split_match(known, match).parameterized(codec) != params:
+        _REFUSED[params.shape] = None  # a string continued across a newline, say
+        return False
+    hint = _hint(sql)
+    kept = tuple(k for k in _KNOWN.pop(hint, ()) if k.shape != known.shape)
+    if len(_KNOWN) >= _KNOWN_CACHE_SIZE:
+        del _KNOWN[next(iter(_KNOWN))]  # the oldest hint: dicts keep insertion order
+    _KNOWN[hint] = (known, *kept[: _PER_HINT - 1])
+    return True

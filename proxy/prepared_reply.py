@@ -18,11 +18,11 @@ from typing import Final
 
 from core import errors
 from core.control import ActivityRecorder
-from proxy.literals import Parameterized
+from proxy.literals import Known, Parameterized
 from proxy.reply_repair import StatementRows, repair_error
 from proxy.rewrite import Rewritten, StatementReply
 from proxy.wire import messages as m
-from proxy.wire.frames import frame
+from proxy.wire.frames import frame, frame_end
 
 #: fields that come after the position in PostgreSQL's ErrorResponse (elog.c's order)
 _AFTER_POSITION: Final = frozenset(b"pqWstcdnFLR")
@@ -35,26 +35,32 @@ _BIND_PARAMETER: Final = re.compile(
 #: (cached plan must not change result type)
 _BROKEN: Final = frozenset({b"26000", b"0A000"})
 
+_BIND_COMPLETE: Final = frame(b"2", b"")
+_CLOSE_COMPLETE: Final = frame(b"3", b"")
 _SILENT: Final = frozenset({m.BIND_COMPLETE, m.NO_DATA, m.CLOSE_COMPLETE, m.PARSE_COMPLETE})
 
 
 class PreparedReply:
     """Shared by the Bind, Describe, Execute and Sync the proxy sent for one simple Query."""
 
-    __slots__ = ("bound", "on_broken", "params", "rewritten", "rows")
+    __slots__ = ("bound", "codec", "on_broken", "params", "rewritten", "rows")
 
     def __init__(
         self,
         reply: StatementReply,
         rewritten: Rewritten,
-        params: Parameterized,
+        params: Parameterized | Known,
         on_broken: Callable[[bool], None],
         recorder: ActivityRecorder | None = None,
+        codec: str = "utf-8",
     ) -> None:
         self.rows = StatementRows(reply, recorder=recorder)
         #: the rewrite of the shape text (its positions are the prepared statement's)
         self.rewritten = rewritten
+        #: where the literals were (or how to find out: only an error needs it)
         self.params = params
+        #: the client encoding (a Known split's positions are bytes until an error needs them)
+        self.codec = codec
         #: called when an error says the prepared statement should go (True: it still exists)
         self.on_broken = on_broken
         self.bound = False
@@ -74,12 +80,47 @@ class PreparedReply:
             return self._error(body, raw)
         return raw  # ReadyForQuery, and the asynchronous messages
 
+    def whole(self, buf: bytes, start: int, ready: int) -> tuple[bytes, int] | None:
+        """The usual reply to a write without RETURNING, at once (see tracker.Pending.whole):
+        [CloseComplete], BindComplete, RowDescription, DataRow, CommandComplete and
+        ReadyForQuery become the CommandComplete the simple Query gets, and ReadyForQuery."""
+        pos = start
+        if buf.startswith(_CLOSE_COMPLETE, pos):
+            pos += 5
+        if not buf.startswith(_BIND_COMPLETE, pos):
+            return None
+        pos += 5
+        if buf[pos : pos + 1] != b"T" or pos + 5 > ready:
+            return None
+        data = frame_end(buf, pos)
+        if buf[data : data + 1] != b"D" or data + 5 > ready:
+            return None
+        done = frame_end(buf, data)
+        if buf[done : done + 1] != b"C" or done + 5 > ready:
+            return None
+        rfq = frame_end(buf, done)
+        end = rfq + 6
+        if buf[rfq : rfq + 1] != b"Z" or end > ready:
+            return None
+        self.bound = True
+        rows = self.rows
+        values = m.data_row_values(buf[data + 5 : done])
+        count = values[0]
+        rows.count = int(count) if count is not None else 0
+        rows.written = [int(v) if v is not None else 0 for v in values[-len(rows.reply.mappings) :]]
+        rows.record()
+        tag = rows.reply.tag + str(rows.count).encode()
+        return frame(b"C", tag + b"\0") + buf[rfq:end], end
+
     def _error(self, body: bytes, raw: bytes) -> bytes:
         sqlstate = m.error_sqlstate(body)
         if sqlstate in _BROKEN:
             self.on_broken(sqlstate != b"26000")
         repaired = repair_error(body, raw, self.rewritten, self.rows.reply, self.rows.recorder)
-        return client_error(repaired, self.params)
+        params = self.params
+        if isinstance(params, Known):
+            params = params.parameterized(self.codec)
+        return client_error(repaired, params)
 
 
 def client_error(frame_bytes: bytes, params: Parameterized) -> bytes:

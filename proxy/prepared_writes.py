@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 from core import metrics
@@ -41,6 +43,10 @@ def _outcome(name: str) -> None:
     metrics.child(metrics.PREPARED_WRITES, name).inc()
 
 
+def _ignore(exists: bool) -> None:
+    pass
+
+
 def drops_statements(sql: bytes) -> bool:
     """Could this simple Query deallocate prepared statements (DISCARD ALL, DEALLOCATE ALL)?"""
     return _DROPS_STATEMENTS.search(sql) is not None
@@ -49,12 +55,23 @@ def drops_statements(sql: bytes) -> bool:
 class PreparedShape:
     """One statement shape of this connection and its prepared statement."""
 
-    __slots__ = ("key", "name", "rewritten", "sql", "state", "types")
+    __slots__ = ("broken", "key", "kind", "name", "rewritten", "sql", "state", "types")
 
     def __init__(
-        self, key: object, name: bytes, rewritten: object, sql: bytes, types: tuple[int, ...]
+        self,
+        key: object,
+        name: bytes,
+        rewritten: object,
+        sql: bytes,
+        types: tuple[int, ...],
+        kind: str = "write",
+        broken: Callable[[bool], None] | None = None,
     ) -> None:
         self.key = key
+        #: the statement kind its texts count as (proxy.classify.statement_kind)
+        self.kind = kind
+        #: called when an error says the statement should go (True: it still exists)
+        self.broken: Callable[[bool], None] = broken or _ignore
         self.name = name
         #: the rewrite of the shape text (a proxy.rewrite.Rewritten)
         self.rewritten = rewritten
@@ -129,16 +146,28 @@ class PreparedWrites:
             self.shapes.move_to_end(key)
         return shape
 
-    def add(self, key: object, rewritten: object, sql: bytes, types: tuple[int, ...]) -> None:
+    def add(
+        self,
+        key: object,
+        rewritten: object,
+        sql: bytes,
+        types: tuple[int, ...],
+        kind: str = "write",
+    ) -> None:
         """A new shape: prepared at the next rest; the least recently used one makes room."""
         self._serial += 1
-        shape = PreparedShape(key, NAME_PREFIX + str(self._serial).encode(), rewritten, sql, types)
+        name = NAME_PREFIX + str(self._serial).encode()
+        shape = PreparedShape(key, name, rewritten, sql, types, kind)
+        shape.broken = partial(self._broken, shape)
         self.shapes[key] = shape
         self.wanted.append(shape)
         while len(self.shapes) > self.capacity:
             _, old = self.shapes.popitem(last=False)
             self._drop(old)
             _outcome("evicted")
+
+    def _broken(self, shape: PreparedShape, exists: bool) -> None:
+        self.invalidate(shape, exists=exists)
 
     def invalidate(self, shape: PreparedShape, *, exists: bool) -> None:
         """An error says the statement is broken (or gone): forget it; Close it if it exists."""

@@ -301,13 +301,15 @@ class Relay:
                     return _NOTHING
                 if kinds:
                     if flags & INSPECT:
-                        if not (
-                            # the commonest inspected read: one simple Query that concerns
-                            # no mapping
-                            kinds == _ONE_QUERY
-                            and self.frontend.plain_query(buf[starts[0] + 5 : ready])
-                        ):
+                        if kinds != _ONE_QUERY:
                             return self._client_inspect(buf, ready, starts[0])
+                        # the commonest inspected read: one simple Query that concerns no
+                        # mapping, or a write of a shape prepared on this connection
+                        plain = self.frontend.plain_query(buf[starts[0] + 5 : ready])
+                        if plain is False:
+                            return self._client_inspect(buf, ready, starts[0])
+                        if plain is not True:
+                            return self._client_replaced(buf, ready, starts[0], *plain)
                     elif flags & NAMED and not self.frontend.plain_extended(buf, kinds, starts):
                         # Bind/Describe/Execute/Close naming a rewritten statement or portal
                         return self._client_inspect(buf, ready, starts[0])
@@ -422,6 +424,16 @@ class Relay:
         if terminated:
             effects += self._client_terminated()
         return forward, effects
+
+    def _client_replaced(
+        self, buf: bytes, ready: int, start: int, replacement: bytes, entry: Pending
+    ) -> tuple[Buffer, Effects]:
+        """The read's one Query goes as ``replacement``, whose reply ``entry`` expects."""
+        self._expect(entry)
+        end = frame_end(buf, start)
+        if start == 0 and end == ready:
+            return replacement, NO_EFFECTS
+        return b"".join((buf[:start], replacement, buf[end:ready])), NO_EFFECTS
 
     def _client_terminated(self) -> Effects:
         """Terminate sent (and forwarded): close now if nothing is owed, else drain."""
@@ -560,7 +572,10 @@ class Relay:
         inline = self.inline_replies
         out: list[Buffer] = []
         run = 0
+        resume = 0  # frames before this offset were answered whole (see Pending.whole)
         for typ, start in zip(kinds, starts, strict=True):
+            if start < resume:
+                continue
             head = queue[0] if queue else None
             if inline and type(head) is int:
                 # The reply needs no repair: the commonest completions pop their entry inline.
@@ -582,6 +597,20 @@ class Relay:
                 out.append(tracker.take_injections())
                 run = end
                 continue
+            if type(head) is Pending and head.whole is not None:
+                whole = head.whole(buf, start, ready)
+                if whole is not None:
+                    replacement, resume = whole
+                    queue.popleft()
+                    tracker.status = buf[resume - 1 : resume]
+                    tracker.copy_in = False
+                    if start > run:
+                        out.append(memoryview(buf)[run:start])
+                    out.append(replacement)
+                    run = resume
+                    if tracker.injections:
+                        out.append(tracker.take_injections())
+                    continue
             run = self._reply_slow(out, buf, run, start, frame_end(buf, start), typ)
         if tracker.settle():
             self.server_scan.table = SERVER_TABLE

@@ -302,11 +302,15 @@ class Rewriter:
         nothing (what functions it calls may, but no rewrite could see that); only text that
         names a mapped table, or spells a name with Unicode escapes, is looked at further.
         """
-        if _single_read(sql):
-            return False
         lowered = sql.lower()
         # U&"\0061..." spells any name: the parser resolves it, so let the parser look.
-        return b"u&" in lowered or any(needle in lowered for needle in self.needles)
+        if b"u&" not in lowered:
+            for needle in self.needles:
+                if needle in lowered:
+                    break
+            else:
+                return False
+        return not _single_read(sql)
 
     def rewrite(self, text: str, *, remember_text: bool = True) -> Rewritten | None:
         """Plan a Query's or Parse's SQL text; None when nothing in it concerns a mapping.

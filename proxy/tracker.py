@@ -51,10 +51,19 @@ class ResponsePlan(Protocol):
     def on_reply(self, typ: int, body: bytes, raw: bytes) -> bytes: ...
 
 
+class WholeReply(Protocol):
+    """A Sync entry's shortcut (see :class:`Pending`): given a read holding a reply's first
+    frame at ``start`` and complete frames up to ``ready``, the bytes for the client and the
+    offset just past the ReadyForQuery; None when the read is not the expected reply (then
+    each frame goes through the entry's plan)."""
+
+    def __call__(self, buf: bytes, start: int, ready: int) -> tuple[bytes, int] | None: ...
+
+
 class Pending:
     """One client message waiting for a reply the proxy must act on."""
 
-    __slots__ = ("inject", "kind", "plan", "swallow")
+    __slots__ = ("inject", "kind", "plan", "swallow", "whole")
 
     def __init__(
         self,
@@ -63,8 +72,13 @@ class Pending:
         *,
         inject: bytes | None = None,
         swallow: bool = False,
+        whole: WholeReply | None = None,
     ) -> None:
         self.kind = kind
+        #: for a Sync entry that stands for a whole batch: the whole reply, up to and with its
+        #: ReadyForQuery, answered at once when it is the usual one (plan: the same answer,
+        #: frame by frame)
+        self.whole = whole
         #: repair to apply to the reply, if the statement was rewritten
         self.plan = plan
         #: bytes the proxy answers with itself when this entry reaches the head of the queue

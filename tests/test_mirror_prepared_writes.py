@@ -333,3 +333,145 @@ def test_writes_are_prepared_only_when_the_relay_wires_its_tracker(pg, db, sidec
         cur.execute("SELECT statement FROM pg_prepared_statements")
         statements = [row[0] for row in cur.fetchall()]
     assert any("__dualwrite" in s and "$1" in s for s in statements), statements
+
+
+# --- the hot path: statements of a known shape, split without a parse ---------------------------
+
+#: shapes learnt from their first text, then probed with texts that must either split exactly as
+#: the analysis splits them or not split at all (None: the full path runs)
+HOSTILE_SHAPES = [
+    (
+        "UPDATE t SET a = {s}, b = {n} WHERE c = {s}",
+        [
+            "'x'", "'it''s'", "''", "'$$'", "'a$$b'", "'--'", "'/*'", "'x'' WHERE c = ''y'",
+            "'zoë'", "'back\\slash'", "E'x'", "'x'\n'y'", "U&'x'", "B'1'",
+        ],
+        ["1", "-5", "- 7", "2147483648", "-2147483648", "1.5", "1e3", ".5", "99999999999999999999",
+         "12abc", "1.2.3", "0x1F", "5 -- 1"],
+    ),
+    (
+        'UPDATE "t1" SET "it\'s" = a + {n} WHERE U&"c" = {s} /* it\'s {n} */',
+        ["'x'", "'y''z'", "'*/'"],
+        ["1", "-1", "3"],
+    ),
+    (
+        "INSERT INTO t (a, b) VALUES ({n}, {s}) -- trailing {n} 'comment\n",
+        ["'a'", "'b''c'", "'-- x'"],
+        ["1", "-2", "3.5"],
+    ),
+]
+
+
+def _probe(texts: list[str]) -> int:
+    """Each text, as the frontend meets it: split by the hot path (then exactly as the
+    analysis splits it), or analysed and its shape learnt; returns how many were split."""
+    split = 0
+    for text in texts:
+        known = literals.split_known(text.encode())
+        if known is None:
+            params = parameterize(text)
+            if params is not None:
+                literals.remember_known(text.encode(), "utf-8", params)
+            continue
+        split += 1
+        expected = analyze(text)
+        assert expected is not None, text
+        assert known.parameterized("utf-8") == expected, text
+        assert known.types == expected.types, text
+        assert known.values == tuple(lit.value.encode() for lit in expected.literals), text
+    return split
+
+
+@pytest.mark.parametrize(("template", "strings", "numbers"), HOSTILE_SHAPES)
+def test_the_hot_path_never_splits_a_text_the_analysis_reads_otherwise(template, strings, numbers):
+    texts = [template.format(s=s, n=n) for s in strings for n in numbers]
+    assert _probe(texts + texts) >= len(texts) // 2  # the ordinary ones do take it
+
+
+def test_the_hot_path_refuses_what_it_cannot_prove():
+    # a literal right after a name or prefix (E'', U&'', N''): never learnt
+    for first in ("UPDATE t SET a = E'x' || 'y' WHERE b = 1", "UPDATE t SET a = N'x' WHERE b = 1"):
+        params = parameterize(first)
+        if params is not None:
+            literals.remember_known(first.encode(), "utf-8", params)
+        assert literals.split_known(first.encode()) is None or (
+            literals.split_known(first.encode()).parameterized("utf-8")  # type: ignore[union-attr]
+            == analyze(first)
+        )
+    # a string continued across a newline is one literal to the lexer
+    text = "UPDATE t SET a = 'x'\n'y' WHERE b = 1"
+    params = parameterize(text)
+    assert params is not None
+    assert not literals.remember_known(text.encode(), "utf-8", params)
+    assert literals.split_known(text.encode()) is None
+    # encodings where an ASCII byte can be half of a character are not taken
+    plain = "UPDATE t SET a = 'x' WHERE b = 1"
+    params = parameterize(plain)
+    assert params is not None
+    assert not literals.remember_known(plain.encode(), "shift_jis", params)
+
+
+def test_the_hot_path_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(literals, "_KNOWN", {})
+    monkeypatch.setattr(literals, "_KNOWN_CACHE_SIZE", 50)
+    for i in range(120):
+        text = f"UPDATE t{'x' * (i % 7)}_{chr(97 + i % 26)}{i // 26} SET a = 'v' WHERE b = 1"
+        params = parameterize(text)
+        assert params is not None
+        assert literals.remember_known(text.encode(), "utf-8", params)
+        assert len(literals._KNOWN) <= 50
+    # the newest are kept, the oldest went
+    assert literals.split_known(text.replace("'v'", "'w'").encode()) is not None
+
+
+HOSTILE_ROUNDS = [
+    ("quotes", "UPDATE users SET phone = '{q}' WHERE id = {n}"),
+    ("comment", "UPDATE users SET phone = 'c{n}' /* it's {n} */ WHERE id = {n}"),
+    ("line comment", "UPDATE users SET last_name = 'l{n}' -- 'x {n}\n WHERE id = {n}"),
+    ("unicode name", 'UPDATE users SET U&"phone" = \'u{n}\' WHERE id = {n}'),
+    ("minus", "UPDATE inventory SET on_hand = on_hand + -{n} WHERE product_id = {n}"),
+]
+QUOTES = ["it''s", "$$", "a$$b", "--", "/*", "x'' WHERE id = ''1", "zoë", "", "$1"]
+
+
+def test_hostile_texts_on_the_wire_are_identical(twin):
+    """Texts that differ only inside a literal (quotes, $$, comment markers), comments, U&""
+    names; then the session turns standard_conforming_strings off, and the source table is
+    renamed away and back under a prepared shape: byte for byte what a plain relay sends."""
+    executed = outcome("executed")
+    clients = {side.label: side.raw() for side in twin.sides}
+
+    def both(sql: str, label: str) -> None:
+        seen = []
+        for side in twin.sides:
+            client = clients[side.label]
+            client.send(query(sql))
+            seen.append(raw_normalised(side, client.until_ready()))
+        assert seen[1] == seen[0], (label, sql, seen)
+
+    try:
+        for i in range(len(QUOTES)):
+            for label, template in HOSTILE_ROUNDS:
+                both(template.format(q=QUOTES[i], n=1 + i % 3), label)
+        assert outcome("executed") - executed > 20
+        # the shape is prepared; its table goes away (the plan's revalidation fails) and back
+        both("ALTER TABLE users RENAME TO users_away", "rename")
+        both("UPDATE users SET phone = 'gone' WHERE id = 1", "renamed away")
+        both("BEGIN", "begin")
+        both("UPDATE users SET phone = 'gone' WHERE id = 2", "renamed away, in a transaction")
+        both("ROLLBACK", "rollback")
+        both("ALTER TABLE users_away RENAME TO users", "rename back")
+        both("UPDATE users SET phone = 'back' WHERE id = 1", "renamed back")
+        # the setting changes mid-session: the shapes prepared under it are not used while
+        # it is off (a literal's backslash would mean something else). (Not compared: a
+        # backslash literal under the setting off, which the plain relay's server answers
+        # with a nonstandard-use WARNING that the respelled E'' text does not get.)
+        both("SET standard_conforming_strings = off", "setting")
+        for i, value in enumerate(["it''s", "plain", "$$", "zoë"] * 2):
+            both(f"UPDATE users SET phone = '{value}' WHERE id = {1 + i % 3}", "scs off")
+        both("SET standard_conforming_strings = on", "setting back")
+        both("UPDATE users SET phone = 'a\\b' WHERE id = 1", "scs on, backslash")
+    finally:
+        for client in clients.values():
+            client.close()
+    twin.check_databases(mirrored=("customers", "employees"))
