@@ -282,6 +282,10 @@ class WalConfig(Strict):
     poll_interval_seconds: PositiveSeconds = 0.2
     #: changes decoded per poll (whole transactions: a poll may return more)
     batch_changes: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
+    #: ``stream``: a logical replication connection (START_REPLICATION), decoded once;
+    #: ``poll``: pg_logical_slot_peek_binary_changes on the reader's SQL connection, which
+    #: decodes again from the slot's restart_lsn on every poll
+    transport: Literal["stream", "poll"] = "stream"
 
 
 class PressureConfig(Strict):

@@ -397,6 +397,7 @@ class Sidecar:
                 config.wal,
                 reader_id=self.recorder.sidecar,
                 states=self.states,
+                dsn=config.effective_service_dsn(),
             )
             await self.wal_reader.start()
         if config.reconcile.interval_seconds is not None:

@@ -10,10 +10,11 @@ changes it missed. Then TRUNCATE, replica identity, teardown.
 from __future__ import annotations
 
 import asyncio
+import subprocess
 
 import asyncpg
 import pytest
-from support import pos, wait_until, wal
+from support import needs_tools, pos, wait_until, wal
 
 from core.config import parse_config
 from core.errors import WalNotReady
@@ -30,8 +31,11 @@ def _start(logical_db, logical_sidecar, capture: str, **wal_settings):
     return handle, slot, lines
 
 
-def test_capture_wal_mirrors_every_path_and_rewrites_nothing(logical_db, logical_sidecar):
-    handle, slot, lines = _start(logical_db, logical_sidecar, "wal")
+@pytest.mark.parametrize("transport", ["stream", "poll"])
+def test_capture_wal_mirrors_every_path_and_rewrites_nothing(
+    logical_db, logical_sidecar, transport
+):
+    handle, slot, lines = _start(logical_db, logical_sidecar, "wal", transport=transport)
     assert f"publication {slot}: created on public.audit_log" in lines
     assert f"replication slot {slot}: created" in lines
     rewritten = pos.scrape(
@@ -259,3 +263,115 @@ def test_a_key_the_target_refuses_goes_through_the_outbox_to_the_dead_letters(
         (wal.MAPPING, f"[{bad}]", "23514")
     ]
     assert logical_db.sql("SELECT id FROM v2.audit_events") == [(good,)]
+
+
+@needs_tools("pg_recvlogical")
+def test_the_reader_streams_and_takes_its_slot_back_from_a_stray_client(
+    logical_db, logical_sidecar
+):
+    """An operator's pg_recvlogical left running on the slot: the leader (it holds the lock,
+    so no other sidecar reads) waits a moment, ends that walsender, streams, and loses nothing
+    (pg_recvlogical never confirmed anything)."""
+    slot = logical_db.name
+    config = wal.migration("wal", slot)
+    wal.prepare(logical_db, config)
+    logical_db.sql("INSERT INTO audit_log (tenant_id, action, entity) VALUES (1, 'early', 'x')")
+    server = logical_db.server
+    stray = subprocess.Popen(
+        [
+            "pg_recvlogical", "-h", server.host, "-p", str(server.port), "-U", server.user,
+            "-d", logical_db.name, "--slot", slot, "--start", "-f", "/dev/null", "--no-loop",
+            "-o", "proto_version=1", "-o", f"publication_names={slot}", "-s", "3600", "-F", "0",
+        ],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: logical_db.scalar(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", slot
+            ),
+            what="pg_recvlogical to hold the slot",
+        )
+        logical_sidecar(config)
+        logical_db.sql("INSERT INTO audit_log (tenant_id, action, entity) VALUES (1, 'late', 'x')")
+        wal.wait_applied(logical_db, slot)
+        assert stray.wait(timeout=30) != 0  # its walsender was terminated
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+        stray.wait()
+    assert logical_db.sql("SELECT action FROM v2.audit_events ORDER BY id") == [
+        ("early",), ("late",)
+    ]
+    assert pos.divergence(logical_db, [wal.MAPPING]) == {}
+    # the slot is read by the sidecar's own walsender now
+    assert logical_db.sql(
+        "SELECT r.application_name FROM pg_replication_slots s "
+        "JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = %s",
+        slot,
+    ) == [("dualwrite-wal",)]
+
+
+def test_a_streamed_slot_past_max_retained_bytes_is_dropped_and_streaming_starts_again(
+    logical_db,
+):
+    """The ceiling holds while the slot is active: a transaction left open pins restart_lsn,
+    other tables write past the ceiling, and the streaming reader ends its own walsender,
+    drops the slot (marking the mapping for resync) and streams from a new one."""
+    slot = logical_db.name
+    config = wal.migration("wal", slot, max_retained_bytes=1 << 20)
+    wal.prepare(logical_db, config)
+    logical_db.sql("CREATE TABLE busy (id int, pad text)")
+    parsed = parse_config(pos.service_config(logical_db, config))
+    dropped = pos.scrape("dualwrite_wal_slot_dropped_total", slot=slot)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(logical_db.dsn)
+        try:
+            mappings = await validated_mappings(conn, parsed)
+        finally:
+            await conn.close()
+        reader = WalReader(
+            lambda: asyncpg.connect(logical_db.dsn), mappings, parsed.wal, reader_id="test",
+            dsn=logical_db.dsn,
+        )
+        holder = await asyncpg.connect(logical_db.dsn)
+        try:
+            assert await reader.lead()
+            await reader.poll()
+            first = await holder.fetchval(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", slot
+            )
+            assert first is not None  # streaming
+            await holder.execute("BEGIN")
+            await holder.execute("INSERT INTO busy VALUES (0, 'pin')")
+            logical_db.sql(
+                "INSERT INTO busy SELECT i, repeat(md5(i::text), 20) "
+                "FROM generate_series(1, 5000) i"
+            )
+            await reader.poll()  # confirms past it: only restart_lsn is held back
+            reader._guarded_at = -1e9  # the guard's turn now
+            polling = asyncio.get_running_loop().create_task(reader.poll())
+            for _ in range(600):
+                if pos.scrape("dualwrite_wal_slot_dropped_total", slot=slot) > dropped:
+                    break
+                await asyncio.sleep(0.05)
+            assert pos.scrape("dualwrite_wal_slot_dropped_total", slot=slot) - dropped == 1
+            # a new slot waits for the transactions running when it is created
+            await holder.execute("COMMIT")
+            await polling
+            await reader.poll()
+            again = await holder.fetchval(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", slot
+            )
+            assert again not in (None, first)
+        finally:
+            await reader.stop()
+            await holder.close()
+
+    asyncio.run(run())
+    ((mapping, reason),) = logical_db.sql("SELECT mapping, reason FROM dualwrite.resync_needed")
+    assert mapping == wal.MAPPING
+    assert "(> wal.max_retained_bytes 1048576) and was dropped" in reason

@@ -4,13 +4,16 @@ assembler's bookkeeping."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from datetime import UTC, datetime
 
 import pytest
+from support import wait_until
 
 from core.errors import WalDecodeError
 from mirror.wal import pgoutput
+from mirror.wal import stream as wal_stream
 from mirror.wal.keys import record_literal
 
 
@@ -185,3 +188,90 @@ def test_messages_from_a_real_server_decode(logical_db) -> None:
     assert [r.name for t in txns for r in t.truncated] == ["t"]
     assert all(t.end_lsn > t.commit_lsn > 0 for t in txns)
     db.sql("SELECT pg_drop_replication_slot(%s)", db.name)
+
+
+# --- the streaming transport's frames (mirror/wal/stream.py) ---------------------------------
+
+
+def test_replication_frames_parse_and_build() -> None:
+    keepalive = b"k" + struct.pack("!QqB", 0x1_0000_0130, MICROS, 1)
+    assert wal_stream.parse_keepalive(keepalive) == wal_stream.Keepalive(0x1_0000_0130, True)
+    assert not wal_stream.parse_keepalive(keepalive[:-1] + b"\0").reply_requested
+    with pytest.raises(WalDecodeError, match="keepalive of 17 bytes"):
+        wal_stream.parse_keepalive(keepalive[:-1])
+    xlog = b"w" + struct.pack("!QQq", 0x1_0000_0100, 0x1_0000_0100, MICROS) + COMMIT
+    assert wal_stream.xlogdata_start(xlog) == 0x1_0000_0100
+    assert pgoutput.decode(xlog[wal_stream.XLOGDATA_PAYLOAD :]).end_lsn == 0x1_0000_0130
+    with pytest.raises(WalDecodeError, match="XLogData frame of 3 bytes"):
+        wal_stream.xlogdata_start(xlog[:3])
+    status = wal_stream.status_update(0x1_0000_0130, reply=True, now=WHEN.timestamp())
+    assert status == b"r" + struct.pack("!QQQqB", *[0x1_0000_0130] * 3, MICROS, 1)
+
+
+def test_start_replication_quotes_what_it_names() -> None:
+    assert wal_stream.start_command("s1", ["a", "b_outbox"]) == (
+        b"START_REPLICATION SLOT \"s1\" LOGICAL 0/0 (proto_version '1', "
+        b"publication_names 'a,b_outbox')"
+    )
+    info = wal_stream.replication_conninfo("postgresql://svc@db.example:5433/pos?sslmode=require")
+    assert "replication=database" in info
+    assert "sslmode=require" in info
+    assert "host=db.example" in info
+
+
+def test_a_real_stream_sends_each_commit_once_and_keeps_a_confirmed_position(logical_db) -> None:
+    """START_REPLICATION over libpq: the commits arrive decoded, a status update moves the
+    slot's confirmed position, and a new stream starts there (nothing sent twice)."""
+    db = logical_db
+    db.sql("CREATE TABLE t (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE t;")
+    db.sql("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", db.name)
+
+    async def read_commits(want: int) -> list[pgoutput.Transaction]:
+        stream = await wal_stream.ReplicationStream.start(db.dsn, db.name, ["p"])
+        try:
+            assembler = pgoutput.TransactionAssembler()
+            txns: list[pgoutput.Transaction] = []
+            while len(txns) < want:
+                frame = await stream.read(10)
+                assert frame is not None, "the stream went quiet"
+                if frame[0] == ord("w"):
+                    message = pgoutput.decode(bytes(frame[wal_stream.XLOGDATA_PAYLOAD :]))
+                    txn = assembler.feed(message)
+                    if txn is not None:
+                        txns.append(txn)
+            await stream.confirm(txns[-1].end_lsn)
+            # nothing else is pending: the next frame is a keepalive, never a repeat
+            frame = await stream.read(1)
+            assert frame is None or frame[0] == ord("k")
+            return txns
+        finally:
+            await stream.close()
+
+    db.sql("INSERT INTO t VALUES (1)")
+    db.sql("INSERT INTO t VALUES (2)")
+    first = asyncio.run(read_commits(2))
+    assert [c.new for t in first for c in t.changes] == [{"id": "1"}, {"id": "2"}]
+    confirmed = wait_until(
+        lambda: db.scalar(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots "
+            "WHERE slot_name = %s AND active_pid IS NULL",
+            db.name,
+        ),
+        what="the slot to be released",
+    )
+    assert pgoutput.parse_lsn(confirmed) == first[-1].end_lsn
+    db.sql("INSERT INTO t VALUES (3)")
+    again = asyncio.run(read_commits(1))
+    assert [c.new for t in again for c in t.changes] == [{"id": "3"}]
+    # one walsender per slot: a second stream is refused, with the server's reason and state
+
+    async def second_stream() -> None:
+        holder = await wal_stream.ReplicationStream.start(db.dsn, db.name, ["p"])
+        try:
+            with pytest.raises(wal_stream.StreamError, match="is active for PID") as refused:
+                await wal_stream.ReplicationStream.start(db.dsn, db.name, ["p"])
+            assert refused.value.sqlstate == "55006"
+        finally:
+            await holder.close()
+
+    asyncio.run(second_stream())

@@ -361,12 +361,17 @@ class TransactionAssembler:
 
     It remembers every Relation message (PostgreSQL sends one before the first change of a
     relation in a session, and again after the relation changes), so it must see the stream
-    from the start of a decoding session: one assembler per poll or per connection.
+    from the start of a decoding session: one assembler per poll or per replication connection.
     """
 
     def __init__(self) -> None:
         self.relations: dict[int, Relation] = {}
         self._open: Transaction | None = None
+
+    @property
+    def in_transaction(self) -> bool:
+        """A Begin was fed and its Commit not yet."""
+        return self._open is not None
 
     def feed(self, message: Message) -> Transaction | None:
         """Take one message; return the transaction it commits, if it is a Commit."""

@@ -4,7 +4,15 @@ One reader per slot across all sidecars: each sidecar's reader tries a session a
 on its own connection; the one that gets it reads, the others retry every few polls and take
 over when the leader's connection dies (the lock goes with it).
 
-A poll, on the leader's connection:
+Two transports (``wal.transport``). ``stream`` (the default): the leader also opens a logical
+replication connection (mirror/wal/stream.py) and PostgreSQL sends each committed transaction
+once, from one decoding context; a poll takes what arrived (up to ``batch_changes`` changes,
+waiting at most ``poll_interval_seconds`` for the first), queues it as in 3 and 4 below, then
+confirms the position covered with a standby status update (instead of 5). Keepalives carry
+the server's position: when no transaction is open, everything before it was sent, so it is
+confirmed as well (a quiet mapping never pins WAL), and a keepalive that asks for a reply
+gets one. ``poll``: the SQL functions, which decode again from the slot's restart_lsn on
+every call:
 
 1. note the server's flushed WAL position ``upto``;
 2. ``pg_logical_slot_peek_binary_changes(slot, upto, batch_changes, pgoutput...)``: decode,
@@ -41,12 +49,14 @@ import asyncpg
 from core import metrics
 from core.config import WalConfig
 from core.control import LOCK_CLASS, MappingStates
+from core.errors import WalDecodeError
 from core.logs import get_logger
 from core.mapping import CompiledMapping
 from core.redact import describe_error
 from core.sqltext import QualifiedName
 from mirror.keysync import sync_keys
 from mirror.wal import pgoutput, slot
+from mirror.wal import stream as wal_stream
 from mirror.wal.keys import KeyDeriver
 
 _log = get_logger("wal")
@@ -91,6 +101,13 @@ _NUDGE_RESTART = """
 SELECT pg_log_standby_snapshot() FROM pg_replication_slots
 WHERE slot_name = $1 AND pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn) > $2
 """
+#: with transactions in hand, how long a streaming poll waits for more before it queues them
+BATCH_GAP_SECONDS = 0.01
+#: a streaming reader sends a status update at least this often, even with nothing new
+STATUS_INTERVAL_SECONDS = 10.0
+#: how long a new leader waits for a slot still held by the old leader's walsender (a killed
+#: sidecar's socket is closed by its kernel, so the walsender ends soon) before ending it
+SLOT_RELEASE_SECONDS = 5.0
 #: the reader's own apply gives way quickly (its keys then go through the outbox)
 APPLY_LOCK_TIMEOUT_MS = 200
 #: how long the reader waits for decoded transactions to become visible before it retries
@@ -149,8 +166,12 @@ class WalReader:
         *,
         reader_id: str,
         states: MappingStates | None = None,
+        dsn: str | None = None,
     ) -> None:
         self.connect = connect
+        #: the service DSN the replication connection is opened with (None: the SQL
+        #: functions, whatever ``transport`` says)
+        self.dsn = dsn if config.transport == "stream" else None
         self.mappings = slot.wal_mappings(mappings)
         self.config = config
         self.reader_id = reader_id
@@ -174,6 +195,12 @@ class WalReader:
         self._nudge = False
         #: wakes the loop early (tests, shutdown)
         self.polls = 0
+        self._stream: wal_stream.ReplicationStream | None = None
+        #: one per replication connection (it remembers the relations sent on it)
+        self._assembler = pgoutput.TransactionAssembler()
+        #: the server's position from the last keepalive outside a transaction
+        self._server_end = 0
+        self._status_at = 0.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -189,6 +216,7 @@ class WalReader:
 
     async def _release(self) -> None:
         self._set_leader(False)
+        await self._close_stream()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             try:
@@ -209,7 +237,8 @@ class WalReader:
                     continue
                 result = await self.poll()
                 self.last_error = None
-                if result.transactions == 0:
+                # a streaming poll already waited for data
+                if result.transactions == 0 and self.dsn is None:
                     await asyncio.sleep(interval)
             except asyncio.CancelledError:
                 raise
@@ -263,6 +292,15 @@ class WalReader:
         assert conn is not None, "poll() needs the leadership (lead())"
         started = time.perf_counter()
         await self._guard(conn)
+        if self.dsn is not None:
+            result = await self._poll_stream(conn, self.dsn)
+        else:
+            result = await self._poll_sql(conn)
+        metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(0)
+        metrics.WAL_POLL_SECONDS.observe(time.perf_counter() - started)
+        return result
+
+    async def _poll_sql(self, conn: asyncpg.Connection) -> PollResult:
         # asyncpg passes pg_lsn as an int
         upto: int = await conn.fetchval("SELECT pg_current_wal_flush_lsn()")
         rows = await conn.fetch(
@@ -275,17 +313,7 @@ class WalReader:
         txns = list(assembler.feed_all(pgoutput.decode(bytes(r["data"])) for r in rows))
         # a poll cut short by batch_changes covers only up to its last commit
         covered = txns[-1].end_lsn if len(rows) >= self.config.batch_changes and txns else upto
-        if txns:
-            age = (datetime.now(UTC) - txns[0].commit_time).total_seconds()
-            metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(max(age, 0))
-            done: int = await conn.fetchval(
-                "SELECT coalesce((SELECT lsn FROM dualwrite.wal_progress WHERE slot = $1), "
-                "'0/0')",
-                self.config.slot_name,
-            )
-            fresh = [t for t in txns if t.end_lsn > done]
-            result.skipped_transactions = len(txns) - len(fresh)
-            await self._queue(conn, fresh, covered, result)
+        await self._take(conn, txns, covered, result)
         if covered > self._advanced:
             await conn.execute(
                 "SELECT pg_replication_slot_advance($1, $2::pg_lsn)", self.config.slot_name, covered
@@ -294,8 +322,116 @@ class WalReader:
             result.confirmed = covered
             if txns and self._nudge:
                 await self._nudge_restart(conn)
-        metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(0)
-        metrics.WAL_POLL_SECONDS.observe(time.perf_counter() - started)
+        return result
+
+    async def _take(
+        self,
+        conn: asyncpg.Connection,
+        txns: list[pgoutput.Transaction],
+        covered: int,
+        result: PollResult,
+    ) -> None:
+        """Queue the transactions not yet recorded in ``wal_progress`` (a re-read after a kill
+        repeats some), with the progress moved to ``covered``."""
+        if not txns:
+            return
+        age = (datetime.now(UTC) - txns[0].commit_time).total_seconds()
+        metrics.WAL_OLDEST_UNCONFIRMED_AGE.labels(slot=self.config.slot_name).set(max(age, 0))
+        done: int = await conn.fetchval(
+            "SELECT coalesce((SELECT lsn FROM dualwrite.wal_progress WHERE slot = $1), '0/0')",
+            self.config.slot_name,
+        )
+        fresh = [t for t in txns if t.end_lsn > done]
+        result.skipped_transactions = len(txns) - len(fresh)
+        await self._queue(conn, fresh, covered, result)
+
+    # --- the streaming transport --------------------------------------------------------------
+
+    async def _open_stream(
+        self, conn: asyncpg.Connection, dsn: str
+    ) -> wal_stream.ReplicationStream:
+        if self._stream is not None and not self._stream.closed:
+            return self._stream
+        name = self.config.slot_name
+        deadline = time.monotonic() + SLOT_RELEASE_SECONDS
+        info = await slot.slot_info(conn, name)
+        while info is not None and info.active_pid is not None:
+            # the walsender of a reader that lost the leadership (its sidecar was killed, or
+            # its leadership connection died): only the holder of the lock may read the slot
+            if time.monotonic() > deadline:
+                _log.warning("wal_slot_held", slot=name, pid=info.active_pid, action="terminated")
+                await conn.execute("SELECT pg_terminate_backend($1)", info.active_pid)
+                deadline = time.monotonic() + SLOT_RELEASE_SECONDS
+            await asyncio.sleep(0.05)
+            info = await slot.slot_info(conn, name)
+        if info is None:
+            raise asyncpg.InterfaceError(f"replication slot {name} is missing")
+        # the slot's confirmed position: a status update never moves it backwards
+        self._advanced = pgoutput.parse_lsn(info.confirmed) if info.confirmed else 0
+        self._stream = await wal_stream.ReplicationStream.start(dsn, name, self.publications)
+        self._assembler = pgoutput.TransactionAssembler()
+        self._server_end = 0
+        self._status_at = time.monotonic()
+        _log.info("wal_stream_started", slot=name, pid=self._stream.backend_pid)
+        return self._stream
+
+    async def _close_stream(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            with contextlib.suppress(Exception):
+                await stream.close()
+
+    async def _poll_stream(self, conn: asyncpg.Connection, dsn: str) -> PollResult:
+        """Take what the stream sent (whole transactions, up to ``batch_changes`` changes,
+        waiting at most ``poll_interval_seconds``), queue it, then confirm it."""
+        stream = await self._open_stream(conn, dsn)
+        self.polls += 1
+        result = PollResult()
+        assembler = self._assembler
+        txns: list[pgoutput.Transaction] = []
+        changes = 0
+        reply = False
+        deadline = time.monotonic() + self.config.poll_interval_seconds
+        while changes < self.config.batch_changes:
+            frame = stream.read_nowait()
+            if frame is None:
+                left = deadline - time.monotonic()
+                if txns and not assembler.in_transaction:
+                    # work in hand: a backlog keeps the socket busy, so wait a moment for a
+                    # fuller batch (fewer, larger transactions of bookkeeping), no longer
+                    left = min(left, BATCH_GAP_SECONDS)
+                if left <= 0:
+                    break
+                frame = await stream.read(left)
+                if frame is None:
+                    break
+            kind = frame[0]
+            if kind == 0x77:  # w: XLogData, one pgoutput message
+                txn = assembler.feed(
+                    pgoutput.decode(bytes(frame[wal_stream.XLOGDATA_PAYLOAD :]))
+                )
+                if txn is not None:
+                    txns.append(txn)
+                    changes += len(txn.changes) + len(txn.truncated)
+            elif kind == 0x6B:  # k: keepalive
+                keepalive = wal_stream.parse_keepalive(frame)
+                reply = reply or keepalive.reply_requested
+                if not assembler.in_transaction:
+                    # every commit before this position was sent before this keepalive
+                    self._server_end = max(self._server_end, keepalive.wal_end)
+            else:
+                raise WalDecodeError(f"replication stream: unknown frame {bytes(frame[:1])!r}")
+        covered = max(txns[-1].end_lsn if txns else 0, self._server_end)
+        await self._take(conn, txns, covered, result)
+        now = time.monotonic()
+        if covered > self._advanced:
+            await stream.confirm(covered)
+            self._advanced = covered
+            result.confirmed = covered
+            self._status_at = now
+        elif reply or now - self._status_at > STATUS_INTERVAL_SECONDS:
+            await stream.confirm(self._advanced)
+            self._status_at = now
         return result
 
     async def _nudge_restart(self, conn: asyncpg.Connection) -> None:
@@ -311,7 +447,12 @@ class WalReader:
         if now - self._guarded_at < GUARD_INTERVAL_SECONDS:
             return
         self._guarded_at = now
+        if self._stream is not None:
+            info = await slot.slot_info(conn, self.config.slot_name)
+            if info is not None and info.retained_bytes > self.config.max_retained_bytes:
+                await self._close_stream()  # the slot is about to be dropped
         if await slot.guard_retained(conn, self.config, self.mappings) is None:
+            await self._close_stream()
             await slot.ensure_slot(conn, self.config.slot_name)
             self._advanced = 0
 

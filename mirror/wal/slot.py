@@ -10,6 +10,7 @@ that transaction statement capture recorded. Every function here is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -219,14 +220,32 @@ async def ensure_slot(conn: asyncpg.Connection, slot: str) -> bool:
     return True
 
 
+async def drop_slot(conn: asyncpg.Connection, info: SlotInfo) -> None:
+    """Drop the slot, ending the walsender that reads it (a streaming reader's) first: the
+    slot stays active until that backend has exited, so the drop is retried meanwhile."""
+    if info.active_pid is not None:
+        await conn.execute("SELECT pg_terminate_backend($1)", info.active_pid)
+    for attempt in range(100):
+        try:
+            await conn.execute("SELECT pg_drop_replication_slot($1)", info.name)
+            return
+        except asyncpg.ObjectInUseError:
+            if attempt == 99:
+                raise
+            pid = await conn.fetchval(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", info.name
+            )
+            if pid is not None:
+                await conn.execute("SELECT pg_terminate_backend($1)", pid)
+            await asyncio.sleep(0.05)
+
+
 async def teardown(conn: asyncpg.Connection, config: WalConfig) -> list[str]:
     """Drop the slot and both publications; say what was removed (idempotent)."""
     lines = []
     info = await slot_info(conn, config.slot_name)
     if info is not None:
-        if info.active_pid is not None:
-            await conn.execute("SELECT pg_terminate_backend($1)", info.active_pid)
-        await conn.execute("SELECT pg_drop_replication_slot($1)", config.slot_name)
+        await drop_slot(conn, info)
         lines.append(
             f"replication slot {config.slot_name}: dropped (it retained {info.retained_bytes} "
             f"bytes of WAL)"
@@ -299,9 +318,7 @@ async def guard_retained(
             f"(> wal.max_retained_bytes {config.max_retained_bytes}) and was dropped",
         )
         await conn.execute("DELETE FROM dualwrite.wal_progress WHERE slot = $1", info.name)
-    if info.active_pid is not None:
-        await conn.execute("SELECT pg_terminate_backend($1)", info.active_pid)
-    await conn.execute("SELECT pg_drop_replication_slot($1)", info.name)
+    await drop_slot(conn, info)
     metrics.WAL_SLOT_DROPPED.labels(slot=info.name).inc()
     metrics.WAL_SLOT_RETAINED_BYTES.labels(slot=info.name).set(0)
     return None
