@@ -387,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="outbox sidecar applier.batch_size (default: config's)",
     )
     p.add_argument(
+        "--wal-transport",
+        choices=("stream", "poll"),
+        default="stream",
+        help="wal.transport of the wal/waldirect/both sidecars (default stream)",
+    )
+    p.add_argument(
         "--drain-timeout",
         type=float,
         default=600.0,
@@ -560,7 +566,11 @@ def sidecar_extra(args: argparse.Namespace, mode: str) -> dict[str, Any]:
         "applier": applier,
     }
     if mode in WAL_MODES:
-        extra["wal"] = {"slot_name": wal_slot(mode), "publication_name": wal_slot(mode)}
+        extra["wal"] = {
+            "slot_name": wal_slot(mode),
+            "publication_name": wal_slot(mode),
+            "transport": args.wal_transport,
+        }
     if args.prepared_writes is not None:
         extra["limits"] = {"prepared_writes_per_connection": args.prepared_writes}
     return extra
@@ -1008,7 +1018,8 @@ def report(
         f"-j {args.jobs}, {args.duration} s per run, {rounds} ({order}), medians shown; all "
         f"over TCP on 127.0.0.1; server: {meta['server_origin']}, fsync {meta['fsync']}, "
         f"synchronous_commit {meta['synchronous_commit']}; dualwrite "
-        f"{machine['dualwrite_commit']}; outbox applier in the sidecar: {applier}",
+        f"{machine['dualwrite_commit']}; outbox applier in the sidecar: {applier}; WAL "
+        f"reader transport (wal modes): {args.wal_transport}",
         "- Mappings: pgbench_accounts → v2.accounts (id: aid, branch: bid, balance_cents: "
         "abalance::bigint * 100); pgbench_history (+ `id bigserial PRIMARY KEY` added by the "
         "setup) → v2.history (…, delta_cents: delta::bigint * 100); items → v2.items (sku: "

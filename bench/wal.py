@@ -1,10 +1,12 @@
-"""WAL transport: polling pg_logical_slot_peek_binary_changes against streaming (pg_recvlogical).
+"""WAL transport: polling pg_logical_slot_peek_binary_changes against streaming.
 
-The same committed changes are decoded through pgoutput both ways: by the SQL function the
-WAL reader polls (a plain connection), and by pg_recvlogical over the streaming replication
-protocol (a walsender). For each: wall time and changes per second, and the decoding
-backend's CPU. Also what polling costs when nothing changed (an idle poll), and the reader's
-own Python decode per change. Needs wal_level = logical (``--dsn``).
+The same committed changes are decoded through pgoutput three ways: by the SQL function the
+WAL reader's ``poll`` transport calls (a plain connection), by the reader's own ``stream``
+transport (START_REPLICATION through libpq, every message decoded by mirror/wal/pgoutput.py),
+and by pg_recvlogical over the same replication protocol (a walsender, output discarded).
+For each: wall time and changes per second, and the decoding backend's CPU. Also what
+polling costs when nothing changed (an idle poll), and the reader's own Python decode per
+change. Needs wal_level = logical (``--dsn``).
 """
 
 from __future__ import annotations
@@ -146,13 +148,45 @@ def _stream_trial(server: Server, slot: str, end_lsn: str, total: int) -> dict[s
     return {"wall_s": wall, "changes_per_s": total / wall}
 
 
+async def _reader_stream_trial(server: Server, slot: str, total: int) -> dict[str, float]:
+    """The WAL reader's stream transport: read and decode until ``total`` changes arrived."""
+    from mirror.wal import pgoutput  # noqa: PLC0415
+    from mirror.wal import stream as wal_stream  # noqa: PLC0415
+
+    t0 = time.perf_counter()
+    stream = await wal_stream.ReplicationStream.start(server.dsn(), slot, [PUBLICATION])
+    try:
+        pid = stream.backend_pid
+        cpu0 = _backend_cpu(pid)
+        assembler = pgoutput.TransactionAssembler()
+        changes = 0
+        while changes < total:
+            frame = await stream.read(60)
+            if frame is None:
+                raise BenchError(f"the stream went quiet after {changes} of {total} changes")
+            if frame[0] == ord("w"):
+                message = pgoutput.decode(bytes(frame[wal_stream.XLOGDATA_PAYLOAD :]))
+                txn = assembler.feed(message)
+                if txn is not None:
+                    changes += len(txn.changes)
+        wall = time.perf_counter() - t0
+        cpu = _backend_cpu(pid) - cpu0
+    finally:
+        await stream.close()
+    return {"wall_s": wall, "changes_per_s": total / wall, "server_cpu_s": cpu}
+
+
 def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Sequence[str]) -> int:
     started = common.utc_now()
     server, origin = common.resolve_server(stack, args.dsn)
     db = common.ensure_database(server, args.database)
     if common.query_value(db, "SHOW wal_level") != "logical":
         raise BenchError("the server's wal_level is not logical; pass --dsn of one that is")
-    slots = ["poll", "idle"] + [f"stream{i}" for i in range(args.trials)]
+    slots = (
+        ["poll", "idle"]
+        + [f"stream{i}" for i in range(args.trials)]
+        + [f"reader{i}" for i in range(args.trials)]
+    )
     common.psql(
         db,
         *(f"SELECT pg_drop_replication_slot('{_slot(s)}') FROM pg_replication_slots "
@@ -183,11 +217,22 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
     common.progress("streaming")
     streams = [_stream_trial(db, _slot(f"stream{i}"), end_lsn, total) for i in range(args.trials)]
     stream_wall = common.median(s["wall_s"] for s in streams) or 0.0
+    common.progress("streaming (the reader's transport)")
+    readers = [
+        asyncio.run(_reader_stream_trial(db, _slot(f"reader{i}"), total))
+        for i in range(args.trials)
+    ]
+    reader_wall = common.median(r["wall_s"] for r in readers) or 0.0
+    reader_cpu = common.median(r["server_cpu_s"] for r in readers) or 0.0
     rows = [
         [poll["transport"], common.fmt(poll["wall_s"], ".2f"), common.fmt(poll["changes_per_s"]),
          common.fmt(poll["server_cpu_us_per_change"], ".2f")],
-        ["stream (pg_recvlogical, replication protocol)", common.fmt(stream_wall, ".2f"),
-         common.fmt(total / stream_wall if stream_wall else None), "-"],
+        ["stream (the reader's: START_REPLICATION via libpq, decoded in Python)",
+         common.fmt(reader_wall, ".2f"), common.fmt(total / reader_wall if reader_wall else None),
+         common.fmt(reader_cpu * 1e6 / total, ".2f")],
+        ["stream (pg_recvlogical, replication protocol, to /dev/null)",
+         common.fmt(stream_wall, ".2f"), common.fmt(total / stream_wall if stream_wall else None),
+         "-"],
     ]
     meta = common.run_meta("wal", started, argv, origin, common.machine_info(db))
     print(f"### WAL transport: `{meta['command']}`\n")
@@ -202,7 +247,7 @@ def benchmark(stack: contextlib.ExitStack, args: argparse.Namespace, argv: Seque
           f"behind (all of the above re-read, no output): {poll['idle_poll_rereading_us']:,.0f} "
           f"µs. The reader's Python decode: {poll['python_decode_us_per_change']:.2f} "
           f"µs/change.")
-    data = {**meta, "poll": poll, "streams": streams, "changes": total}
+    data = {**meta, "poll": poll, "streams": streams, "reader_streams": readers, "changes": total}
     common.progress(f"results written to {common.write_json('wal', started, data)}")
     return 0
 

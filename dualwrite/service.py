@@ -683,8 +683,10 @@ async def run_until_signalled(sidecar: Sidecar) -> int:
 
 
 async def run_applier_until_signalled(config: Config) -> int:
-    """``dualwrite apply``: the outbox applier alone, until SIGTERM/SIGINT."""
+    """``dualwrite apply``: the outbox applier, and the WAL reader of the WAL-read mappings
+    (capture without a proxy), until SIGTERM/SIGINT."""
     pool = await create_service_pool(config, size=1 + config.applier.workers)
+    reader: WalReader | None = None
     try:
         async with pool.acquire() as conn:
             await ensure_current(conn)
@@ -695,14 +697,34 @@ async def run_applier_until_signalled(config: Config) -> int:
         await watcher.start()
         applier = Applier(pool, mappings, config.applier, states, await target_pools(mappings))
         await applier.start()
+        wal = wal_slot.wal_mappings(mappings)
+        if wal:
+            async with pool.acquire() as conn:
+                await wal_slot.require_ready(conn, config.wal, wal)
+            # one reader per slot across sidecars and appliers: the same leadership lock
+            reader = WalReader(
+                lambda: connect_service(config),
+                wal,
+                config.wal,
+                reader_id=sidecar_id(),
+                states=states,
+                dsn=config.effective_service_dsn(),
+            )
+            await reader.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        _log.info("applier_running", mappings=[m.name for m in mappings])
+        _log.info(
+            "applier_running",
+            mappings=[m.name for m in mappings],
+            wal_mappings=[m.name for m in wal],
+        )
         await stop.wait()
         await applier.stop()
         await watcher.stop()
     finally:
+        if reader is not None:
+            await reader.stop()
         await pool.close()
     return 0

@@ -173,3 +173,33 @@ def test_a_postgresql_crash_restart_under_load_loses_nothing():
         finally:
             handle.stop(grace=0)
             db.close()
+
+
+def test_dualwrite_apply_reads_the_wal_without_a_proxy_and_a_kill_9_loses_nothing(
+    logical_db, tmp_path
+):
+    """``capture: wal`` needs no proxy: ``dualwrite apply`` alone reads the slot and applies.
+    Killed -9 under load and started again, it re-reads from the slot; nothing is missing."""
+    db = logical_db
+    slot = db.name
+    config = wal.migration("wal", slot)
+    wal.prepare(db, config)
+    applier = pos.ApplierProcess(db, config, tmp_path / "first").start()
+    try:
+        with Load(db.dsn) as load:
+            wait_until(lambda: load.count() > 200, timeout=60, what="load before the kill")
+            first = applier.proc.pid if applier.proc else None
+            wait_until(lambda: _reader_pid(db) == first, timeout=60, what="apply to read")
+            assert applier.kill() == -signal.SIGKILL, applier.output()
+            written = load.count()
+            applier = pos.ApplierProcess(db, config, tmp_path / "second").start()
+            wait_until(lambda: load.count() > written + 200, timeout=60, what="load after")
+            second = applier.proc.pid if applier.proc else None
+            wait_until(lambda: _reader_pid(db) == second, timeout=60, what="the restart to read")
+        wal.wait_applied(db, slot)
+        _assert_target_has_every_acknowledged_write(db, load)
+        assert db.scalar(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s", slot
+        ) == 1
+    finally:
+        applier.stop()

@@ -42,6 +42,11 @@ SELECT slot_name, plugin, database, active_pid, confirmed_flush_lsn::text AS con
        pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained
 FROM pg_replication_slots WHERE slot_name = $1
 """
+#: walsenders other than the one reading this slot (a restarted reader takes that one's place)
+_OTHER_WALSENDERS = """
+SELECT count(*) FROM pg_stat_replication r
+WHERE r.pid IS DISTINCT FROM (SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1)
+"""
 _PUBLICATION_TABLES = """
 SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = $1
 """
@@ -85,6 +90,14 @@ async def problems(
             found.append(
                 f"max_replication_slots = {limit} and {used} are used: raise it (restart "
                 f"needed) or drop an unused slot"
+            )
+    if config.transport == "stream":
+        senders = int(await conn.fetchval("SHOW max_wal_senders"))
+        busy = int(await conn.fetchval(_OTHER_WALSENDERS, config.slot_name))
+        if busy >= senders:
+            found.append(
+                f"max_wal_senders = {senders} and {busy} are used: raise it (restart needed), "
+                f"or set wal.transport: poll (no replication connection)"
             )
     role = await conn.fetchrow(
         "SELECT rolname, rolreplication OR rolsuper AS ok FROM pg_roles "
