@@ -6,8 +6,8 @@ over when the leader's connection dies (the lock goes with it).
 
 Two transports (``wal.transport``). ``stream`` (the default): the leader also opens a logical
 replication connection (mirror/wal/stream.py) and PostgreSQL sends each committed transaction
-once, from one decoding context; a poll takes what arrived (up to ``batch_changes`` changes,
-waiting at most ``poll_interval_seconds`` for the first), queues it as in 3 and 4 below, then
+once, from one decoding context; a poll takes what arrives within ``poll_interval_seconds``
+(or until ``batch_changes`` changes, whole transactions), queues it as in 3 and 4 below, then
 confirms the position covered with a standby status update (instead of 5). Keepalives carry
 the server's position: when no transaction is open, everything before it was sent, so it is
 confirmed as well (a quiet mapping never pins WAL), and a keepalive that asks for a reply
@@ -101,8 +101,6 @@ _NUDGE_RESTART = """
 SELECT pg_log_standby_snapshot() FROM pg_replication_slots
 WHERE slot_name = $1 AND pg_wal_lsn_diff(confirmed_flush_lsn, restart_lsn) > $2
 """
-#: with transactions in hand, how long a streaming poll waits for more before it queues them
-BATCH_GAP_SECONDS = 0.01
 #: a streaming reader sends a status update at least this often, even with nothing new
 STATUS_INTERVAL_SECONDS = 10.0
 #: how long a new leader waits for a slot still held by the old leader's walsender (a killed
@@ -395,11 +393,10 @@ class WalReader:
         while changes < self.config.batch_changes:
             frame = stream.read_nowait()
             if frame is None:
+                # until the interval is over, even with work in hand: one batch of
+                # bookkeeping (visibility, key derivation, sync_keys, progress) per interval
+                # instead of one per trickle of commits; a backlog fills the batch sooner
                 left = deadline - time.monotonic()
-                if txns and not assembler.in_transaction:
-                    # work in hand: a backlog keeps the socket busy, so wait a moment for a
-                    # fuller batch (fewer, larger transactions of bookkeeping), no longer
-                    left = min(left, BATCH_GAP_SECONDS)
                 if left <= 0:
                     break
                 frame = await stream.read(left)
