@@ -278,9 +278,10 @@ class WalConfig(Strict):
     #: WAL the slot may hold back; past it the WAL-read mappings are marked for resync and the
     #: slot is dropped (loudly) rather than filling the primary's disk
     max_retained_bytes: Annotated[int, Field(ge=1 << 20)] = 1 << 30
-    #: how often the reader asks for new changes when the last poll found none
+    #: stream: how long a batch collects commits before its keys are queued (the mirror lag
+    #: added); poll: how often the reader asks for new changes when the last poll found none
     poll_interval_seconds: PositiveSeconds = 0.2
-    #: changes decoded per poll (whole transactions: a poll may return more)
+    #: changes taken per batch (whole transactions: a batch may hold more)
     batch_changes: Annotated[int, Field(ge=1, le=1_000_000)] = 10_000
     #: ``stream``: a logical replication connection (START_REPLICATION), decoded once;
     #: ``poll``: pg_logical_slot_peek_binary_changes on the reader's SQL connection, which
