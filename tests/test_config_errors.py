@@ -95,3 +95,15 @@ def test_the_cli_prints_every_error_and_exits_2_before_touching_the_database(
     assert "  mappings[0].colums: unknown key (did you mean 'columns'?)\n" in err
     assert "  applier.workers: " in err
     assert db.scalar("SELECT to_regnamespace('dualwrite') IS NULL")
+
+
+def test_a_wal_transport_other_than_stream_or_poll_is_refused_with_its_path():
+    assert parse_config({"wal": {"transport": "poll"}}).wal.transport == "poll"
+    assert parse_config({}).wal.transport == "stream"
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"wal": {"transport": "streaming"}})
+    assert str(bad.value).startswith("wal.transport: ")
+    assert "'stream' or 'poll'" in str(bad.value)
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"wal": {"transprot": "poll"}})
+    assert str(bad.value) == "wal.transprot: unknown key (did you mean 'transport'?)"
