@@ -184,6 +184,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its running descendants (the sidecar's shadow worker is
+    a child process: its replays are the sidecar's cost too)."""
+    return cpu_seconds(pid) + sum(_cpu_or_zero(child) for child in _children(pid))
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return tree_cpu_seconds(pid)
+    except (OSError, ValueError, IndexError):
+        return 0.0  # it exited in between
+
+
 class Process:
     """A child process the benchmark started; ``stop()`` ends it (TERM, then KILL)."""
 
@@ -205,7 +232,7 @@ class Process:
         return self.popen.pid
 
     def cpu_seconds(self) -> float:
-        return cpu_seconds(self.pid)
+        return tree_cpu_seconds(self.pid)
 
     def exited(self) -> bool:
         return self.popen.poll() is not None

@@ -422,6 +422,11 @@ SHADOW_LATENCY_RATIO: Final = Histogram(
 SHADOW_QUEUE_DEPTH: Final = Gauge(
     "dualwrite_shadow_queue_depth", "Captured reads waiting for a shadow replay"
 )
+SHADOW_WORKER_RESTARTS: Final = Counter(
+    "dualwrite_shadow_worker_restarts_total",
+    "Times the shadow's worker process died (killed, out of memory, a bug) and was started "
+    "again; the application's statements are not affected, queued captures are lost",
+)
 
 # --- business invariants ------------------------------------------------------------------------
 # Labelled by invariant name only (names come from the config, so the series are bounded by it).

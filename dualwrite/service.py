@@ -54,7 +54,6 @@ from core.mapping import CompiledMapping, compile_all
 from core.privileges import app_role_problems, grant
 from core.rowsecurity import SESSION_SETTINGS, connect_unfiltered
 from core.shadow import check_views
-from core.sqltext import quote_ident
 from dualwrite.admin import ActionResponse, ActionResult, AdminHooks, AdminServer
 from mirror import statements as key_sync_statements
 from mirror.applier import Applier
@@ -65,9 +64,9 @@ from proxy import mirror_sql
 from proxy.host import MirrorContext
 from proxy.rewrite import Rewriter
 from proxy.server import ProxyServer
-from proxy.shadow.plan import Planner
-from proxy.shadow.replay import ShadowReplayer
+from proxy.shadow.supervisor import ShadowProcess
 from proxy.shadow.tap import ShadowTap
+from proxy.shadow.worker import WorkerSettings
 from proxy.traffic import TrafficRecorder
 
 _log = get_logger("service")
@@ -106,19 +105,6 @@ async def connect_service(config: Config, **kwargs: Any) -> asyncpg.Connection:
     core/rowsecurity.py)."""
     settings = {**SESSION_SETTINGS, **kwargs.pop("server_settings", {})}
     return await connect(config.effective_service_dsn(), server_settings=settings, **kwargs)
-
-
-async def connect_shadow(dsn: str, search_path: list[str]) -> asyncpg.Connection:
-    """One shadow-read connection: no statement cache (every replay text differs) and the
-    search_path unqualified names resolve through in the configuration."""
-    return await asyncpg.connect(
-        dsn,
-        statement_cache_size=0,
-        server_settings={
-            "application_name": "dualwrite-shadow",
-            "search_path": ", ".join(quote_ident(schema) for schema in search_path),
-        },
-    )
 
 
 async def create_service_pool(config: Config, *, size: int) -> asyncpg.Pool:
@@ -319,7 +305,7 @@ class Sidecar:
         #: lint's traffic evidence (set up with the mirroring, when traffic.enabled)
         self.traffic: TrafficRecorder | None = None
         #: shadow reads (set up with the mirroring, when shadow.sample_rate > 0)
-        self.shadow: ShadowReplayer | None = None
+        self.shadow: ShadowProcess | None = None
         self.proxy: ProxyServer = ProxyServer(config)
         self.admin = AdminServer(config.admin, self._hooks())
         self.stopping = asyncio.Event()
@@ -418,26 +404,25 @@ class Sidecar:
         self.proxy = ProxyServer(self.config, MirrorContext(None, self.recorder, shadow=tap))
 
     async def _start_shadow(self) -> ShadowTap:
+        """The tap the relay samples into and the worker process that replays (see
+        proxy/shadow/supervisor.py): replays never run on the relay's event loop."""
         config = self.config
         shadow = config.shadow
         assert self.pool is not None
         async with self.pool.acquire() as conn:
             await check_views(conn, shadow.views)
         tap = ShadowTap(shadow)
-        planner = Planner(shadow.views, config.search_path, other_server=shadow.dsn is not None)
-        other = shadow.dsn
-
-        async def primary() -> asyncpg.Connection:
-            return await connect_shadow(config.effective_service_dsn(), config.search_path)
-
-        async def other_server() -> asyncpg.Connection:
-            assert other is not None
-            return await connect_shadow(other, config.search_path)
-
-        self.shadow = ShadowReplayer(
-            shadow, tap, planner, primary, other_server if other is not None else None
+        service = config.effective_service_dsn()
+        settings = WorkerSettings(
+            shadow=shadow,
+            search_path=list(config.search_path),
+            primary_dsn=service,
+            service_dsn=service,
+            log_level=config.logging.level,
+            log_format=config.logging.format,
         )
-        await self.shadow.start(self.pool)
+        self.shadow = ShadowProcess(settings, tap)
+        await self.shadow.start()
         return tap
 
     async def stop(self, grace_seconds: float | None = None) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -40,6 +42,10 @@ CREATE VIEW v2compat.users AS SELECT id, tenant, name, amount FROM users;
 CREATE SCHEMA v2bug;
 CREATE VIEW v2bug.users AS
     SELECT id, tenant, name, round(amount)::numeric(10, 2) AS amount FROM users WHERE id <> 7;
+-- a correct view that takes 0.3 s a read: a replay is under way long enough to be killed
+CREATE SCHEMA v2slow;
+CREATE VIEW v2slow.users AS
+    SELECT u.id, u.tenant, u.name, u.amount FROM users u CROSS JOIN pg_sleep(0.3) AS s;
 """
 OUTCOMES = ("match", "mismatch", "noise", "error", "unsafe")
 
@@ -236,7 +242,76 @@ def test_a_saturated_shadow_drops_and_counts_and_the_application_does_not_wait(
     sidecar_obj = handle.sidecar
     assert sidecar_obj is not None
     assert sidecar_obj.shadow is not None
-    assert len(sidecar_obj.shadow.tap.queue) <= 2
+    assert sidecar_obj.shadow.tap.depth() <= 2
+
+
+def test_a_worker_killed_mid_replay_is_restarted_and_the_application_never_notices(
+    app_db: Database, sidecar
+) -> None:
+    """kill -9 of the shadow's worker process while it replays: the application's reads keep
+    their answers and their pace, the worker is started again (counted), results continue."""
+    handle = start(sidecar, view="v2slow.users", max_sessions=1)
+    shadow = handle.sidecar.shadow  # type: ignore[union-attr]
+    assert shadow is not None
+    restarts = metrics.SHADOW_WORKER_RESTARTS._value.get()
+    stop = threading.Event()
+    answers: list[tuple[int, Any]] = []
+    failures: list[BaseException] = []
+
+    def application() -> None:
+        try:
+            with psycopg.connect(handle.dsn(), autocommit=True) as app:
+                n = 0
+                while not stop.is_set():
+                    n = n % 40 + 1
+                    row = app.execute("SELECT name FROM users WHERE id = %s", (n,)).fetchone()
+                    answers.append((n, row))
+        except BaseException as exc:  # reported by the assertion below
+            failures.append(exc)
+
+    def replaying() -> bool:
+        # a shadow session inside its replay transaction (the view makes that last 0.3 s)
+        return bool(
+            app_db.sql(
+                "SELECT 1 FROM pg_stat_activity WHERE application_name = 'dualwrite-shadow' "
+                "AND datname = current_database() AND xact_start IS NOT NULL"
+            )
+        )
+
+    thread = threading.Thread(target=application)
+    thread.start()
+    try:
+        first = wait_until(lambda: shadow.pid, timeout=30, what="a shadow worker")
+        wait_until(replaying, timeout=30, what="a replay under way")
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: shadow.restarts == 1, timeout=30, what="the dead worker noticed")
+        answered = len(answers)
+        second = wait_until(lambda: shadow.pid, timeout=30, what="a new shadow worker")
+        assert second != first
+        after_restart = judged()
+        wait_until(lambda: judged() > after_restart, timeout=60, what="replays after the restart")
+        wait_until(lambda: len(answers) > answered + 20, timeout=30, what="the application")
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures, failures
+    assert answers
+    assert all(row == (f"user {n}",) for n, row in answers)
+    assert metrics.SHADOW_WORKER_RESTARTS._value.get() == restarts + 1
+    # the dead worker's shadow connection went with it: the new one is within max_sessions
+    wait_until(
+        lambda: app_db.scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dualwrite-shadow' "
+            "AND datname = current_database()"
+        )
+        <= 1,
+        timeout=30,
+        what="the killed worker's session gone",
+    )
+    # and the new worker writes results to the control schema
+    shapes = settle(handle, judged(), 0)
+    assert total(shapes, "match") >= 1
+    assert total(shapes, "mismatch") == 0
 
 
 def test_a_shadow_server_that_is_down_costs_the_application_nothing(

@@ -8,8 +8,10 @@ unchanged on the other server while the primary runs the A/A pair.
 
 A statement with parameters is replayed as ``PREPARE`` (with the types the application
 declared) and ``EXECUTE`` with the values as literals (proxy/shadow/params.py). Replays start
-at most ``max_replays_per_second``; meanwhile the tap's bounded queue fills and drops. A shadow
-server that is down costs the relay nothing: its captures are counted as errors.
+at most ``max_replays_per_second``; meanwhile the tap's bounded queue fills and drops. All of it
+runs in the shadow's worker process (proxy/shadow/worker.py), so a replay's CPU is never spent
+on the relay's event loop. A shadow server that is down costs the relay nothing: its captures
+are counted as errors.
 """
 
 from __future__ import annotations
@@ -23,19 +25,17 @@ from typing import Final
 
 import asyncpg
 
-from core import metrics
 from core import shadow as results
 from core.config import ShadowConfig
-from core.errors import ProtocolViolation
+from core.errors import DatabaseUnreachable, ProtocolViolation
 from core.logs import get_logger
 from proxy.shadow.compare import ERROR, MATCH, MISMATCH, NOISE, Answer, Verdict, judge
 from proxy.shadow.params import UnsupportedParameter, literals, needs_types
 from proxy.shadow.plan import Planner, ShadowPlan
-from proxy.shadow.tap import Capture, ShadowTap
+from proxy.shadow.tap import Capture
 from proxy.wire import messages as m
 
 _log = get_logger("shadow")
-_OUTCOMES = metrics.HOT.shadow_statements
 _OLD, _NEW = "dw_shadow_old", "dw_shadow_new"
 #: seconds a worker waits before connecting again after a failure
 RECONNECT_SECONDS: Final = 1.0
@@ -43,42 +43,57 @@ RECONNECT_SECONDS: Final = 1.0
 MAX_NOISY_SHAPES: Final = 10_000
 
 Connect = Callable[[], Awaitable[asyncpg.Connection]]
+#: the next captured read (waits for one)
+NextCapture = Callable[[], Awaitable[Capture]]
+#: one judged replay: its outcome and, for a match or mismatch, the new/old latency ratio
+OnVerdict = Callable[[str, "float | None"], None]
 
 
 class ShadowReplayer:
-    """Workers (one connection each, at most ``max_sessions``) draining the tap's queue."""
+    """Workers (one connection each, at most ``max_sessions``) draining the captured reads.
+
+    It runs in the shadow's worker process (proxy/shadow/worker.py), never on the relay's
+    event loop: ``next_capture`` takes the next capture from the bounded queue the relay
+    fills, ``on_verdict`` reports each outcome (and latency ratio) for the metrics, which the
+    worker ships to the sidecar, and :meth:`flush` writes the results to the control schema.
+    """
 
     def __init__(
         self,
         config: ShadowConfig,
-        tap: ShadowTap,
+        next_capture: NextCapture,
         planner: Planner,
         connect_primary: Connect,
         connect_other: Connect | None = None,
+        *,
+        connect_service: Connect | None = None,
+        on_verdict: OnVerdict | None = None,
     ) -> None:
         self.config = config
-        self.tap = tap
+        self.next_capture = next_capture
         self.planner = planner
         self.connect_primary = connect_primary
         self.connect_other = connect_other
+        self.connect_service = connect_service
+        self.on_verdict = on_verdict
         self.log = results.ShadowLog()
         self.reveal = frozenset(config.reveal_columns)
         self._interval = 1.0 / config.max_replays_per_second
         self._next_start = 0.0
         self._tasks: list[asyncio.Task[None]] = []
-        self._pool: asyncpg.Pool | None = None
+        self._service: asyncpg.Connection | None = None
+        self._flushing = asyncio.Lock()
         #: fingerprints whose A/A pair once differed: their differences are noise from then on
         self._noisy: set[str] = set()
 
-    async def start(self, pool: asyncpg.Pool | None) -> None:
-        """Start the workers and (with a service pool) the flusher."""
-        self._pool = pool
+    async def start(self) -> None:
+        """Start the workers and (with a service connection) the flusher."""
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._worker(), name=f"shadow-{n}")
             for n in range(self.config.max_sessions)
         ]
-        if pool is not None:
+        if self.connect_service is not None:
             self._tasks.append(loop.create_task(self._flush_loop(), name="shadow-flush"))
 
     async def stop(self) -> None:
@@ -87,17 +102,26 @@ class ShadowReplayer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.flush()
+        await _discard(self._service)
+        self._service = None
 
     async def flush(self) -> None:
         """Write what was judged since the last flush to the control schema."""
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         shapes = self.log.take()
-        if not shapes or self._pool is None:
+        if not shapes or self.connect_service is None:
             return
         try:
-            async with self._pool.acquire() as conn:
-                await results.flush(conn, shapes)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if self._service is None or self._service.is_closed():
+                self._service = await self.connect_service()
+            await results.flush(self._service, shapes)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnreachable) as exc:
             _log.warning("shadow_flush_failed", error=str(exc), shapes=len(shapes))
+            await _discard(self._service)
+            self._service = None
 
     async def _flush_loop(self) -> None:
         while True:
@@ -105,15 +129,6 @@ class ShadowReplayer:
             await self.flush()
 
     # --- workers ----------------------------------------------------------------------------
-
-    async def _next_capture(self) -> Capture:
-        queue = self.tap.queue
-        while not queue:
-            self.tap.wake.clear()
-            await self.tap.wake.wait()
-        capture = queue.popleft()
-        metrics.SHADOW_QUEUE_DEPTH.set(len(queue))
-        return capture
 
     async def _pace(self) -> None:
         """Start at most max_replays_per_second replays, across all workers."""
@@ -129,7 +144,7 @@ class ShadowReplayer:
         try:
             while True:
                 await self._pace()
-                capture = await self._next_capture()
+                capture = await self.next_capture()
                 plan = self.planner.plan(capture.sql.decode(capture.codec, "surrogateescape"))
                 if plan is None:
                     continue
@@ -155,16 +170,18 @@ class ShadowReplayer:
     def _record(
         self, plan: ShadowPlan, verdict: Verdict, latency: tuple[float, float] | None
     ) -> None:
-        _OUTCOMES[verdict.outcome] += 1
         sample = None
         if verdict.outcome != MATCH:
             sample = {"statement": plan.normalized, **(verdict.diff or {})}
+        ratio = None
         if latency is not None and verdict.outcome in (MATCH, MISMATCH):
             if latency[0] > 0:
-                metrics.SHADOW_LATENCY_RATIO.observe(latency[1] / latency[0])
+                ratio = latency[1] / latency[0]
         else:
             latency = None
         self.log.add(plan.fingerprint, plan.normalized, verdict.outcome, sample, latency)
+        if self.on_verdict is not None:
+            self.on_verdict(verdict.outcome, ratio)
 
     # --- one replay -------------------------------------------------------------------------
 

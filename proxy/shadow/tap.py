@@ -3,20 +3,24 @@
 The relay calls :meth:`ConnectionTap.query` for each simple Query, :meth:`ConnectionTap.parse`
 for each Parse and :meth:`ConnectionTap.bind` for each Bind of a statement the tap remembers.
 When the sample says no, a call costs one ``random()`` and a comparison. A sampled read is one
-tuple appended to a deque; the replay (proxy/shadow/replay.py) takes it from there, after the
-fact and on its own connections. When the queue is full the read is dropped and counted
-(``dualwrite_shadow_statements_total{outcome="dropped"}``), never waited for.
+tuple put (without waiting) on a bounded multiprocessing queue; the shadow's worker process
+(proxy/shadow/worker.py) takes it from there, after the fact, on its own connections and its
+own CPU. When the queue is full the read is dropped and counted
+(``dualwrite_shadow_statements_total{outcome="dropped"}``), never waited for; fullness is
+checked (a semaphore's value) before anything of the read is parsed or copied.
 
 Parse is not sampled: an eligible-looking prepared statement is remembered per connection (a
-dict lookup per text, cached) so that each of its executions can be sampled at Bind.
+dict lookup per text, cached) so that each of its executions can be sampled at Bind. A Bind is
+read (its statement name, its body copied) only when the sample said yes and the queue has
+room; its parameters are decoded by the worker, never here.
 """
 
 from __future__ import annotations
 
-import asyncio
+import queue as queue_module
 import random
-from collections import deque
-from typing import Final, NamedTuple
+from multiprocessing.queues import Queue
+from typing import Any, Final, NamedTuple
 
 from core import metrics
 from core.config import ShadowConfig
@@ -45,11 +49,12 @@ class Capture(NamedTuple):
 class ShadowTap:
     """Every connection's tap: the sample, the prefilter and the one bounded queue."""
 
-    def __init__(self, config: ShadowConfig) -> None:
+    def __init__(self, config: ShadowConfig, captures: Queue[Any] | None = None) -> None:
         self.rate = config.sample_rate
         self.capacity = config.queue
-        self.queue: deque[Capture] = deque()
-        self.wake = asyncio.Event()
+        #: the bounded queue to the shadow's worker process (replaced when a worker dies: a
+        #: killed reader may hold the old one's lock); None: no worker yet, all is dropped
+        self.queue: Queue[Any] | None = captures
         #: lower-case relation names the views mode looks for (empty: any read, dsn mode)
         self._names = tuple({old.split(".", 1)[1].lower().encode() for old in config.views})
         self._candidates: dict[bytes, bool] = {}
@@ -59,17 +64,31 @@ class ShadowTap:
 
     def full(self) -> bool:
         """No room for another capture: the caller drops it and this counts it."""
-        if len(self.queue) < self.capacity:
+        captures = self.queue
+        if captures is not None and not captures.full():
             return False
         _OUTCOMES["dropped"] += 1
         return True
 
     def offer(self, capture: Capture) -> None:
-        """Queue a sampled read (the caller checked :meth:`full` first)."""
-        self.queue.append(capture)
-        wake = self.wake
-        if not wake.is_set():
-            wake.set()
+        """Queue a sampled read without waiting (the caller checked :meth:`full` first)."""
+        captures = self.queue
+        try:
+            assert captures is not None
+            captures.put_nowait(capture)
+        except (queue_module.Full, ValueError, AssertionError):
+            # full after all, or the queue was closed (a worker being replaced)
+            _OUTCOMES["dropped"] += 1
+
+    def depth(self) -> int:
+        """Captured reads waiting in the queue (for dualwrite_shadow_queue_depth)."""
+        captures = self.queue
+        if captures is None:
+            return 0
+        try:
+            return captures.qsize()
+        except (NotImplementedError, OSError, ValueError):
+            return 0
 
     def candidate(self, sql: bytes) -> bool:
         """A cheap, cached prefilter: may this text be an eligible read? (The planner decides.)"""
@@ -127,14 +146,18 @@ class ConnectionTap:
     def binds(self, buf: bytes, kinds: bytes, starts: list[int]) -> None:
         """A read of Bind/Execute/Sync... frames (relay path): sampled as a whole, so that a
         read the sample skips costs one ``random()``; a sampled read captures each Bind of a
-        remembered statement."""
-        if random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
+        remembered statement. A sampled read that finds the queue full is dropped (and
+        counted) before any of its frames is read."""
+        if random.random() >= self.rate or self.tap.full():  # noqa: S311 - a sample
             return
         for typ, start in zip(kinds, starts, strict=True):
             if typ == m.BIND:
                 end = frame_end(buf, start)
                 statement = m.bind_names(buf, start + 5, end)[1]
-                self._capture_bind(statement, buf, start + 5, end)
+                found = self.prepared.get(statement)
+                if found is not None:
+                    body = bytes(buf[start + 5 : end])
+                    self.tap.offer(Capture(found[0], self.codec, found[1], body))
 
     def _capture_bind(self, statement: bytes, buf: bytes, start: int, end: int) -> None:
         found = self.prepared.get(statement)
