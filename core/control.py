@@ -338,6 +338,28 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE dualwrite.reconcile_runs ADD COLUMN cutover_tenants text[];
         """,
     ),
+    (
+        10,
+        """
+        -- Shadow reads per tenant (core/shadow.py): the replays attributed to each tenant (the
+        -- tenant_column values of the rows that differ or, for the other outcomes, of the rows
+        -- answered; else the tenant the statement's WHERE names). One row with attributed =
+        -- false (tenant '') counts the replays no tenant could be found for.
+        CREATE TABLE dualwrite.shadow_tenants (
+            attributed boolean NOT NULL,
+            tenant text NOT NULL,
+            matched bigint NOT NULL DEFAULT 0,
+            mismatched bigint NOT NULL DEFAULT 0,
+            noise bigint NOT NULL DEFAULT 0,
+            errors bigint NOT NULL DEFAULT 0,
+            unsafe bigint NOT NULL DEFAULT 0,
+            first_seen timestamptz NOT NULL,
+            last_seen timestamptz NOT NULL,
+            last_mismatch text,          -- the fingerprint of the latest mismatch
+            PRIMARY KEY (attributed, tenant)
+        );
+        """,
+    ),
 ]
 
 

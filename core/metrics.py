@@ -465,14 +465,16 @@ WORST_TENANTS_MAX: Final = 5
 TENANTS: Final = Gauge(
     "dualwrite_tenants",
     "Tenants by verdict of their open trouble: no_go when the latest full pass found divergent "
-    "rows of the tenant, it has dead letters or failing invariant groups; go for every other "
-    "tenant the report judges (report.tenants, cutover.tenants, tenants named by the passes "
-    "it reads); the cutover report also judges each tenant's clean window",
+    "rows of the tenant, it has dead letters, failing invariant groups or mismatched shadow "
+    "reads; go for every other tenant the report judges (report.tenants, cutover.tenants, "
+    "tenants named by the passes it reads); the cutover report also judges each tenant's "
+    "clean window",
     ["verdict"],
 )
 WORST_TENANT_TROUBLE: Final = Gauge(
     "dualwrite_worst_tenant_trouble",
-    "Divergent rows + dead letters + failing invariant groups of the tenants with the most "
+    "Divergent rows + dead letters + failing invariant groups + mismatched shadow reads of the "
+    "tenants with the most "
     "(at most WORST_TENANTS_MAX = 5 tenants, worst first)",
     ["tenant"],
 )

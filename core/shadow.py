@@ -2,7 +2,8 @@
 
 The replay (proxy/shadow/replay.py) adds each verdict to a :class:`ShadowLog` in memory; every
 ``shadow.flush_interval_seconds`` the log is written in one transaction and emptied. The cutover
-report reads it back with :func:`read_summary`. Samples hold the normalized statement (literals
+report reads it back with :func:`read_summary`, and per tenant (when a mapping has a
+``tenant_column``) with :func:`read_tenants`. Samples hold the normalized statement (literals
 as $n), never parameter values, and result values only for ``shadow.reveal_columns``.
 """
 
@@ -25,6 +26,8 @@ OUTCOMES: Final = ("match", "mismatch", "noise", "error", "unsafe")
 LATENCY_SAMPLES_PER_FLUSH: Final = 50
 #: latency samples older than this are deleted at flush
 LATENCY_RETENTION: Final = "7 days"
+#: tenants one replay is attributed to at most (the first found; a bound, not a sample)
+MAX_TENANTS_PER_REPLAY: Final = 100
 
 
 @dataclass
@@ -41,11 +44,23 @@ class ShapeResults:
     latencies: list[tuple[float, float]] = field(default_factory=list)
 
 
+@dataclass
+class TenantResults:
+    """What the replays attributed to one tenant (or to none) came to since the last flush."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    last_mismatch: str | None = None
+
+
 class ShadowLog:
     """Verdicts not yet written to the control schema."""
 
     def __init__(self) -> None:
         self.shapes: dict[str, ShapeResults] = {}
+        #: tenant -> results; the key None holds replays no tenant was found for
+        self.tenants: dict[str | None, TenantResults] = {}
 
     def add(
         self,
@@ -54,8 +69,20 @@ class ShadowLog:
         outcome: str,
         sample: dict[str, Any] | None,
         latency: tuple[float, float] | None,
+        tenants: tuple[str, ...] | None = None,
     ) -> None:
+        """One verdict; ``tenants`` are those it is attributed to (empty: none found; None:
+        no mapping has a tenant_column, nothing is recorded per tenant)."""
         now = time.time()
+        if tenants is not None:
+            for tenant in tenants or (None,):
+                found = self.tenants.get(tenant)
+                if found is None:
+                    found = self.tenants[tenant] = TenantResults(first_seen=now)
+                found.counts[outcome] += 1
+                found.last_seen = now
+                if outcome == "mismatch":
+                    found.last_mismatch = fingerprint
         shape = self.shapes.get(fingerprint)
         if shape is None:
             shape = self.shapes[fingerprint] = ShapeResults(statement, first_seen=now)
@@ -66,8 +93,9 @@ class ShadowLog:
         if latency is not None and len(shape.latencies) < LATENCY_SAMPLES_PER_FLUSH:
             shape.latencies.append(latency)
 
-    def take(self) -> dict[str, ShapeResults]:
-        taken, self.shapes = self.shapes, {}
+    def take(self) -> tuple[dict[str, ShapeResults], dict[str | None, TenantResults]]:
+        taken = self.shapes, self.tenants
+        self.shapes, self.tenants = {}, {}
         return taken
 
 
@@ -92,10 +120,30 @@ _LATENCY = """
 INSERT INTO dualwrite.shadow_latency (fingerprint, old_ms, new_ms) VALUES ($1, $2, $3)
 """
 
+_UPSERT_TENANT = """
+INSERT INTO dualwrite.shadow_tenants AS s
+    (attributed, tenant, matched, mismatched, noise, errors, unsafe, first_seen, last_seen,
+     last_mismatch)
+VALUES ($1, $2, $3, $4, $5, $6, $7, to_timestamp($8), to_timestamp($9), $10)
+ON CONFLICT (attributed, tenant) DO UPDATE SET
+    matched = s.matched + EXCLUDED.matched,
+    mismatched = s.mismatched + EXCLUDED.mismatched,
+    noise = s.noise + EXCLUDED.noise,
+    errors = s.errors + EXCLUDED.errors,
+    unsafe = s.unsafe + EXCLUDED.unsafe,
+    first_seen = least(s.first_seen, EXCLUDED.first_seen),
+    last_seen = greatest(s.last_seen, EXCLUDED.last_seen),
+    last_mismatch = coalesce(EXCLUDED.last_mismatch, s.last_mismatch)
+"""
+
 _EXPIRE = f"DELETE FROM dualwrite.shadow_latency WHERE at < now() - interval '{LATENCY_RETENTION}'"
 
 
-async def flush(conn: asyncpg.Connection, shapes: dict[str, ShapeResults]) -> None:
+async def flush(
+    conn: asyncpg.Connection,
+    shapes: dict[str, ShapeResults],
+    tenants: dict[str | None, TenantResults] | None = None,
+) -> None:
     """Write taken results in one transaction (samples already stored are kept)."""
     rows = [
         (
@@ -117,9 +165,22 @@ async def flush(conn: asyncpg.Connection, shapes: dict[str, ShapeResults]) -> No
         for fingerprint, shape in shapes.items()
         for old, new in shape.latencies
     ]
+    per_tenant = [
+        (
+            tenant is not None,
+            tenant or "",
+            *(results.counts[outcome] for outcome in OUTCOMES),
+            results.first_seen,
+            results.last_seen,
+            results.last_mismatch,
+        )
+        for tenant, results in (tenants or {}).items()
+    ]
     async with conn.transaction():
         if rows:
             await conn.executemany(_UPSERT, rows)
+        if per_tenant:
+            await conn.executemany(_UPSERT_TENANT, per_tenant)
         if latencies:
             await conn.executemany(_LATENCY, latencies)
         await conn.execute(_EXPIRE)
@@ -204,6 +265,48 @@ async def read_summary(conn: asyncpg.Connection, since: datetime) -> ShadowSumma
     ratios = await conn.fetchval(_RATIOS, since)
     latency = tuple(float(r) for r in ratios) if ratios and ratios[0] is not None else None
     return ShadowSummary(shapes, latency)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TenantShadow:
+    """The replays attributed to one tenant (or, ``tenant`` None, to none)."""
+
+    tenant: str | None
+    counts: dict[str, int]
+    last_mismatch: str | None = None
+
+    @property
+    def compared(self) -> int:
+        return self.counts["match"] + self.counts["mismatch"]
+
+
+_TENANTS = """
+SELECT attributed, tenant, matched, mismatched, noise, errors, unsafe, last_mismatch
+FROM dualwrite.shadow_tenants
+WHERE last_seen >= $1
+"""
+
+
+async def read_tenants(conn: asyncpg.Connection, since: datetime) -> dict[str | None, TenantShadow]:
+    """Per tenant (the key None: unattributed), the replays seen since ``since``; empty when
+    the schema predates them."""
+    if not await conn.fetchval("SELECT to_regclass('dualwrite.shadow_tenants') IS NOT NULL"):
+        return {}
+    found: dict[str | None, TenantShadow] = {}
+    for row in await conn.fetch(_TENANTS, since):
+        tenant = row["tenant"] if row["attributed"] else None
+        found[tenant] = TenantShadow(
+            tenant,
+            {
+                "match": row["matched"],
+                "mismatch": row["mismatched"],
+                "noise": row["noise"],
+                "error": row["errors"],
+                "unsafe": row["unsafe"],
+            },
+            row["last_mismatch"],
+        )
+    return found
 
 
 # --- the views, checked ---------------------------------------------------------------------

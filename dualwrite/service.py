@@ -289,6 +289,22 @@ async def target_pools(mappings: list[CompiledMapping]) -> dict[str, asyncpg.Poo
     return pools
 
 
+def shadow_tenant_columns(config: Config) -> frozenset[str]:
+    """The result column names a shadow read's tenant is found in: each mapping's
+    tenant_column, and the source column it is mapped from when that is a plain column."""
+    names: set[str] = set()
+    for mapping in config.mappings:
+        if mapping.tenant_column is None:
+            continue
+        names.add(mapping.tenant_column)
+        source = mapping.columns.get(mapping.tenant_column, "").strip()
+        if source.isidentifier():
+            names.add(source.lower())  # an unquoted name is folded, as the parser does
+        elif len(source) > 2 and source[0] == source[-1] == '"':
+            names.add(source[1:-1].replace('""', '"'))
+    return frozenset(names)
+
+
 class Sidecar:
     """Everything ``dualwrite run`` runs, startable in-process (the tests do this)."""
 
@@ -420,6 +436,7 @@ class Sidecar:
             service_dsn=service,
             log_level=config.logging.level,
             log_format=config.logging.format,
+            tenant_columns=shadow_tenant_columns(config),
         )
         self.shadow = ShadowProcess(settings, tap)
         await self.shadow.start()

@@ -22,6 +22,7 @@ from support import Database, InProcessSidecar, PgServer
 from support.procs import free_port, run_psql, wait_until
 from support.transparency import RawClient, query
 
+from compare.report.history import tenant_trouble
 from core import metrics
 from core.control import install
 from core.logs import configure_logging
@@ -42,6 +43,12 @@ CREATE VIEW v2compat.users AS SELECT id, tenant, name, amount FROM users;
 CREATE SCHEMA v2bug;
 CREATE VIEW v2bug.users AS
     SELECT id, tenant, name, round(amount)::numeric(10, 2) AS amount FROM users WHERE id <> 7;
+-- a view that lost one row (id 7, of tenant 1) and nothing else
+CREATE SCHEMA v2lost;
+CREATE VIEW v2lost.users AS SELECT id, tenant, name, amount FROM users WHERE id <> 7;
+-- a mapping's target, for a tenant_column
+CREATE SCHEMA v2;
+CREATE TABLE v2.customers (id bigint PRIMARY KEY, tenant int NOT NULL);
 -- a correct view that takes 0.3 s a read: a replay is under way long enough to be killed
 CREATE SCHEMA v2slow;
 CREATE VIEW v2slow.users AS
@@ -486,3 +493,103 @@ def test_check_validates_every_view(
         assert code == 2
         assert "shadow.views[public.users]" in err
         assert reason in err
+
+
+#: a mapping with a tenant_column (users.tenant -> v2.customers.tenant)
+TENANT_MAPPING = {
+    "name": "customers",
+    "source": "public.users",
+    "target": "v2.customers",
+    "key": ["id"],
+    "columns": {"id": "id", "tenant": "tenant"},
+    "tenant_column": "tenant",
+}
+
+
+def test_shadow_mismatches_are_attributed_to_tenants_and_judged_per_tenant(
+    app_db: Database, sidecar, tmp_path, capsys
+) -> None:
+    """Row 7 of tenant 1 is missing from the view: tenant 1's reads mismatch, tenants 0 and 2
+    match; a result without the tenant column is attributed to the tenant its WHERE names;
+    the per-tenant report holds the mismatch against tenant 1 only."""
+    config: dict[str, Any] = {
+        "service_dsn": app_db.dsn,
+        "shadow": {"sample_rate": 1.0, "views": {"public.users": "v2lost.users"}},
+        "mappings": [TENANT_MAPPING],
+        "report": {
+            "tenants": ["0", "1", "2"],
+            "criteria": {"clean_window_hours": 0, "max_shadow_mismatch_ratio": 0.0},
+        },
+    }
+    path = tmp_path / "dualwrite.yaml"
+    path.write_text(json.dumps(config))
+    assert main(["setup", "--config", str(path)]) == 0
+    handle: InProcessSidecar = sidecar(
+        {
+            "mappings": [TENANT_MAPPING],
+            "shadow": {
+                "sample_rate": 1.0,
+                "max_replays_per_second": 10_000,
+                "flush_interval_seconds": 3600,
+                "views": {"public.users": "v2lost.users"},
+            },
+        }
+    )
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for tenant in (0, 1, 2):
+            # the tenant column is in the result: the rows that differ name the tenant
+            app.execute(
+                "SELECT id, tenant, name FROM users WHERE tenant = %s", (tenant,), prepare=True
+            )
+            # it is not: the WHERE's parameter names it
+            app.execute("SELECT count(*) FROM users WHERE tenant = %s", (tenant,))
+        app.execute("SELECT max(id) FROM users WHERE id < 5")  # no tenant at all
+    shapes = settle(handle, before, 7)
+    assert total(shapes, "mismatch") == 2
+    handle.call(handle.sidecar.shadow.stop)  # type: ignore[union-attr]
+    rows = app_db.sql(
+        "SELECT attributed, tenant, matched, mismatched, last_mismatch IS NOT NULL "
+        "FROM dualwrite.shadow_tenants ORDER BY attributed, tenant"
+    )
+    assert rows == [
+        (False, "", 1, 0, False),
+        (True, "0", 2, 0, False),
+        (True, "1", 0, 2, True),
+        (True, "2", 2, 0, False),
+    ]
+    capsys.readouterr()
+    try:
+        code = main(["report", "--config", str(path), "--format", "json", "--tenant", "0"])
+        data = json.loads(capsys.readouterr().out)
+        main(["report", "--config", str(path), "--format", "md"])
+        markdown = capsys.readouterr().out
+    finally:
+        configure_logging(stream=sys.__stderr__)
+    tenants = {t["tenant"]: t for t in data["tenants"]}
+    assert tenants["1"]["shadow_mismatches"] == 2
+    assert tenants["0"]["shadow_mismatches"] == 0
+    mine = {t: {c["name"]: c for c in tenants[t]["criteria"]} for t in ("0", "1", "2")}
+    assert not mine["1"]["shadow_mismatch_ratio"]["passed"]
+    # its two mismatches over its two replays and the unattributed one
+    assert mine["1"]["shadow_mismatch_ratio"]["measured"] == pytest.approx(2 / 3)
+    assert mine["0"]["shadow_mismatch_ratio"]["passed"]
+    assert mine["2"]["shadow_mismatch_ratio"]["passed"]
+    assert "shadow_mismatch_ratio" in tenants["1"]["failing"]
+    assert "shadow_mismatch_ratio" not in tenants["0"]["failing"]
+    # the deployment still sees every mismatch
+    overall = {c["name"]: c for c in data["overall_criteria"]}
+    assert overall["shadow_mismatch_ratio"]["measured"] == pytest.approx(2 / 7)
+    assert not overall["shadow_mismatch_ratio"]["passed"]
+    assert "| Shadow mismatches |" in markdown
+    # the sidecar's worst-tenants gauge counts them as the tenant's trouble (capped labels)
+    assert asyncio.run(_trouble(app_db.dsn)) == {"1": 2}
+    assert code in (0, 1)  # tenant 0's other criteria (clean window, ...) decide the rest
+
+
+async def _trouble(dsn: str) -> dict[str, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await tenant_trouble(conn, [], [])
+    finally:
+        await conn.close()

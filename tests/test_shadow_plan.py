@@ -9,7 +9,17 @@ from support import Database
 
 from core.config import parse_config
 from core.errors import ConfigError
-from proxy.shadow.compare import MATCH, MISMATCH, NOISE, REDACTED, UNSAFE, Answer, judge
+from dualwrite.service import shadow_tenant_columns
+from proxy.shadow.compare import (
+    MATCH,
+    MISMATCH,
+    NOISE,
+    REDACTED,
+    UNSAFE,
+    Answer,
+    judge,
+    tenants_of,
+)
 from proxy.shadow.params import UnsupportedParameter, literals
 from proxy.shadow.plan import Planner
 from proxy.wire import messages as m
@@ -220,3 +230,83 @@ def test_volatile_functions_make_a_statement_undecidable() -> None:
     assert not picked.deterministic
     assert not stamped.deterministic
     assert plain.deterministic  # now() is the transaction's: the same in all three runs
+
+
+TENANT = frozenset({"tenant"})
+
+
+@pytest.mark.parametrize(
+    ("sql", "named"),
+    [
+        ("SELECT count(*) FROM users WHERE tenant = 3 AND id > 2", ("3", None)),
+        ("SELECT count(*) FROM users u WHERE u.tenant = $2::int AND id = $1", (None, 2)),
+        ("SELECT count(*) FROM users WHERE 'acme' = tenant", ("acme", None)),
+        # not a top-level conjunct: the statement may read several tenants
+        ("SELECT count(*) FROM users WHERE tenant = 1 OR id = 2", (None, None)),
+        ("SELECT count(*) FROM users WHERE tenant > 1", (None, None)),
+        ("SELECT count(*) FROM users WHERE id = 1", (None, None)),
+    ],
+)
+def test_the_tenant_a_where_names_is_found_in_the_tree(
+    sql: str, named: tuple[str | None, int | None]
+) -> None:
+    plan = planner(tenant_columns=TENANT).plan(sql)
+    assert plan is not None
+    assert (plan.tenant, plan.tenant_parameter) == named
+    assert planner().plan(sql).tenant is None  # type: ignore[union-attr] # no tenant columns
+
+
+def test_a_replay_is_attributed_to_the_tenants_of_its_differing_rows() -> None:
+    columns = (("id", "int8"), ("tenant", "int4"), ("amount", "numeric"))
+    old = Answer(columns, ((1, 10, 5), (2, 20, 6), (3, 30, 7)))
+    lost_one = Answer(columns, ((1, 10, 5), (3, 30, 7)))
+    changed = Answer(columns, ((1, 10, 5), (2, 20, 6), (3, 30, 8)))
+    assert tenants_of(MISMATCH, old, lost_one, TENANT, None, 100) == ("20",)
+    assert set(tenants_of(MISMATCH, old, changed, TENANT, None, 100)) == {"30"}
+    # other outcomes: every tenant answered for; a bound on how many
+    assert tenants_of(MATCH, old, old, TENANT, None, 100) == ("10", "20", "30")
+    assert tenants_of(MATCH, old, old, TENANT, None, 2) == ("10", "20")
+    # no tenant column in the result: the tenant the WHERE names, else none
+    counted = Answer((("count", "int8"),), ((3,),))
+    assert tenants_of(MISMATCH, counted, Answer((("count", "int8"),), ((2,),)), TENANT, "7", 9) == (
+        "7",
+    )
+    assert tenants_of(MATCH, counted, counted, TENANT, None, 100) == ()
+    # a failed new side: all the tenants the original answered for
+    failed = Answer(sqlstate="42703")
+    assert tenants_of(MISMATCH, old, failed, TENANT, None, 100) == ("10", "20", "30")
+
+
+def test_tenant_columns_are_the_mappings_and_their_plain_source_columns() -> None:
+    config = parse_config(
+        {
+            "mappings": [
+                {
+                    "name": "a",
+                    "source": "public.users",
+                    "target": "v2.a",
+                    "key": ["id"],
+                    "columns": {"id": "id", "org": "Org_Id"},
+                    "tenant_column": "org",
+                },
+                {
+                    "name": "b",
+                    "source": "public.items",
+                    "target": "v2.b",
+                    "key": ["id"],
+                    "columns": {"id": "id", "shop": '"Shop ""No"""'},
+                    "tenant_column": "shop",
+                },
+                {
+                    "name": "c",
+                    "source": "public.sales",
+                    "target": "v2.c",
+                    "key": ["id"],
+                    "columns": {"id": "id", "region": "lower(region_code)"},
+                    "tenant_column": "region",
+                },
+            ]
+        }
+    )
+    # unquoted names fold to lower case; a quoted one keeps its case; an expression has none
+    assert shadow_tenant_columns(config) == {"org", "org_id", "shop", 'Shop "No"', "region"}

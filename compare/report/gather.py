@@ -24,7 +24,12 @@ from compare.report.history import (
 )
 from compare.report.model import Criterion, MappingReport, Report
 from compare.report.readiness import read_readiness
-from compare.report.shadow import read_shadow, shadow_configured, shadow_criteria
+from compare.report.shadow import (
+    read_shadow,
+    read_shadow_tenants,
+    shadow_configured,
+    shadow_criteria,
+)
 from compare.report.tenants import TenantEvidence, judge_tenants
 from core.config import Config
 from core.connect import connect
@@ -165,6 +170,11 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
                 *config.cutover.tenants,
                 *([request.tenant] if request.tenant else []),
             ],
+            shadow=(
+                await read_shadow_tenants(conn, history_start)
+                if shadow_configured(config)
+                else None
+            ),
         )
         tenants = judge_tenants(evidence, criteria, window)
     report = Report(
@@ -187,7 +197,11 @@ async def _read(conn: asyncpg.Connection, config: Config, request: ReportRequest
     if shadow_configured(config):
         report.shadow = await read_shadow(conn, history_start)
         for criterion in shadow_criteria(report.shadow, criteria):
-            _add_overall(report, criterion)
+            if criterion.name == "shadow_mismatch_ratio" and report.tenants:
+                # each tenant has its own (compare/report/tenants.py)
+                report.overall_criteria.append(criterion)
+            else:
+                _add_overall(report, criterion)
     return report
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -28,6 +28,7 @@ from compare.report.model import (
 from core import metrics
 from core.config import InvariantConfig
 from core.mapping import SRC, CompiledMapping
+from core.shadow import read_tenants
 from core.sqltext import quote_ident, quote_literal
 
 _PASSES = """
@@ -396,6 +397,9 @@ def _export_backfill(name: str, row: asyncpg.Record | None) -> None:
     metrics.BACKFILL_COMPLETE.labels(name).set(1 if row and row["status"] == "done" else 0)
 
 
+#: shadow mismatches count as a tenant's trouble since they were first recorded
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 _LATEST_BY_TENANT = """
 SELECT DISTINCT ON (mapping) mapping, by_tenant::text AS by_tenant
 FROM dualwrite.reconcile_runs
@@ -414,7 +418,8 @@ async def tenant_trouble(
     conn: asyncpg.Connection, mappings: Sequence[CompiledMapping], invariants: Sequence[str]
 ) -> dict[str, int]:
     """Per tenant, its open trouble: divergent rows in each tenant mapping's latest full pass,
-    dead letters, and failing groups in the latest full check of tenant-aware invariants."""
+    dead letters, failing groups in the latest full check of tenant-aware invariants, and
+    shadow reads attributed to it that mismatched (core/shadow.py)."""
     trouble: dict[str, int] = {}
 
     def add(tenant: str | None, count: int) -> None:
@@ -431,6 +436,8 @@ async def tenant_trouble(
     for row in await conn.fetch(_LATEST_INVARIANT_BY_TENANT, list(invariants)):
         for tenant, count in json.loads(row["by_tenant"] or "{}").items():
             add(tenant, int(count))
+    for tenant, shadow in (await read_tenants(conn, _EPOCH)).items():
+        add(tenant, shadow.counts["mismatch"])
     return trouble
 
 

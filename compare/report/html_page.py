@@ -351,6 +351,7 @@ def _tenants(report: Report) -> str:
         f"<td>{_pill(t.go, t.verdict)}</td>"
         + "".join(f'<td class="num">{t.divergent[c]}</td>' for c in ("missing", "extra", "changed"))
         + f'<td class="num">{t.dead_letters}</td><td class="num">{t.invariant_failures}</td>'
+        f'<td class="num">{t.shadow_mismatches}</td>'
         f'<td class="detail">{escape(", ".join(c.title for c in t.failed)) or "—"}</td></tr>'
         for t in report.tenants[:TENANT_ROWS]
     )
@@ -361,11 +362,13 @@ def _tenants(report: Report) -> str:
     return (
         '<section class="tenants" id="tenants"><h2>Tenants</h2>'
         f'<p class="meta">{go} of {plural(len(report.tenants), "tenant")} GO. Each tenant is '
-        "judged on its own rows (divergence, dead letters, invariant groups) plus every "
+        "judged on its own rows (divergence, dead letters, invariant groups, shadow reads "
+        "attributed to it) plus every "
         "criterion that cannot be told apart by tenant (outbox age, backfill, pause, "
         "unmirrored statements, ...)."
         f"</p>{focus}<table><thead><tr><th>Tenant</th><th>Verdict</th><th>Missing</th>"
         "<th>Extra</th><th>Changed</th><th>Dead letters</th><th>Invariant groups</th>"
+        "<th>Shadow mismatches</th>"
         f"<th>Failing criteria</th></tr></thead><tbody>{rows}</tbody></table>{more}</section>"
     )
 

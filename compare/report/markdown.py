@@ -177,7 +177,8 @@ def _tenants(report: Report) -> list[str]:
         "## Tenants",
         "",
         f"{go} of {plural(len(report.tenants), 'tenant')} GO. Each tenant is judged on its own "
-        "rows (divergence, dead letters, invariant groups) plus every criterion that cannot be "
+        "rows (divergence, dead letters, invariant groups, shadow reads attributed to it) plus "
+        "every criterion that cannot be "
         "told apart by tenant (outbox age, backfill, pause, unmirrored statements, ...).",
         "",
     ]
@@ -189,18 +190,19 @@ def _tenants(report: Report) -> list[str]:
         lines += [f"**Tenant {report.tenant}: {verdict}** (the exit status follows it).", ""]
     lines += [
         "| Tenant | Verdict | Missing | Extra | Changed | Dead letters | Invariant groups "
-        "| Failing criteria |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Shadow mismatches | Failing criteria |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for t in report.tenants[:TENANT_ROWS]:
         lines.append(
             f"| {_cell(t.label)} | **{t.verdict}** | {t.divergent['missing']} | "
             f"{t.divergent['extra']} | {t.divergent['changed']} | {t.dead_letters} | "
-            f"{t.invariant_failures} | {_cell(', '.join(c.title for c in t.failed)) or '—'} |"
+            f"{t.invariant_failures} | {t.shadow_mismatches} | "
+            f"{_cell(', '.join(c.title for c in t.failed)) or '—'} |"
         )
     hidden = len(report.tenants) - TENANT_ROWS
     if hidden > 0:
-        lines.append(f"| … {plural(hidden, 'more tenant')} | | | | | | | |")
+        lines.append(f"| … {plural(hidden, 'more tenant')} | | | | | | | | |")
     return [*lines, ""]
 
 

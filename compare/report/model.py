@@ -247,6 +247,8 @@ class TenantReport(Judged):
     #: staged cutover (``cutover:``): "forward" (old is the source of truth, judged on the
     #: forward mappings) or "moved" (new is, judged on the reverse ones); None without one
     phase: str | None = None
+    #: shadow reads attributed to this tenant that mismatched (core/shadow.py's rule)
+    shadow_mismatches: int = 0
 
     @property
     def label(self) -> str:
@@ -255,8 +257,13 @@ class TenantReport(Judged):
 
     @property
     def trouble(self) -> int:
-        """Rows and groups in trouble, to rank tenants by."""
-        return sum(self.divergent.values()) + self.dead_letters + self.invariant_failures
+        """Rows, groups and shadow mismatches in trouble, to rank tenants by."""
+        return (
+            sum(self.divergent.values())
+            + self.dead_letters
+            + self.invariant_failures
+            + self.shadow_mismatches
+        )
 
 
 #: what the phase beside a tenant means (staged cutover)

@@ -8,7 +8,9 @@ For a tenant T, in every mapping with a ``tenant_column``:
   recorded) restart T's window;
 - dead letters are those whose source row belongs to T (a full pass's dead-lettered keys are
   not counted per tenant, so in T's view of a pass they are left to this criterion);
-- a tenant-aware invariant (``tenant:`` set) counts T's failing groups only.
+- a tenant-aware invariant (``tenant:`` set) counts T's failing groups only;
+- shadow reads: the mismatch ratio of the replays attributed to T plus the unattributed ones
+  (compare/report/shadow.py), when the shadow attributes replays to tenants.
 
 In a staged cutover (``cutover:``) each tenant is judged in its own phase: a moved tenant on
 the reverse mappings (new is its source of truth) and not on the forward ones it has left, any
@@ -18,9 +20,9 @@ when it ran (its recorded ``cutover_tenants``), so a tenant that has just moved 
 window again on passes that compared it in its new phase.
 
 Every other criterion (outbox age, unmirrored statements, mirror failures, uncaptured
-changes, a pending resync, backfill, pause, invariants without a tenant column, the shadow
-reads, the sidecar's status) cannot be told apart by tenant: it is shared, it counts for
-every tenant.
+changes, a pending resync, backfill, pause, invariants without a tenant column, the number of
+shadow reads, the sidecar's status) cannot be told apart by tenant: it is shared, it counts
+for every tenant.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from compare.report.model import (
     Repair,
     TenantReport,
 )
+from compare.report.shadow import tenant_shadow_criterion
 from core.config import CutoverCriteria
+from core.shadow import TenantShadow
 
 #: mapping criteria judged again on each tenant's own evidence; all the others are shared
 PER_TENANT = ("clean_window", "dead_letters")
@@ -61,6 +65,8 @@ class TenantEvidence:
     directions: Mapping[str, str] = field(default_factory=dict)
     #: staged cutover: the moved tenants (None: no cutover configured)
     moved: frozenset[str] | None = None
+    #: shadow replays per tenant (None key: unattributed); None: the shadow is not configured
+    shadow: Mapping[str | None, TenantShadow] | None = None
 
     def phase(self, tenant: str) -> str | None:
         """The tenant's phase: "moved" (new is its source of truth), "forward", or None."""
@@ -88,6 +94,9 @@ def tenants_seen(evidence: TenantEvidence) -> list[str]:
         seen.update(t for t in per_tenant if t is not None)
     for check in evidence.checks:
         seen.update(check.by_tenant)
+    for tenant, shadow in (evidence.shadow or {}).items():
+        if tenant is not None and shadow.counts["mismatch"]:
+            seen.add(tenant)
     return sorted(seen)
 
 
@@ -130,8 +139,19 @@ def judge_tenant(
         else:
             judged.append(invariant(check, criteria, window))
     judged += [c for c in evidence.overall if not c.name.startswith("invariant:")]
+    shadow_mismatches = 0
+    if evidence.shadow is not None:
+        judged.append(tenant_shadow_criterion(tenant, evidence.shadow, criteria))
+        mine = evidence.shadow.get(tenant)
+        shadow_mismatches = mine.counts["mismatch"] if mine else 0
     return TenantReport(
-        tenant, divergent, dead_total, failing_groups, judged, evidence.phase(tenant)
+        tenant,
+        divergent,
+        dead_total,
+        failing_groups,
+        judged,
+        evidence.phase(tenant),
+        shadow_mismatches=shadow_mismatches,
     )
 
 

@@ -5,6 +5,12 @@ their rows agree: as a multiset, or in order when the statement has ORDER BY. Th
 the noise baseline: a statement that answers differently to itself in one snapshot (random(),
 clock_timestamp(), LIMIT without ORDER BY) cannot be judged, so an A/B difference there is
 *noise*, not a mismatch.
+
+:func:`tenants_of` attributes a judged replay to tenants (when a mapping has a
+``tenant_column``): a row mismatch to the tenants of the rows that differ, any other outcome to
+the tenants of the rows answered, found in a result column named like a tenant column; failing
+that, to the tenant the statement's WHERE names (``tenant = constant or parameter``, found by
+the planner); failing that, to no tenant.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class Verdict:
     outcome: str
     #: what differed, values redacted (None: nothing to show)
     diff: dict[str, Any] | None = None
+    #: the tenants it is attributed to (None: not attributed, no mapping has a tenant_column)
+    tenants: tuple[str, ...] | None = None
 
 
 def judge(
@@ -57,6 +65,46 @@ def judge(
     if not plan.deterministic or difference(first, again, ordered=plan.ordered) is not None:
         return Verdict(NOISE, diff)
     return Verdict(MISMATCH, diff)
+
+
+def tenants_of(
+    outcome: str,
+    first: Answer,
+    new: Answer,
+    columns: frozenset[str],
+    named: str | None,
+    limit: int,
+) -> tuple[str, ...]:
+    """The tenants a replay is attributed to (the module docstring's rule), at most ``limit``;
+    ``named`` is the tenant the statement's WHERE names, if any."""
+    found: dict[str, None] = {}
+    index = _tenant_index(first.columns, columns)
+    if index is not None:
+        rows: Iterable[tuple[Any, ...]] = first.rows
+        if outcome == MISMATCH and first.columns == new.columns:
+            old_rows = Counter(map(_frozen, first.rows))
+            new_rows = Counter(map(_frozen, new.rows))
+            differing = (old_rows - new_rows) + (new_rows - old_rows)
+            # the same rows in another order (or an error) differ nowhere in particular
+            rows = list(differing) or [*first.rows, *new.rows]
+        for row in rows:
+            value = row[index]
+            if value is not None:
+                found[str(value)] = None
+                if len(found) >= limit:
+                    break
+    if not found and named is not None:
+        found[named] = None
+    return tuple(found)
+
+
+def _tenant_index(
+    columns: Sequence[tuple[str, str]], tenant_columns: frozenset[str]
+) -> int | None:
+    for index, (name, _) in enumerate(columns):
+        if name in tenant_columns:
+            return index
+    return None
 
 
 def difference(

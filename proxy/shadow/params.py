@@ -131,16 +131,20 @@ def literals(
         if value is None:
             out.append("NULL")
             continue
-        if fmt == 0:
-            text = value.decode(codec, "surrogateescape")
-        else:
-            kind = types[index] if index < len(types) else "unknown"
-            decode = _BINARY.get(kind)
-            if decode is None:
-                raise UnsupportedParameter(f"binary parameter of type {kind}")
-            text = decode(value)
+        kind = types[index] if index < len(types) else "unknown"
+        text = text_of(fmt, value, kind, codec)
         out.append("'" + text.replace("'", "''") + "'")
     return out
 
 
-__all__ = ["UnsupportedParameter", "literals", "needs_types"]
+def text_of(fmt: int, value: bytes, kind: str, codec: str) -> str:
+    """One parameter value in its type's text form (``kind`` as format_type() spells it)."""
+    if fmt == 0:
+        return value.decode(codec, "surrogateescape")
+    decode = _BINARY.get(kind)
+    if decode is None:
+        raise UnsupportedParameter(f"binary parameter of type {kind}")
+    return decode(value)
+
+
+__all__ = ["UnsupportedParameter", "literals", "needs_types", "text_of"]

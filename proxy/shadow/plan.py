@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from pglast import ast, parse_sql
+from pglast.enums import A_Expr_Kind, BoolExprType
 from pglast.parser import ParseError, fingerprint, normalize
 from pglast.stream import RawStream
 from pglast.visitors import Visitor
@@ -60,17 +61,27 @@ class ShadowPlan:
     #: False under LIMIT/OFFSET without ORDER BY (which rows come back is not decided by the
     #: statement) or with a volatile function (see VOLATILE)
     deterministic: bool
+    #: the tenant the top-level WHERE names (``tenant_column = 'constant'``), if any
+    tenant: str | None = None
+    #: or the parameter that holds it (``tenant_column = $n``: n)
+    tenant_parameter: int | None = None
 
 
 class Planner:
     """Decides eligibility and builds the rewrite, once per distinct text."""
 
     def __init__(
-        self, views: dict[str, str], search_path: list[str], *, other_server: bool
+        self,
+        views: dict[str, str],
+        search_path: list[str],
+        *,
+        other_server: bool,
+        tenant_columns: frozenset[str] = frozenset(),
     ) -> None:
         self.views = {_split(old): _split(new) for old, new in views.items()}
         self.search_path = search_path
         self.other_server = other_server
+        self.tenant_columns = tenant_columns
         self._cache: OrderedDict[str, ShadowPlan | None] = OrderedDict()
 
     def plan(self, text: str) -> ShadowPlan | None:
@@ -106,6 +117,7 @@ class Planner:
         top = select
         ordered = bool(top.sortClause)
         limited = top.limitCount is not None or top.limitOffset is not None
+        tenant, parameter = _tenant_filter(top.whereClause, self.tenant_columns)
         return ShadowPlan(
             original=text,
             rewritten=rewritten,
@@ -113,6 +125,8 @@ class Planner:
             normalized=normalize(text),
             ordered=ordered,
             deterministic=(ordered or not limited) and not volatile.found,
+            tenant=tenant,
+            tenant_parameter=parameter,
         )
 
     def _resolve(self, schema: str | None, name: str) -> tuple[str, str] | None:
@@ -124,6 +138,44 @@ class Planner:
             if found is not None:
                 return found
         return None
+
+
+def _tenant_filter(where: Any, columns: frozenset[str]) -> tuple[str | None, int | None]:
+    """``(constant, None)`` or ``(None, n)`` when a top-level conjunct of WHERE is
+    ``<tenant column> = <constant or $n>`` (either side, casts allowed); else (None, None)."""
+    if where is None or not columns:
+        return None, None
+    conjuncts: tuple[Any, ...] = (
+        where.args or ()
+        if isinstance(where, ast.BoolExpr) and where.boolop == BoolExprType.AND_EXPR
+        else (where,)
+    )
+    for expr in conjuncts:
+        name: tuple[Any, ...] = expr.name or () if isinstance(expr, ast.A_Expr) else ()
+        if not (
+            isinstance(expr, ast.A_Expr)
+            and expr.kind == A_Expr_Kind.AEXPR_OP
+            and len(name) == 1
+            and name[0].sval == "="
+        ):
+            continue
+        for column, side in ((expr.lexpr, expr.rexpr), (expr.rexpr, expr.lexpr)):
+            if not (isinstance(column, ast.ColumnRef) and column.fields):
+                continue
+            last = column.fields[-1]
+            if not isinstance(last, ast.String) or last.sval not in columns:
+                continue
+            other = side
+            while isinstance(other, ast.TypeCast):
+                other = other.arg
+            if isinstance(other, ast.ParamRef):
+                return None, other.number
+            if isinstance(other, ast.A_Const) and not other.isnull:
+                value = other.val
+                for attribute in ("ival", "sval", "fval", "boolval"):
+                    if hasattr(value, attribute):
+                        return str(getattr(value, attribute)), None
+    return None, None
 
 
 class _CallsVolatile(Visitor):

@@ -29,8 +29,17 @@ from core import shadow as results
 from core.config import ShadowConfig
 from core.errors import DatabaseUnreachable, ProtocolViolation
 from core.logs import get_logger
-from proxy.shadow.compare import ERROR, MATCH, MISMATCH, NOISE, Answer, Verdict, judge
-from proxy.shadow.params import UnsupportedParameter, literals, needs_types
+from proxy.shadow.compare import (
+    ERROR,
+    MATCH,
+    MISMATCH,
+    NOISE,
+    Answer,
+    Verdict,
+    judge,
+    tenants_of,
+)
+from proxy.shadow.params import UnsupportedParameter, literals, needs_types, text_of
 from proxy.shadow.plan import Planner, ShadowPlan
 from proxy.shadow.tap import Capture
 from proxy.wire import messages as m
@@ -111,13 +120,13 @@ class ShadowReplayer:
             await self._flush()
 
     async def _flush(self) -> None:
-        shapes = self.log.take()
-        if not shapes or self.connect_service is None:
+        shapes, tenants = self.log.take()
+        if not (shapes or tenants) or self.connect_service is None:
             return
         try:
             if self._service is None or self._service.is_closed():
                 self._service = await self.connect_service()
-            await results.flush(self._service, shapes)
+            await results.flush(self._service, shapes, tenants)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, DatabaseUnreachable) as exc:
             _log.warning("shadow_flush_failed", error=str(exc), shapes=len(shapes))
             await _discard(self._service)
@@ -179,7 +188,10 @@ class ShadowReplayer:
                 ratio = latency[1] / latency[0]
         else:
             latency = None
-        self.log.add(plan.fingerprint, plan.normalized, verdict.outcome, sample, latency)
+        tenants = verdict.tenants
+        if tenants is None and self.planner.tenant_columns:
+            tenants = (plan.tenant,) if plan.tenant is not None else ()
+        self.log.add(plan.fingerprint, plan.normalized, verdict.outcome, sample, latency, tenants)
         if self.on_verdict is not None:
             self.on_verdict(verdict.outcome, ratio)
 
@@ -216,6 +228,13 @@ class ShadowReplayer:
         verdict = judge(plan, first, second, again, self.reveal)
         if verdict.outcome == NOISE and len(self._noisy) < MAX_NOISY_SHAPES:
             self._noisy.add(plan.fingerprint)
+        columns = self.planner.tenant_columns
+        if columns:
+            named = _named_tenant(plan, capture, old.types)
+            tenants = tenants_of(
+                verdict.outcome, first, second, columns, named, results.MAX_TENANTS_PER_REPLAY
+            )
+            verdict = replace(verdict, tenants=tenants)
         return verdict, (first.seconds, second.seconds)
 
     async def _on_other(
@@ -320,6 +339,24 @@ class _Statement:
         if self.prepared:
             await self.conn.execute(f"DEALLOCATE {self.name}")
             self.prepared = False
+
+
+def _named_tenant(plan: ShadowPlan, capture: Capture, types: list[str] | None) -> str | None:
+    """The tenant the statement's WHERE names: a constant, or the value of its parameter."""
+    if plan.tenant is not None:
+        return plan.tenant
+    number = plan.tenant_parameter
+    if number is None or capture.bind is None:
+        return None
+    try:
+        formats, values = m.bind_parameters(capture.bind)
+        value = values[number - 1]
+        if value is None:
+            return None
+        kind = types[number - 1] if types and number <= len(types) else "unknown"
+        return text_of(formats[number - 1], value, kind, capture.codec)
+    except (ProtocolViolation, UnsupportedParameter, IndexError, ValueError):
+        return None
 
 
 async def _type_names(conn: asyncpg.Connection, oids: tuple[int, ...]) -> list[str]:

@@ -56,6 +56,8 @@ class WorkerSettings:
     service_dsn: str | None
     log_level: str = "info"
     log_format: str = "json"
+    #: the mappings' tenant columns: replays are attributed to tenants by them (empty: not)
+    tenant_columns: frozenset[str] = frozenset()
 
 
 def main(settings: WorkerSettings, captures: Queue[Any], channel: Connection) -> None:
@@ -115,7 +117,12 @@ class _Worker:
         replayer = ShadowReplayer(
             shadow,
             self._next_capture,
-            Planner(shadow.views, settings.search_path, other_server=other is not None),
+            Planner(
+                shadow.views,
+                settings.search_path,
+                other_server=other is not None,
+                tenant_columns=settings.tenant_columns,
+            ),
             primary,
             other_server if other is not None else None,
             connect_service=service_connection if service is not None else None,
