@@ -61,6 +61,7 @@ class ShadowProcess:
         self._token = 0
         self._flushes: dict[int, asyncio.Future[None]] = {}
         self._stopped: asyncio.Future[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -134,6 +135,9 @@ class ShadowProcess:
         process, channel = self.process, self.channel
         assert process is not None
         assert channel is not None
+        # (the sentinel can be readable a moment before the process can be reaped: from now
+        # on it is gone for pid and flush, whatever is_alive() still says)
+        self.process = None
         loop = asyncio.get_running_loop()
         loop.remove_reader(process.sentinel)
         with contextlib.suppress(OSError, ValueError):
@@ -143,8 +147,6 @@ class ShadowProcess:
         with contextlib.suppress(OSError, ValueError):
             loop.remove_reader(channel.fileno())
         channel.close()
-        process.join(0)
-        code = process.exitcode
         for waiter in self._flushes.values():
             if not waiter.done():
                 waiter.set_result(None)
@@ -160,14 +162,19 @@ class ShadowProcess:
         self._backoff = min(self._backoff * 2, RESTART_MAX_SECONDS)
         self.restarts += 1
         metrics.SHADOW_WORKER_RESTARTS.inc()
+        self._restart = loop.call_later(delay, self._spawn)
+        self._reaper = loop.create_task(self._reap(process, lived, delay))
+
+    async def _reap(self, process: SpawnProcess, lived: float, delay: float) -> None:
+        """Wait for the dead worker's exit status off the loop, then log it."""
+        await asyncio.get_running_loop().run_in_executor(None, process.join, 5.0)
         _log.error(
             "shadow_worker_died",
             pid=process.pid,
-            exitcode=code,
+            exitcode=process.exitcode,
             lived_seconds=round(lived, 1),
             restart_in_seconds=delay,
         )
-        self._restart = loop.call_later(delay, self._spawn)
 
     # --- asked by the sidecar ---------------------------------------------------------------
 
@@ -215,6 +222,8 @@ class ShadowProcess:
         old, self.tap.queue = self.tap.queue, None
         _close_queue(old)
         metrics.SHADOW_QUEUE_DEPTH.set_function(lambda: 0)
+        if self._reaper is not None:
+            await asyncio.gather(self._reaper, return_exceptions=True)
 
 
 def _close_queue(captures: Queue[Any] | None) -> None:
