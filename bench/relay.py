@@ -23,7 +23,7 @@ from bench.measure import (
     widest_spread,
 )
 
-TARGETS = ("direct", "pgbouncer", "bare", "dualwrite")
+TARGETS = ("direct", "pgbouncer", "bare", "dualwrite", "python")
 DEFAULT_SECONDS, QUICK_SECONDS = 15, 5
 DEFAULT_WARMUP, QUICK_WARMUP = 5, 2
 
@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=common.csv_choices(TARGETS),
         default=list(TARGETS),
         help=(
-            "comma-separated: direct,pgbouncer,bare,dualwrite (default all; bare is a "
-            "uvloop TCP forwarder that parses nothing, the floor for any Python relay)"
+            "comma-separated: direct,pgbouncer,bare,dualwrite,python (default all; bare is a "
+            "uvloop TCP forwarder that parses nothing, the floor for any Python relay; "
+            "dualwrite relays with its native loop (relay.native: auto), python is the same "
+            "sidecar with relay.native: off)"
         ),
     )
     return p
@@ -115,6 +117,11 @@ def start_targets(
         elif name == "bare":
             common.progress("starting the bare uvloop forwarder (bench/bare_relay.py)")
             targets.append(start_bare_relay(stack, server))
+        elif name == "python":
+            common.progress("starting dualwrite run (plain relay, relay.native: off)")
+            targets.append(
+                common.start_sidecar(stack, server, {"relay": {"native": "off"}}, name="python")
+            )
         else:
             common.progress("starting dualwrite run (plain relay, no mappings)")
             targets.append(common.start_sidecar(stack, server))
@@ -296,7 +303,8 @@ def report(
         f"{rounds} "
         f"({order}), medians shown; all over TCP on 127.0.0.1, server: {meta['server_origin']}",
         f"- Targets: pgbouncer {machine.get('pgbouncer', 'n/a')} in session pooling; "
-        f"dualwrite {machine['dualwrite_commit']} as a plain relay (no mappings)"
+        f"dualwrite {machine['dualwrite_commit']} as a plain relay (no mappings; python: "
+        "the same with relay.native: off, every read through the Python relay)"
         + (
             "; bare = `bench/bare_relay.py`, a uvloop TCP forwarder that parses nothing "
             "(the floor for any asyncio relay)"

@@ -98,6 +98,16 @@ class LimitsConfig(Strict):
     prepared_writes_per_connection: Annotated[int, Field(ge=0, le=10000)] = 256
 
 
+class RelayConfig(Strict):
+    """How client connections are relayed once they are authenticated."""
+
+    #: the native relay loop (proxy/native.py): ``auto`` uses it when the C extension is built
+    #: and the connection qualifies (no TLS, no traffic recording, no shadow reads, no
+    #: statement logging); ``on`` is the same but a sidecar without the extension refuses to
+    #: start; ``off`` relays everything in Python
+    native: Literal["auto", "on", "off"] = "auto"
+
+
 class ShutdownConfig(Strict):
     #: how long open transactions may run after SIGTERM before their connections are closed
     grace_seconds: Annotated[float, Field(ge=0)] = 30.0
@@ -521,6 +531,7 @@ class Config(Strict):
     service_dsn: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     admin: AdminConfig = AdminConfig()
     limits: LimitsConfig = LimitsConfig()
+    relay: RelayConfig = RelayConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     logging: LoggingConfig = LoggingConfig()
     #: how the unqualified table names of mappings are resolved (at validation)

@@ -7,6 +7,7 @@ bounded however many clients, users or databases connect.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -52,9 +53,15 @@ class HotCounters(Collector):
 
     prometheus-client counters take a lock on every increment; the relay bumps these once per
     socket read, from the event-loop thread only, which is also where /metrics is served.
+
+    Sessions relayed by the native loop (proxy/native.py) count in C; each is a *live source*
+    whose counts are added here in batches: when its loop hands back to Python, and at every
+    scrape (``publish()`` of each source in ``live``), so a scrape sees them as they are.
     """
 
     def __init__(self) -> None:
+        #: objects with a ``publish()`` that adds what they counted since the last call
+        self.live: weakref.WeakSet[Any] = weakref.WeakSet()
         self.bytes_client_to_upstream = 0
         self.bytes_upstream_to_client = 0
         self.statements = {"read": 0, "write": 0, "other": 0}
@@ -66,6 +73,8 @@ class HotCounters(Collector):
         self.shadow_statements = dict.fromkeys(SHADOW_OUTCOMES, 0)
 
     def collect(self) -> Iterator[CounterMetricFamily]:
+        for source in list(self.live):
+            source.publish()
         traffic = CounterMetricFamily(
             "dualwrite_proxy_bytes",
             "Bytes relayed by the proxy, by direction",

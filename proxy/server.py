@@ -10,6 +10,7 @@ from core import metrics
 from core.config import Config
 from core.errors import STARTING_SHUTDOWN, TOO_MANY_CLIENTS, ClientError
 from core.logs import get_logger
+from proxy import native
 from proxy.cancel import CancelRegistry
 from proxy.host import MirrorContext
 from proxy.relay import State
@@ -28,6 +29,7 @@ class ProxyServer:
     """
 
     def __init__(self, config: Config, mirror: MirrorContext | None = None) -> None:
+        native.check(config)
         self.config = config
         self.mirror = mirror
         self.cancels = CancelRegistry(config.upstream)

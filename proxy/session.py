@@ -7,6 +7,10 @@ carrying out the core's effects (writes, closes, cancel routing).
 
 Backpressure both ways: when one side's write buffer passes the high-water mark the other
 side stops being read.
+
+Once READY, a session that qualifies is relayed by the native loop (proxy/native.py) whenever
+the core is in its plain steady state: the transports are paused meanwhile, and what must not
+touch them while the loop runs (close, shutdown requests) waits for the loop to hand back.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from core import metrics
-from core.errors import UpstreamUnavailable
+from core.errors import INTERNAL_ERROR, UpstreamUnavailable
 from core.logs import get_logger
+from proxy import native
 from proxy.host import SessionHost
 from proxy.relay import (
     CancelKeyKnown,
@@ -102,6 +107,10 @@ class Session:
         self._startup_timer: asyncio.TimerHandle | None = None
         self._connect_task: asyncio.Task[None] | None = None
         self._calls = 0
+        #: the native loop of this session (None: not READY yet, or it does not qualify)
+        self.native: native.NativeRelay | None = None
+        #: the native loop's leftovers are being fed through the Python path
+        self.handing_back = False
 
     # --- what the rest of the proxy reads -------------------------------------------------
 
@@ -124,12 +133,15 @@ class Session:
     def describe(self) -> dict[str, Any]:
         """A summary for logs and /status (no secrets, no statement text)."""
         tracker = self.relay.tracker
+        status = tracker.status.decode()
+        if self.native is not None and self.native.running:
+            status = chr(self.native.loop.status())  # (the tracker is updated at hand-back)
         return {
             "conn_id": self.conn_id,
             "state": self.relay.state.value,
             "user": self.startup_params.get("user"),
             "database": self.startup_params.get("database"),
-            "transaction_status": tracker.status.decode(),
+            "transaction_status": status,
             "pending_cycles": tracker.cycles + len(tracker.queue or ()),
         }
 
@@ -146,20 +158,44 @@ class Session:
 
     def request_shutdown(self) -> None:
         """Close as soon as no transaction or request is in flight (SIGTERM)."""
+        if self.native is not None and self.native.running:
+            self.native.after(self.request_shutdown)
+            return
         self._apply(self.relay.request_shutdown())
 
     def force_close(self) -> None:
         """Close now (grace period over): tell the client why when a frame boundary allows."""
+        if self.native is not None and self.native.running:
+            self.native.after(self.force_close)
+            return
         self._apply(self.relay.force_close())
 
     def close(self) -> None:
+        if self.native is not None and self.native.running:
+            self.native.after(self.close)
+            return
         self._apply(self.relay.close())
+
+    def internal_error(self) -> None:
+        """A bug of ours outside the relay core: end the session as PostgreSQL would."""
+        self._apply(self.relay.refuse(INTERNAL_ERROR.response()))
+
+    # --- the native loop ------------------------------------------------------------------
+
+    def maybe_native(self) -> None:
+        """Hand the session to the native loop if it is at a point where the loop can take it."""
+        loop = self.native
+        if loop is not None and not self.handing_back and loop.ready():
+            loop.enter()
 
     def _startup_timed_out(self) -> None:
         self._apply(self.relay.startup_timed_out())
 
     def _closed(self) -> None:
         """Carry out the core's Close: both sockets, timers, registrations."""
+        if self.native is not None and self.native.running:
+            self.native.after(self._closed)  # (the loop must not use the sockets meanwhile)
+            return
         if self._startup_timer is not None:
             self._startup_timer.cancel()
         if self._connect_task is not None and not self._connect_task.done():
@@ -168,6 +204,9 @@ class Session:
             transport = side.transport
             if transport is not None and not transport.is_closing():
                 transport.close()  # not abort: what is queued is flushed first
+        if self.native is not None:
+            self.native.close()
+            self.native = None
         if self.cancel_key is not None:
             self.server.cancels.forget(self.cancel_key)
         self.server.session_closed(self)
@@ -194,9 +233,12 @@ class Session:
                 self.server.cancels.register(self.cancel_key, self)
             elif kind is EndUpstream:
                 self._end_upstream()
-            elif kind is Started and self._startup_timer is not None:
-                self._startup_timer.cancel()
-                self._startup_timer = None
+            elif kind is Started:
+                if self._startup_timer is not None:
+                    self._startup_timer.cancel()
+                    self._startup_timer = None
+                if native.qualifies(self):
+                    self.native = native.NativeRelay(self)
 
     @staticmethod
     def _write(transport: asyncio.Transport | None, data: bytes | memoryview) -> None:
@@ -239,6 +281,8 @@ class Session:
                 upstream.write(forward)
         if effects:
             self._apply(effects)
+        if self.native is not None:
+            self.maybe_native()
 
     def _client_lost(self, exc: Exception | None) -> None:
         if self.relay.state is not State.CLOSED:
@@ -256,6 +300,8 @@ class Session:
     def _client_drained(self) -> None:
         if self.upstream.transport is not None and not self.upstream.transport.is_closing():
             self.upstream.transport.resume_reading()
+        if self.native is not None:
+            self.maybe_native()
 
     async def _connect(self) -> None:
         try:
@@ -293,6 +339,8 @@ class Session:
                 client.write(forward)
         if effects:
             self._apply(effects)
+        if self.native is not None:
+            self.maybe_native()
 
     def _upstream_lost(self, exc: Exception | None) -> None:
         self._apply(self.relay.upstream_lost())
@@ -304,6 +352,8 @@ class Session:
     def _upstream_drained(self) -> None:
         if self.client.transport is not None and not self.client.transport.is_closing():
             self.client.transport.resume_reading()
+        if self.native is not None:
+            self.maybe_native()
 
 
 __all__ = ["Session"]

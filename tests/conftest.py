@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import structlog
 from support import (
+    RELAY_NATIVE,
     Database,
     InProcessSidecar,
     PgServer,
@@ -30,7 +31,46 @@ from dualwrite.embedded import EmbeddedPostgres
 
 TEST_DSN_ENV = "DUALWRITE_TEST_DSN"
 
+#: test modules run twice, on the native relay loop and on the Python path (relay.native on
+#: and off): the relay's own suites and the client transparency suites
+BOTH_RELAY_PATHS = frozenset(
+    {
+        "test_relay_auth",
+        "test_relay_backpressure",
+        "test_relay_bad_input",
+        "test_relay_core",
+        "test_relay_native",
+        "test_relay_observability",
+        "test_relay_pgbench",
+        "test_relay_signals",
+        "test_relay_terminate",
+        "test_relay_transparency_asyncpg",
+        "test_relay_transparency_psql",
+        "test_relay_transparency_psycopg",
+        "test_relay_upstream_tls",
+        "test_mirror_transparency",
+        "test_mirror_prepared_writes",
+    }
+)
+
 SidecarFactory = Callable[..., InProcessSidecar]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.module.__name__.rpartition(".")[2] in BOTH_RELAY_PATHS:
+        metafunc.parametrize("relay_native", ["on", "off"], indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def relay_native(request: pytest.FixtureRequest) -> Iterator[str]:
+    """``relay.native`` of the sidecars this module starts: ``on`` and ``off`` in turn for
+    the modules in BOTH_RELAY_PATHS, else the default (or ``$DUALWRITE_TEST_RELAY_NATIVE``).
+    A module-scoped fixture that starts a sidecar must depend on it."""
+    saved = RELAY_NATIVE["mode"]
+    mode = getattr(request, "param", saved)
+    RELAY_NATIVE["mode"] = mode
+    yield mode
+    RELAY_NATIVE["mode"] = saved
 SidecarProcessFactory = Callable[..., SidecarProcess]
 
 

@@ -70,7 +70,7 @@ def run_installed(site: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_wheel_holds_the_packages_their_data_and_the_c_scanner(wheel: Path):
+def test_the_wheel_holds_the_packages_their_data_and_the_c_extensions(wheel: Path):
     names = zipfile.ZipFile(wheel).namelist()
     for package in ("dualwrite", "proxy", "compare", "lint", "mirror", "core"):
         assert f"{package}/__init__.py" in names
@@ -79,6 +79,8 @@ def test_the_wheel_holds_the_packages_their_data_and_the_c_scanner(wheel: Path):
     assert "lint/squawk.toml" in names
     has_scanner = any(n.startswith("proxy/wire/_speedups") and n.endswith(".so") for n in names)
     assert has_scanner == HAVE_COMPILER
+    has_loop = any(n.startswith("proxy/wire/_relayloop") and n.endswith(".so") for n in names)
+    assert has_loop == HAVE_COMPILER
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

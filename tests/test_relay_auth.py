@@ -49,7 +49,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def proxy(pg, cluster):
+def proxy(pg, cluster, relay_native):
     handle = start_relay(
         pg,
         "postgres",

@@ -43,7 +43,7 @@ MAX_MESSAGE = 4096
 
 
 @pytest.fixture(scope="module")
-def db(pg):
+def db(pg, relay_native):
     """One database for the module (each test uses tables of its own)."""
     database = pg.create_database()
     try:
@@ -53,7 +53,7 @@ def db(pg):
 
 
 @pytest.fixture(scope="module")
-def proxy(pg, db):
+def proxy(pg, db, relay_native):
     handle = start_relay(pg, db.name, {"limits": {"max_message_bytes": MAX_MESSAGE}})
     try:
         yield handle

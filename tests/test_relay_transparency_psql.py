@@ -22,7 +22,7 @@ CASES = case_files()
 
 
 @pytest.fixture(scope="module")
-def databases(pg):
+def databases(pg, relay_native):
     """(direct, proxied): two fresh databases for the module's runs."""
     direct, proxied = pg.create_database(), pg.create_database()
     try:
@@ -33,7 +33,7 @@ def databases(pg):
 
 
 @pytest.fixture(scope="module")
-def relay(pg, databases):
+def relay(pg, databases, relay_native):
     handle = start_relay(pg, databases[0].name)
     try:
         yield handle

@@ -17,6 +17,7 @@ from .procs import (
     wait_until,
 )
 from .sidecar import (
+    RELAY_NATIVE,
     InProcessSidecar,
     SidecarProcess,
     deep_merge,
@@ -27,6 +28,7 @@ from .sidecar import (
 
 __all__ = [
     "PSQL_FLAGS",
+    "RELAY_NATIVE",
     "Database",
     "InProcessSidecar",
     "PgServer",

@@ -39,6 +39,16 @@ def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> 
     return merged
 
 
+#: ``relay.native`` of every sidecar started here whose config does not say (the conftest's
+#: ``relay_native`` fixture sets it per test module; ``DUALWRITE_TEST_RELAY_NATIVE`` elsewhere)
+RELAY_NATIVE = {"mode": os.environ.get("DUALWRITE_TEST_RELAY_NATIVE", "auto")}
+
+
+def with_relay_native(config_data: Mapping[str, Any]) -> dict[str, Any]:
+    """``config_data`` with the test run's ``relay.native`` unless it sets its own."""
+    return deep_merge({"relay": {"native": RELAY_NATIVE["mode"]}}, config_data)
+
+
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """uvloop where installed (what ``dualwrite run`` uses), else asyncio's default loop."""
     try:
@@ -195,6 +205,7 @@ def start_in_process(
     port was picked here (``listen.port`` absent or 0; PostgreSQL-style ``0`` is not a valid
     ``listen.port`` in the config, so a free one is chosen)."""
     pick_port = not config_data.get("listen", {}).get("port")
+    config_data = with_relay_native(config_data)
     for attempt in range(attempts):
         data = dict(config_data)
         if pick_port:
@@ -346,6 +357,7 @@ def start_process(
     if one of those ports was taken before the child bound it."""
     pick_listen = not config_data.get("listen", {}).get("port")
     pick_admin = not config_data.get("admin", {}).get("port")
+    config_data = with_relay_native(config_data)
     for attempt in range(attempts):
         data = dict(config_data)
         if pick_listen:
