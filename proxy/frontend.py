@@ -10,7 +10,7 @@ is sent in its place so the server's transaction state matches what the client w
 from __future__ import annotations
 
 import codecs
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from core import metrics
@@ -106,13 +106,18 @@ class Prepared:
     standard: bool | None = True
 
 
-@dataclass(frozen=True)
 class Portal:
-    statement: Prepared
-    #: the result format of the columns the rewrite added is binary (one format code, 1)
-    binary: bool
-    #: its execution was counted (a portal run under a row limit takes several Executes)
-    counted: Counted = field(default_factory=Counted)
+    """A portal bound to a prepared statement that concerns a mapping (made per Bind: a plain
+    slotted class, cheaper to make than a frozen dataclass)."""
+
+    __slots__ = ("binary", "counted", "statement")
+
+    def __init__(self, statement: Prepared, *, binary: bool) -> None:
+        self.statement = statement
+        #: the result format of the columns the rewrite added is binary (one format code, 1)
+        self.binary = binary
+        #: its execution was counted (a portal run under a row limit takes several Executes)
+        self.counted = Counted()
 
 
 class Frontend:
@@ -222,12 +227,17 @@ class Frontend:
         if self.discarding:
             return False
         sql = m.parse_query(body)
-        if self.rewriter is not None and self.rewriter.candidate(sql):
-            self._candidate = sql  # the full path asks again
-            return self._known_write(sql) or False
-        writes = self.prepared_writes
-        if writes is not None and (writes.pending or (writes.shapes and drops_statements(sql))):
-            return False
+        rewriter = self.rewriter
+        if rewriter is not None:
+            lowered = sql.lower()
+            if rewriter.candidate(sql, lowered):
+                self._candidate = sql  # the full path asks again
+                return self._known_write(sql, lowered) or False
+            writes = self.prepared_writes
+            if writes is not None and (
+                writes.pending or (writes.shapes and drops_statements(sql, lowered))
+            ):
+                return False
         if self.traffic is not None:
             self.traffic.query(sql)
         if self.shadow is not None:
@@ -276,7 +286,7 @@ class Frontend:
                 return False  # not one of the above: the full path decides
         return True
 
-    def _known_write(self, sql: bytes) -> tuple[bytes, Pending] | None:
+    def _known_write(self, sql: bytes, lowered: bytes) -> tuple[bytes, Pending] | None:
         """``_query`` for a write of a shape already prepared on this connection, when
         nothing else is due (no batch of the proxy's own, no traffic, shadow or statement
         log to feed): a split along the shape's text and a Bind; None: the full path."""
@@ -301,7 +311,7 @@ class Frontend:
             shape is None
             or shape.state != READY
             or tracker.status_at_rest() not in _LIVE
-            or drops_statements(sql)
+            or drops_statements(sql, lowered)
         ):
             return None
         _STATEMENT_COUNTS[shape.kind] += 1

@@ -465,7 +465,7 @@ _NUMBER_GROUP: Final = b"(" + _NUMBER_BODY + b")"
 _SIGNED_GROUP: Final = rb"(-[ \t\r\n\f\v]*" + _NUMBER_BODY + b")"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Known:
     """One prepared-eligible shape: the expression its texts match, and its parameters."""
 
@@ -475,7 +475,7 @@ class _Known:
     strings: tuple[bool, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Known:
     """A statement split along a known shape: what a Bind needs, and how to find positions."""
 
@@ -507,7 +507,7 @@ _REFUSED: dict[str, None] = {}
 def _hint(sql: bytes) -> bytes:
     """Equal for texts that differ only in their literals (and for a few more)."""
     text = sql.translate(None, _DIGITS)
-    if _SQ in text:
+    if text.find(_SQ) >= 0:
         text = _SQ.join(text.split(_SQ)[0::2])
     return text
 
@@ -526,7 +526,7 @@ def _number_type(value: bytes) -> int:
 def split_known(sql: bytes) -> Known | None:
     """``sql`` split along a shape :func:`remember_known` learnt; None when it fits none."""
     found = _KNOWN.get(_hint(sql))
-    if found is None or b"\\" in sql or b"$" in sql:
+    if found is None or sql.find(b"\\") >= 0 or sql.find(b"$") >= 0:
         return None  # (texts the analysis does not take either)
     for known in found:
         match = known.pattern.fullmatch(sql)

@@ -47,8 +47,13 @@ def _ignore(exists: bool) -> None:
     pass
 
 
-def drops_statements(sql: bytes) -> bool:
-    """Could this simple Query deallocate prepared statements (DISCARD ALL, DEALLOCATE ALL)?"""
+def drops_statements(sql: bytes, lowered: bytes | None = None) -> bool:
+    """Could this simple Query deallocate prepared statements (DISCARD ALL, DEALLOCATE ALL)?
+    (``lowered``: ``sql.lower()``, when the caller has it.)"""
+    if lowered is None:
+        lowered = sql.lower()
+    if lowered.find(b"discard") < 0 and lowered.find(b"deallocate") < 0:
+        return False  # (the expression's search costs more than two finds)
     return _DROPS_STATEMENTS.search(sql) is not None
 
 

@@ -10,6 +10,7 @@ positions mapped back into the original text.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from core import errors, metrics
 from core.control import ActivityRecorder
@@ -60,13 +61,36 @@ def _count_value(value: bytes | None, binary: bool) -> int:
     return int.from_bytes(value, "big", signed=True) if binary else int(value)
 
 
+#: per StatementReply (by id, with the reply to tell a reused id): each mapping's name and its
+#: statements-rewritten and rows-mirrored series
+_SERIES: dict[int, tuple[StatementReply, tuple[tuple[str, Any, Any], ...]]] = {}
+
+
+def _series(reply: StatementReply) -> tuple[tuple[str, Any, Any], ...]:
+    found = _SERIES.get(id(reply))
+    if found is not None and found[0] is reply:
+        return found[1]
+    series = tuple(
+        (
+            name,
+            metrics.child(metrics.STATEMENTS_REWRITTEN, name, reply.operation),
+            metrics.child(metrics.ROWS_MIRRORED, name, reply.operation),
+        )
+        for name in reply.mappings
+    )
+    if len(_SERIES) >= 4096:
+        _SERIES.clear()
+    _SERIES[id(reply)] = (reply, series)
+    return series
+
+
 def _record_success(
     reply: StatementReply, written: Sequence[int], recorder: ActivityRecorder | None
 ) -> None:
-    for name, rows in zip(reply.mappings, written, strict=True):
-        metrics.child(metrics.STATEMENTS_REWRITTEN, name, reply.operation).inc()
+    for (name, statements, mirrored), rows in zip(_series(reply), written, strict=True):
+        statements.inc()
         if rows:
-            metrics.child(metrics.ROWS_MIRRORED, name, reply.operation).inc(rows)
+            mirrored.inc(rows)
         if recorder is not None:
             recorder.mirrored(name, reply.operation, rows)
 
