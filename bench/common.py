@@ -234,6 +234,10 @@ class Process:
     def cpu_seconds(self) -> float:
         return tree_cpu_seconds(self.pid)
 
+    def own_cpu_seconds(self) -> float:
+        """The process alone, without its children (the sidecar's relay process)."""
+        return cpu_seconds(self.pid)
+
     def exited(self) -> bool:
         return self.popen.poll() is not None
 
@@ -347,6 +351,9 @@ class Target:
 
     def cpu_seconds(self) -> float | None:
         return self.process.cpu_seconds() if self.process is not None else None
+
+    def own_cpu_seconds(self) -> float | None:
+        return self.process.own_cpu_seconds() if self.process is not None else None
 
 
 def check_alive(target: Target) -> None:
