@@ -4,9 +4,12 @@ codec, the A/A verdicts, and the config section."""
 
 from __future__ import annotations
 
+import multiprocessing
+
 import pytest
 from support import Database
 
+from core import metrics
 from core.config import parse_config
 from core.errors import ConfigError
 from dualwrite.service import shadow_tenant_columns
@@ -22,6 +25,7 @@ from proxy.shadow.compare import (
 )
 from proxy.shadow.params import UnsupportedParameter, literals
 from proxy.shadow.plan import Planner
+from proxy.shadow.tap import ShadowTap
 from proxy.wire import messages as m
 
 VIEWS = {"public.users": "v2compat.users", "public.orders": "v2compat.orders"}
@@ -310,3 +314,28 @@ def test_tenant_columns_are_the_mappings_and_their_plain_source_columns() -> Non
     )
     # unquoted names fold to lower case; a quoted one keeps its case; an expression has none
     assert shadow_tenant_columns(config) == {"org", "org_id", "shop", 'Shop "No"', "region"}
+
+
+def test_the_tap_puts_without_waiting_and_reads_a_bind_only_with_room() -> None:
+    """Sampled reads go on the bounded queue to the worker; when it is full a sampled Bind is
+    dropped (and counted) before any of its frames is read, and nothing ever waits."""
+    config = parse_config(
+        {"shadow": {"sample_rate": 1.0, "queue": 1, "views": {"public.users": "v2.users"}}}
+    ).shadow
+    captures = multiprocessing.get_context("spawn").Queue(1)
+    try:
+        tap = ShadowTap(config, captures)
+        conn = tap.connection()
+        parse = m.build_parse(b"s1", b"SELECT * FROM users WHERE id = $1", [])
+        conn.parse(m.parse_parse(parse[5:]))
+        dropped = metrics.HOT.shadow_statements["dropped"]
+        conn.query(b"SELECT count(*) FROM users")  # eligible: queued
+        assert tap.depth() == 1
+        # full now: a sampled read of frames that are not even valid is dropped unread
+        conn.binds(b"B\x00\x00\x00\x04garbage", bytes([m.BIND]), [0])
+        conn.query(b"SELECT id FROM users")
+        assert metrics.HOT.shadow_statements["dropped"] == dropped + 2
+        assert captures.get(timeout=5).sql == b"SELECT count(*) FROM users"
+    finally:
+        captures.close()
+        captures.join_thread()
