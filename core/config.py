@@ -107,6 +107,16 @@ class RelayConfig(Strict):
     #: start; ``off`` relays everything in Python
     native: Literal["auto", "on", "off"] = "auto"
 
+    @field_validator("native", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted on/off (and yes/no, true/false) as a boolean
+        if value is True:
+            return "on"
+        if value is False:
+            return "off"
+        return value
+
 
 class ShutdownConfig(Strict):
     #: how long open transactions may run after SIGTERM before their connections are closed

@@ -559,3 +559,38 @@ def test_a_mirrored_session_is_relayed_natively_between_its_mapped_writes(db, si
         wait_until(noted, what="the loop's texts in the traffic recorder")
     drain(handle)
     assert db.sql("SELECT full_name FROM v2.customers WHERE id = 9001") == [("Nat Ive",)]
+
+
+# --- careless configuration ---------------------------------------------------------------------
+
+
+def test_a_bad_relay_native_value_is_refused_with_its_path():
+    from core.config import parse_config  # noqa: PLC0415
+    from core.errors import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError) as bad:
+        parse_config({"relay": {"native": "yes"}})
+    assert "relay.native" in str(bad.value)
+    with pytest.raises(ConfigError) as unknown:
+        parse_config({"relay": {"nativ": "on"}})
+    assert "relay.nativ" in str(unknown.value)
+
+
+def test_unquoted_yaml_on_and_off_mean_on_and_off(tmp_path):
+    from core.config import load_config  # noqa: PLC0415
+
+    for text, expected in (("on", "on"), ("off", "off"), ("auto", "auto"), ("'off'", "off")):
+        path = tmp_path / "dualwrite.yaml"
+        path.write_text(f"relay:\n  native: {text}\n")
+        assert load_config(path).relay.native == expected
+
+
+def test_native_on_without_the_extension_refuses_to_start(monkeypatch):
+    from core.config import parse_config  # noqa: PLC0415
+    from core.errors import ConfigError  # noqa: PLC0415
+
+    monkeypatch.setattr(native, "AVAILABLE", False)
+    with pytest.raises(ConfigError) as refused:
+        native.check(parse_config({"relay": {"native": "on"}}))
+    assert "relay.native" in str(refused.value)
+    native.check(parse_config({"relay": {"native": "auto"}}))  # auto falls back quietly
