@@ -183,7 +183,8 @@ CANCEL_REQUESTS: Final = Counter(
 )
 PROXY_PROCESSING_SECONDS: Final = Histogram(
     "dualwrite_proxy_processing_seconds",
-    "CPU time the proxy spends handling one read from a socket (sampled 1 in 256)",
+    "CPU time the Python relay spends handling one read from a socket (sampled 1 in 256; "
+    "reads relayed by the native loop are not timed)",
     ["direction"],
     buckets=(1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2),
 )
