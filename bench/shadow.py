@@ -85,6 +85,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=5.0,
         help="shadow.max_replays_per_second of the sampling sidecars (default 5, the config's)",
     )
+    p.add_argument(
+        "--relay-native",
+        choices=("auto", "off"),
+        default="auto",
+        help="relay.native of every target (default auto: the native loop where it is built)",
+    )
     common.add_protocols_option(p)
     args = p.parse_args(argv)
     if args.duration is None:
@@ -114,7 +120,10 @@ def start_targets(
     targets = []
     for name, rate in TARGETS.items():
         admin = common.free_port()
-        extra: dict[str, Any] = {"admin": {"host": "127.0.0.1", "port": admin}}
+        extra: dict[str, Any] = {
+            "admin": {"host": "127.0.0.1", "port": admin},
+            "relay": {"native": args.relay_native},
+        }
         if rate:
             extra["shadow"] = {
                 "sample_rate": rate,

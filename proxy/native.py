@@ -15,8 +15,10 @@ the rest through the ordinary Python path, which may hand the session back to th
 next frame boundary where it qualifies again.
 
 A session qualifies for the loop only when nothing must be seen per statement: no TLS either
-way, no shadow reads, no statement logging (``relay.native`` in the config; ``off`` keeps every
-session on the Python path, which stays the reference). Traffic recording is done in batches:
+way, no statement logging (``relay.native`` in the config; ``off`` keeps every session on the
+Python path, which stays the reference). With shadow reads on, the loop also stops at any text
+naming a relation the shadow replays (every text in the ``dsn`` mode), so the tap samples it in
+Python; the rest of the session's traffic stays in the loop. Traffic recording is done in batches:
 the loop notes each Query and Parse text it relays, and hands the notes to the recorder when
 they pass 64 KiB, at every hand-back, and at least twice per ``traffic.flush_interval_seconds``.
 """
@@ -32,7 +34,7 @@ from typing import Any, Final
 from core import metrics
 from core.config import Config
 from core.errors import ConfigError
-from proxy.relay import CLIENT_TABLE, SERVER_TABLE, State
+from proxy.relay import CLIENT_TABLE, CLIENT_TABLE_REWRITING, SERVER_TABLE, State
 
 #: a proxy.session.Session (not imported: the session imports this module)
 Session = Any
@@ -83,7 +85,7 @@ def qualifies(session: Session) -> bool:
         return False
     relay = session.relay
     frontend = relay.frontend
-    if relay.upstream_tls or frontend.shadow is not None:
+    if relay.upstream_tls:
         return False
     if frontend.statement_log is not None:
         return False
@@ -121,6 +123,10 @@ class NativeRelay:
             session.server.config.limits.max_message_bytes,
             MAX_WHOLE,
             relay.frontend.traffic is not None,
+            # with shadow reads, a text naming a relation they replay stops the loop too:
+            # Python's tap samples it (and remembers an eligible prepared read, which keeps
+            # the session on the Python path while it exists, so its executions are sampled)
+            None if relay.frontend.shadow is None else relay.frontend.shadow.tap.needles,
         )
         self.running = False
         #: the loop saw an EOF or a socket error: it does not run for this session again
@@ -163,13 +169,19 @@ class NativeRelay:
             return False
         if relay.client_scan.mid_frame or relay.server_scan.mid_frame:
             return False
-        if relay.client_scan.table is not CLIENT_TABLE:
+        frontend = relay.frontend
+        table = relay.client_scan.table
+        # (the relay picks its client table on the full path only: a fast-path Query that
+        # ended the last inspected statement, such as a simple Query destroying the unnamed
+        # statement the shadow watched, leaves the rewriting table set with nothing to inspect)
+        if table is not CLIENT_TABLE and not (
+            table is CLIENT_TABLE_REWRITING and not frontend.inspects_extended
+        ):
             return False
         if relay.server_scan.table is not SERVER_TABLE:
             return False
         if relay.shutdown_requested or relay.client_done:
             return False
-        frontend = relay.frontend
         if frontend.discarding or frontend.inspects_extended:
             return False
         writes = frontend.prepared_writes
@@ -188,6 +200,8 @@ class NativeRelay:
         assert session.upstream.transport is not None
         session.client.transport.pause_reading()
         session.upstream.transport.pause_reading()
+        # the plain table: ready() allowed the rewriting one only with nothing to inspect
+        session.relay.client_scan.table = CLIENT_TABLE
         tracker = session.relay.tracker
         self.running = True
         self.entered += 1

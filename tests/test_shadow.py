@@ -72,7 +72,12 @@ def app_db(db: Database) -> Database:
     return db
 
 
-def start(sidecar: Any, view: str = "v2compat.users", **shadow: Any) -> InProcessSidecar:
+def start(
+    sidecar: Any,
+    view: str = "v2compat.users",
+    relay: dict[str, Any] | None = None,
+    **shadow: Any,
+) -> InProcessSidecar:
     settings = {
         "sample_rate": 1.0,
         "max_replays_per_second": 10_000,
@@ -80,7 +85,8 @@ def start(sidecar: Any, view: str = "v2compat.users", **shadow: Any) -> InProces
         "views": {"public.users": view},
         **shadow,
     }
-    handle: InProcessSidecar = sidecar({"shadow": settings})
+    extra = {} if relay is None else {"relay": relay}
+    handle: InProcessSidecar = sidecar({"shadow": settings, **extra})
     return handle
 
 
@@ -593,3 +599,37 @@ async def _trouble(dsn: str) -> dict[str, int]:
         return await tenant_trouble(conn, [], [])
     finally:
         await conn.close()
+
+
+def test_with_shadow_on_the_native_loop_relays_what_the_shadow_does_not_replay(
+    app_db: Database, sidecar
+) -> None:
+    """The native relay loop stops only at texts naming a relation the shadow replays: those
+    are sampled and replayed as on the Python path; other reads never leave the loop."""
+    app_db.sql("CREATE TABLE other (a int); INSERT INTO other VALUES (1)")
+    handle = start(sidecar, relay={"native": "on"})
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for _ in range(20):
+            assert app.execute("SELECT a FROM other", prepare=False).fetchone() == (1,)
+        sessions = list(handle.sidecar.proxy.sessions)
+        (session,) = sessions
+        loop = session.native
+        assert loop is not None, "a shadow-on session must still qualify for the native loop"
+        stops = sum(loop.reasons.values())
+        for user in (1, 2, 3):
+            row = app.execute("SELECT name FROM users WHERE id = %s", (user,), prepare=False)
+            assert row.fetchone() == (f"user {user}",)
+        for _ in range(20):
+            assert app.execute("SELECT a FROM other", prepare=False).fetchone() == (1,)
+        # the loop stopped at the first eligible read; psycopg's unnamed prepared read keeps the
+        # session on the Python path (its executions are sampled there) until the next simple
+        # Query destroys it; then the loop takes the session back. At most one stop per
+        # eligible read, none for the others: a loop that stopped at every text shows 20 more
+        assert sum(loop.reasons.values()) - stops <= 3, loop.reasons
+        assert loop.entered >= 2
+        assert loop.running
+    shapes = settle(handle, before, 3)
+    assert total(shapes, "match") == 3, shapes
+    statements = [shape["statement"] for shape in shapes.values()]
+    assert statements == ["SELECT name FROM users WHERE id = $1"]

@@ -58,6 +58,8 @@ class ShadowTap:
         #: lower-case relation names the views mode looks for (empty: any read, dsn mode)
         self._names = tuple({old.split(".", 1)[1].lower().encode() for old in config.views})
         self._candidates: dict[bytes, bool] = {}
+        #: what the native relay loop stops at for this tap to look (b"": every text)
+        self.needles: tuple[bytes, ...] = self._names or (b"",)
 
     def connection(self) -> ConnectionTap:
         return ConnectionTap(self)
@@ -121,6 +123,10 @@ class ConnectionTap:
 
     def query(self, sql: bytes) -> None:
         """A simple Query (relay path)."""
+        if self.prepared:
+            # a simple Query destroys the unnamed prepared statement (protocol docs, Parse);
+            # forgetting it lets the session return to the native loop
+            self.prepared.pop(b"", None)
         if random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
             return
         tap = self.tap

@@ -13,6 +13,9 @@
  *     transaction status of the last ReadyForQuery, unsynced;
  *   - the mapped-name pre-filter (Rewriter.candidate): a Query's or Parse's text that is
  *     not one plain read and contains "u&" or a needle (lower-cased ASCII) is a hit;
+ *   - with shadow reads on (reads=(names...)), the shadow's pre-filter: a Query's or Parse's
+ *     text that contains one of the relation names the shadow replays is a hit too (Python
+ *     samples it; an empty name, the dsn mode, makes every text a hit);
  *   - statement kinds (classify.statement_kind) counted per Query/Parse;
  *   - with traffic=True, each such text noted (kind, statement name, text) for the traffic
  *     recorder: run() returns the notes, and stops to hand them over once they pass 64 KiB.
@@ -103,7 +106,9 @@ typedef struct {
      * while the GIL is released) */
     char **needle_ptr;
     size_t *needle_len;
-    Py_ssize_t nneedles;
+    Py_ssize_t nneedles; /* all of them: [0, nmapped) mapped names, the rest the shadow's */
+    Py_ssize_t nmapped;
+    int shadow;          /* reads= was given: the shadow's pre-filter applies */
     char *lower;
     size_t lower_alloc;
 } LoopObject;
@@ -212,6 +217,37 @@ statement_kind(const unsigned char *s, size_t end, int *is_with)
     return first_keyword_kind(s, end, is_with);
 }
 
+/* self->lower = the text with ASCII lower-cased (bytes.lower()); -1: out of memory */
+static int
+lower_into(LoopObject *self, const unsigned char *sql, size_t n)
+{
+    if (n > self->lower_alloc) {
+        size_t want = n < 4096 ? 4096 : n;
+        char *p = realloc(self->lower, want);
+        if (p == NULL)
+            return -1;
+        self->lower = p;
+        self->lower_alloc = want;
+    }
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = sql[i];
+        self->lower[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
+    }
+    return 0;
+}
+
+/* does self->lower[0:n] contain one of needles [from, to)? (an empty needle matches all) */
+static int
+any_needle(LoopObject *self, Py_ssize_t from, Py_ssize_t to, size_t n)
+{
+    for (Py_ssize_t i = from; i < to; i++) {
+        size_t ln = self->needle_len[i];
+        if (ln == 0 || (ln <= n && memmem(self->lower, n, self->needle_ptr[i], ln) != NULL))
+            return 1;
+    }
+    return 0;
+}
+
 /* Rewriter.candidate: could this text write a mapped table? */
 static int
 candidate(LoopObject *self, const unsigned char *sql, size_t n, int kind, int is_with_kw)
@@ -232,26 +268,23 @@ candidate(LoopObject *self, const unsigned char *sql, size_t n, int kind, int is
         }
     }
     (void)is_with_kw;
-    if (n > self->lower_alloc) {
-        size_t want = n < 4096 ? 4096 : n;
-        char *p = realloc(self->lower, want);
-        if (p == NULL)
-            return 1; /* cannot tell: let Python look */
-        self->lower = p;
-        self->lower_alloc = want;
-    }
-    for (size_t i = 0; i < n; i++) {
-        unsigned char c = sql[i];
-        self->lower[i] = (char)((c >= 'A' && c <= 'Z') ? c + 32 : c);
-    }
+    if (lower_into(self, sql, n) < 0)
+        return 1; /* cannot tell: let Python look */
     if (n >= 2 && memmem(self->lower, n, "u&", 2) != NULL)
         return 1;
-    for (Py_ssize_t i = 0; i < self->nneedles; i++) {
-        size_t ln = self->needle_len[i];
-        if (ln == 0 || (ln <= n && memmem(self->lower, n, self->needle_ptr[i], ln) != NULL))
-            return 1;
-    }
-    return 0;
+    return any_needle(self, 0, self->nmapped, n);
+}
+
+/* ShadowTap.candidate, more eagerly: does the text name a relation the shadow replays? (Not
+ * only reads: Python's tap decides what is an eligible read, and samples it.) */
+static int
+shadow_candidate(LoopObject *self, const unsigned char *sql, size_t n)
+{
+    if (!self->shadow)
+        return 0;
+    if (lower_into(self, sql, n) < 0)
+        return 1;
+    return any_needle(self, self->nmapped, self->nneedles, n);
 }
 
 static void
@@ -412,7 +445,8 @@ scan_client(LoopObject *self)
                 }
                 int is_with;
                 int kind = statement_kind(sql, sqllen, &is_with);
-                if (candidate(self, sql, sqllen, kind, is_with)) {
+                if (candidate(self, sql, sqllen, kind, is_with) ||
+                    shadow_candidate(self, sql, sqllen)) {
                     d->halted = 1;
                     return 0;
                 }
@@ -427,7 +461,8 @@ scan_client(LoopObject *self)
             }
             int is_with;
             int kind = statement_kind(sql, sqllen, &is_with);
-            if (candidate(self, sql, sqllen, kind, is_with)) {
+            if (candidate(self, sql, sqllen, kind, is_with) ||
+                shadow_candidate(self, sql, sqllen)) {
                 d->halted = 1;
                 return 0;
             }
@@ -887,13 +922,20 @@ static int
 Loop_init(LoopObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"client_fd", "server_fd", "needles", "rewriting", "max_message",
-                             "max_whole", "traffic", NULL};
+                             "max_whole", "traffic", "reads", NULL};
     int cfd, sfd, rewriting, traffic = 0;
-    PyObject *needles;
+    PyObject *needles, *reads = NULL;
     long long max_message, max_whole = 1 << 20;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO!pL|Lp", kwlist, &cfd, &sfd, &PyTuple_Type,
-                                     &needles, &rewriting, &max_message, &max_whole, &traffic))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO!pL|LpO", kwlist, &cfd, &sfd, &PyTuple_Type,
+                                     &needles, &rewriting, &max_message, &max_whole, &traffic,
+                                     &reads))
         return -1;
+    if (reads == Py_None)
+        reads = NULL;
+    if (reads != NULL && !PyTuple_Check(reads)) {
+        PyErr_SetString(PyExc_TypeError, "reads must be a tuple of bytes or None");
+        return -1;
+    }
     self->traffic = traffic;
     if (self->client_fd >= 0 || self->running) {
         PyErr_SetString(PyExc_RuntimeError, "Loop initialised twice");
@@ -903,7 +945,8 @@ Loop_init(LoopObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "max_whole and max_message are too small");
         return -1;
     }
-    Py_ssize_t n = PyTuple_GET_SIZE(needles);
+    Py_ssize_t nmapped = PyTuple_GET_SIZE(needles);
+    Py_ssize_t n = nmapped + (reads != NULL ? PyTuple_GET_SIZE(reads) : 0);
     self->needle_ptr = calloc((size_t)n + 1, sizeof(char *));
     self->needle_len = calloc((size_t)n + 1, sizeof(size_t));
     if (self->needle_ptr == NULL || self->needle_len == NULL) {
@@ -912,7 +955,8 @@ Loop_init(LoopObject *self, PyObject *args, PyObject *kwds)
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *item = PyTuple_GET_ITEM(needles, i);
+        PyObject *item = i < nmapped ? PyTuple_GET_ITEM(needles, i)
+                                     : PyTuple_GET_ITEM(reads, i - nmapped);
         if (!PyBytes_Check(item)) {
             self->nneedles = i;
             free_needles(self);
@@ -931,6 +975,8 @@ Loop_init(LoopObject *self, PyObject *args, PyObject *kwds)
         self->needle_len[i] = (size_t)ln;
     }
     self->nneedles = n;
+    self->nmapped = nmapped;
+    self->shadow = reads != NULL;
     self->rewriting = rewriting;
     self->max_message = max_message;
     self->max_whole = (size_t)max_whole;
@@ -1041,6 +1087,7 @@ py_candidate(PyObject *module, PyObject *args)
     tmp.needle_ptr = ptrs;
     tmp.needle_len = lens;
     tmp.nneedles = n;
+    tmp.nmapped = n;
     int with;
     const unsigned char *s = (const unsigned char *)b.buf;
     int kind = statement_kind(s, (size_t)b.len, &with);
