@@ -141,6 +141,35 @@ def test_the_assembler_refuses_an_impossible_stream(stream: list[bytes], says: s
         list(assembler.feed_all([pgoutput.decode(m) for m in stream]))
 
 
+def test_a_narrowed_assembler_decodes_only_the_key_columns_and_still_checks_lengths() -> None:
+    """What the reader asks for a mapped source: its key columns. The others are stepped over by
+    their length, never decoded (bytes that are not UTF-8 pass), yet a value that runs past the
+    message's end is still refused."""
+    assembler = pgoutput.TransactionAssembler(
+        lambda r: frozenset({"id"}) if r.name == "audit_log" else None
+    )
+    not_utf8 = (
+        b"I" + struct.pack("!I", 16384) + b"N" + struct.pack("!h", 3)
+        + b"t" + struct.pack("!i", 1) + b"9"
+        + b"t" + struct.pack("!i", 2) + b"\xff\xfe"
+        + b"n"
+    )
+    messages = [BEGIN, RELATION, INSERT, not_utf8, UPDATE_NEW_KEY, DELETE, COMMIT]
+    (txn,) = assembler.feed_all(pgoutput.decode(m, assembler.masks) for m in messages)
+    assert [(c.operation, c.new, c.old) for c in txn.changes] == [
+        ("insert", {"id": "7"}, None),
+        ("insert", {"id": "9"}, None),
+        ("update", {"id": "8"}, {"id": "7"}),
+        ("delete", None, {"id": "8"}),
+    ]
+    assert assembler.masks == {16384: (True, False, False)}
+    with pytest.raises(WalDecodeError, match="ends early"):
+        pgoutput.decode(not_utf8[:-3], assembler.masks)
+    # without a mask the same bytes are decoded, and refused
+    with pytest.raises(UnicodeDecodeError):
+        pgoutput.decode(not_utf8)
+
+
 def test_lsn_text_round_trips() -> None:
     assert pgoutput.format_lsn(0x1_0000_0130) == "1/130"
     assert pgoutput.parse_lsn("1/130") == 0x1_0000_0130

@@ -72,14 +72,31 @@ class KeyDeriver:
         _, _, catalog = mapping.binding()
         #: every column of the source row type, in order (what a record literal lists)
         self.columns = catalog.source_columns
+        self._index = {name: i for i, name in enumerate(self.columns)}
+        #: the only columns the key is computed from (all a decoder needs to give us)
+        self.needs = frozenset(mapping.key_mentioned)
         self.sql = keys_sql(mapping)
 
-    async def keys(
-        self, conn: asyncpg.Connection, rows: Sequence[Mapping[str, object]]
-    ) -> list[str]:
-        """The key (jsonb text) of each row, in order."""
-        if not rows:
+    def literal(self, row: Mapping[str, object]) -> str:
+        """:func:`record_literal` of a row that carries few of the columns (the reader decodes
+        only the key's): the cost is per value present, not per column of the table."""
+        parts = [""] * len(self.columns)
+        index = self._index
+        for column, value in row.items():
+            at = index.get(column)
+            if at is None or value is None or value is UNCHANGED_TOAST:
+                continue  # a column added since: not in the row type; NULL
+            if not isinstance(value, str):
+                raise TypeError(f"column {column}: binary values are not requested")
+            text = value
+            if "\\" in text or '"' in text:
+                text = text.replace("\\", "\\\\").replace('"', '\\"')
+            parts[at] = '"' + text + '"'
+        return "(" + ",".join(parts) + ")"
+
+    async def keys(self, conn: asyncpg.Connection, literals: Sequence[str]) -> list[str]:
+        """The key (jsonb text) of each record literal (:meth:`literal`), in order."""
+        if not literals:
             return []
-        literals = [record_literal(self.columns, row) for row in rows]
         records = await conn.fetch(self.sql, literals)
         return [r[1] for r in records]

@@ -88,6 +88,9 @@ class Relation:
 
 #: one row's values by column position: text, None (NULL) or UNCHANGED_TOAST
 Tuple = tuple[object, ...]
+#: per relation, which column positions to decode (the others are skipped by their length and
+#: come out as None): see :class:`TransactionAssembler`'s ``narrow``
+Masks = dict[int, tuple[bool, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,11 +151,12 @@ Message = (
 class _Cursor:
     """Reads big-endian fields off one message; any read past the end is a WalDecodeError."""
 
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "masks", "pos")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, masks: Masks | None = None) -> None:
         self.data = data
         self.pos = 0
+        self.masks = masks
 
     def take(self, n: int) -> bytes:
         end = self.pos + n
@@ -188,9 +192,10 @@ def _ends_early(data: bytes) -> WalDecodeError:
     return WalDecodeError(f"pgoutput message {data[:1]!r} ends early inside a tuple")
 
 
-def _tuple(cur: _Cursor) -> Tuple:
+def _tuple(cur: _Cursor, mask: tuple[bool, ...] | None = None) -> Tuple:
     """TupleData. The reader's hot loop (one call per changed row): fields are read with
-    ``unpack_from`` on the whole message, bounds checked inline, no method call per field."""
+    ``unpack_from`` on the whole message, bounds checked inline, no method call per field.
+    A column whose ``mask`` entry is False is stepped over by its length: None, no object."""
     data, pos, end = cur.data, cur.pos, len(cur.data)
     if pos + 2 > end:
         raise _ends_early(data)
@@ -198,7 +203,9 @@ def _tuple(cur: _Cursor) -> Tuple:
     pos += 2
     values: list[object] = []
     append = values.append
-    for _ in range(count):
+    if mask is not None and len(mask) != count:
+        mask = None  # the relation changed under us: decode everything, _named complains
+    for i in range(count):
         if pos >= end:
             raise _ends_early(data)
         kind = data[pos]
@@ -217,6 +224,10 @@ def _tuple(cur: _Cursor) -> Tuple:
         pos += 4
         if length < 0 or pos + length > end:
             raise _ends_early(data)
+        if mask is not None and not mask[i]:
+            append(None)
+            pos += length
+            continue
         value = data[pos : pos + length]
         append(value.decode("utf-8") if kind == 0x74 else value)
         pos += length
@@ -251,23 +262,28 @@ def _relation(cur: _Cursor) -> Relation:
     return Relation(relid, schema, name, identity, tuple(columns))
 
 
+def _mask(cur: _Cursor, relid: int) -> tuple[bool, ...] | None:
+    return None if cur.masks is None else cur.masks.get(relid)
+
+
 def _insert(cur: _Cursor) -> Insert:
     relid = cur.unpack(_UINT32)
     if cur.take(1) != b"N":
         raise WalDecodeError("pgoutput insert: expected a new tuple ('N')")
-    return Insert(relid, _tuple(cur))
+    return Insert(relid, _tuple(cur, _mask(cur, relid)))
 
 
 def _update(cur: _Cursor) -> Update:
     relid = cur.unpack(_UINT32)
     kind = cur.take(1)
     old = None
+    mask = _mask(cur, relid)
     if kind in (b"K", b"O"):
-        old = _tuple(cur)
+        old = _tuple(cur, mask)
         kind = cur.take(1)
     if kind != b"N":
         raise WalDecodeError(f"pgoutput update: expected 'K', 'O' or 'N', got {kind!r}")
-    return Update(relid, old, _tuple(cur))
+    return Update(relid, old, _tuple(cur, mask))
 
 
 def _delete(cur: _Cursor) -> Delete:
@@ -275,7 +291,7 @@ def _delete(cur: _Cursor) -> Delete:
     kind = cur.take(1)
     if kind not in (b"K", b"O"):
         raise WalDecodeError(f"pgoutput delete: expected 'K' or 'O', got {kind!r}")
-    return Delete(relid, _tuple(cur))
+    return Delete(relid, _tuple(cur, _mask(cur, relid)))
 
 
 def _truncate(cur: _Cursor) -> Truncate:
@@ -317,12 +333,13 @@ _DECODERS: dict[bytes, Callable[[_Cursor], Message]] = {
 }
 
 
-def decode(data: bytes) -> Message:
-    """One pgoutput message (protocol version 1, text values) from its bytes."""
+def decode(data: bytes, masks: Masks | None = None) -> Message:
+    """One pgoutput message (protocol version 1, text values) from its bytes; a row of a
+    relation in ``masks`` has only the masked-in columns decoded."""
     decoder = _DECODERS.get(data[:1])
     if decoder is None:
         raise WalDecodeError(f"pgoutput: unknown message kind {data[:1]!r}")
-    cur = _Cursor(data)
+    cur = _Cursor(data, masks)
     cur.pos = 1
     message: Message = decoder(cur)
     cur.done()
@@ -362,11 +379,21 @@ class TransactionAssembler:
     It remembers every Relation message (PostgreSQL sends one before the first change of a
     relation in a session, and again after the relation changes), so it must see the stream
     from the start of a decoding session: one assembler per poll or per replication connection.
+
+    ``narrow`` names, per relation, the only columns its consumer reads (None: all of them).
+    The assembler keeps the matching :data:`Masks` in ``masks``, for :func:`decode` to skip
+    the other columns' values, and a change of such a relation carries only those columns.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, narrow: Callable[[Relation], frozenset[str] | None] | None = None
+    ) -> None:
         self.relations: dict[int, Relation] = {}
         self._open: Transaction | None = None
+        self._narrow = narrow
+        self.masks: Masks = {}
+        #: per relation: the column names of a change's row dict (None where not kept)
+        self._names: dict[int, list[str | None]] = {}
 
     @property
     def in_transaction(self) -> bool:
@@ -376,7 +403,7 @@ class TransactionAssembler:
     def feed(self, message: Message) -> Transaction | None:
         """Take one message; return the transaction it commits, if it is a Commit."""
         if isinstance(message, Relation):
-            self.relations[message.relid] = message
+            self._describe(message)
             return None
         if isinstance(message, Begin):
             if self._open is not None:
@@ -409,6 +436,20 @@ class TransactionAssembler:
             if txn is not None:
                 yield txn
 
+    def _describe(self, relation: Relation) -> None:
+        relid = relation.relid
+        self.relations[relid] = relation
+        keep = None if self._narrow is None else self._narrow(relation)
+        if keep is None:
+            self.masks.pop(relid, None)
+            self._names[relid] = [c.name for c in relation.columns]
+            return
+        mask = tuple(c.name in keep for c in relation.columns)
+        self.masks[relid] = mask
+        self._names[relid] = [
+            c.name if k else None for c, k in zip(relation.columns, mask, strict=True)
+        ]
+
     def _relation(self, relid: int) -> Relation:
         relation = self.relations.get(relid)
         if relation is None:
@@ -417,7 +458,7 @@ class TransactionAssembler:
 
     def _change(self, message: Insert | Update | Delete) -> Change:
         relation = self._relation(message.relid)
-        names = [c.name for c in relation.columns]
+        names = self._names[message.relid]
         if isinstance(message, Insert):
             return Change("insert", relation, _named(names, message.new), None)
         if isinstance(message, Update):
@@ -426,9 +467,10 @@ class TransactionAssembler:
         return Change("delete", relation, None, _named(names, message.old))
 
 
-def _named(names: list[str], values: Tuple) -> dict[str, object]:
+def _named(names: list[str | None], values: Tuple) -> dict[str, object]:
+    """A row's values by column name (columns named None were not decoded and are left out)."""
     if len(values) != len(names):
         raise WalDecodeError(
             f"pgoutput: a row has {len(values)} columns, its relation {len(names)}"
         )
-    return dict(zip(names, values, strict=True))
+    return {name: value for name, value in zip(names, values, strict=True) if name is not None}

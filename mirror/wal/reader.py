@@ -110,6 +110,12 @@ SLOT_RELEASE_SECONDS = 5.0
 APPLY_LOCK_TIMEOUT_MS = 200
 #: how long the reader waits for decoded transactions to become visible before it retries
 VISIBLE_WAIT_SECONDS = 10.0
+#: a source's columns of a domain type: a NULL in a record literal goes through the domain's
+#: input function, which refuses it when the domain is NOT NULL or checks the value
+_DOMAIN_COLUMNS = """
+SELECT a.attname FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'd'
+"""
 _PROGRESS = """
 INSERT INTO dualwrite.wal_progress AS p (slot, lsn, transactions, changes, reader)
 VALUES ($1, $2::pg_lsn, $3, $4, $5)
@@ -137,20 +143,28 @@ class PollResult:
 
 @dataclass
 class _Batch:
-    """Per mapping, the rows whose keys a poll must compute, and what each change needs."""
+    """Per mapping, the distinct rows whose keys a poll must compute (as record literals of
+    the key columns), and what each change needs."""
 
-    rows: dict[str, list[dict[str, object]]] = field(default_factory=lambda: defaultdict(list))
+    #: per mapping: literal -> its index (a row inserted then updated in one batch, or updated
+    #: twice, is sent to PostgreSQL once)
+    rows: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
     #: (mapping, txn, change, index of the new/old row in rows[mapping] or -1)
     changes: list[tuple[CompiledMapping, pgoutput.Transaction, pgoutput.Change, int, int]] = (
         field(default_factory=list)
     )
 
-    def add(self, mapping: CompiledMapping, row: dict[str, object] | None) -> int:
+    def add(
+        self, mapping: CompiledMapping, deriver: KeyDeriver, row: dict[str, object] | None
+    ) -> int:
         if row is None:
             return -1
         rows = self.rows[mapping.name]
-        rows.append(row)
-        return len(rows) - 1
+        literal = deriver.literal(row)
+        at = rows.get(literal)
+        if at is None:
+            at = rows[literal] = len(rows)
+        return at
 
 
 class WalReader:
@@ -182,6 +196,12 @@ class WalReader:
             source: QualifiedName = mapping.binding().source
             self._by_source[(source.schema, source.name)].append(mapping)
         self._derivers = {m.name: KeyDeriver(m) for m in self.mappings}
+        #: per mapped source: the only columns the reader decodes, those any of its mappings'
+        #: keys are computed from (and, once leading, its domain-typed columns: _load_needs)
+        self._needs = {
+            source: frozenset().union(*(self._derivers[m.name].needs for m in mappings))
+            for source, mappings in self._by_source.items()
+        }
         self._task: asyncio.Task[None] | None = None
         self._conn: asyncpg.Connection | None = None
         self.leader = False
@@ -195,10 +215,15 @@ class WalReader:
         self.polls = 0
         self._stream: wal_stream.ReplicationStream | None = None
         #: one per replication connection (it remembers the relations sent on it)
-        self._assembler = pgoutput.TransactionAssembler()
+        self._assembler = pgoutput.TransactionAssembler(self._narrow)
         #: the server's position from the last keepalive outside a transaction
         self._server_end = 0
         self._status_at = 0.0
+
+    def _narrow(self, relation: pgoutput.Relation) -> frozenset[str] | None:
+        """The columns the reader decodes of a relation's rows: a mapped source's key columns
+        (the others are skipped unread); every column of anything else (the outbox)."""
+        return self._needs.get((relation.schema, relation.name))
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -264,6 +289,7 @@ class WalReader:
             return False
         self._conn = conn
         self._set_leader(True)
+        await self._load_needs(conn)
         self._nudge = int(await conn.fetchval("SHOW server_version_num")) >= 160000
         created = await slot.ensure_slot(conn, self.config.slot_name)
         if created and await conn.fetchval(
@@ -281,6 +307,15 @@ class WalReader:
                 )
         _log.info("wal_reader_leading", slot=self.config.slot_name, reader=self.reader_id)
         return True
+
+    async def _load_needs(self, conn: asyncpg.Connection) -> None:
+        """Decode a source's domain-typed columns too: left NULL in a record literal, one whose
+        domain refuses NULL would make key derivation fail."""
+        for source, mappings in self._by_source.items():
+            name: QualifiedName = mappings[0].binding().source
+            domains = await conn.fetch(_DOMAIN_COLUMNS, name.sql)
+            keys = frozenset().union(*(self._derivers[m.name].needs for m in mappings))
+            self._needs[source] = keys | {r["attname"] for r in domains}
 
     # --- one poll ---------------------------------------------------------------------------
 
@@ -307,8 +342,9 @@ class WalReader:
         )
         self.polls += 1
         result = PollResult()
-        assembler = pgoutput.TransactionAssembler()
-        txns = list(assembler.feed_all(pgoutput.decode(bytes(r["data"])) for r in rows))
+        assembler = pgoutput.TransactionAssembler(self._narrow)
+        masks = assembler.masks
+        txns = list(assembler.feed_all(pgoutput.decode(bytes(r["data"]), masks) for r in rows))
         # a poll cut short by batch_changes covers only up to its last commit
         covered = txns[-1].end_lsn if len(rows) >= self.config.batch_changes and txns else upto
         await self._take(conn, txns, covered, result)
@@ -367,7 +403,7 @@ class WalReader:
         # the slot's confirmed position: a status update never moves it backwards
         self._advanced = pgoutput.parse_lsn(info.confirmed) if info.confirmed else 0
         self._stream = await wal_stream.ReplicationStream.start(dsn, name, self.publications)
-        self._assembler = pgoutput.TransactionAssembler()
+        self._assembler = pgoutput.TransactionAssembler(self._narrow)
         self._server_end = 0
         self._status_at = time.monotonic()
         _log.info("wal_stream_started", slot=name, pid=self._stream.backend_pid)
@@ -405,7 +441,7 @@ class WalReader:
             kind = frame[0]
             if kind == 0x77:  # w: XLogData, one pgoutput message
                 txn = assembler.feed(
-                    pgoutput.decode(bytes(frame[wal_stream.XLOGDATA_PAYLOAD :]))
+                    pgoutput.decode(bytes(frame[wal_stream.XLOGDATA_PAYLOAD :]), assembler.masks)
                 )
                 if txn is not None:
                     txns.append(txn)
@@ -519,14 +555,16 @@ class WalReader:
                         captured[mark] += 1
                     continue
                 for mapping in self._by_source.get(relation, ()):
-                    new_at = batch.add(mapping, change.new)
-                    old_at = batch.add(mapping, change.old)
+                    deriver = self._derivers[mapping.name]
+                    new_at = batch.add(mapping, deriver, change.new)
+                    old_at = batch.add(mapping, deriver, change.old)
                     batch.changes.append((mapping, txn, change, new_at, old_at))
             for gone in txn.truncated:
                 for mapping in self._by_source.get((gone.schema, gone.name), ()):
                     truncated[mapping.name] += 1
         keys = {
-            name: await self._derivers[name].keys(conn, rows) for name, rows in batch.rows.items()
+            name: await self._derivers[name].keys(conn, list(rows))
+            for name, rows in batch.rows.items()
         }
         queue: dict[str, set[str]] = defaultdict(set)
         #: changes per (mapping, operation), counted once per poll (not one metric call per row)
