@@ -170,6 +170,39 @@ def test_a_narrowed_assembler_decodes_only_the_key_columns_and_still_checks_leng
         pgoutput.decode(not_utf8)
 
 
+def test_the_fast_path_yields_what_the_general_path_does_and_falls_back_when_unsure() -> None:
+    """feed_bytes reads an insert, a same-key update and a delete of a narrowed relation
+    straight off the frame (here at an offset, as inside XLogData); the result is the general
+    path's. A row cut short within the wanted columns, or a binary value, is not guessed at:
+    the general path decodes it and says what is wrong."""
+    def narrow(relation: pgoutput.Relation) -> frozenset[str]:
+        return frozenset({"id"})
+
+    general = pgoutput.TransactionAssembler(narrow)
+    fast = pgoutput.TransactionAssembler(narrow)
+    (expected,) = general.feed_all(pgoutput.decode(m, general.masks) for m in ALL)
+    got = [fast.feed_bytes(b"w" * 25 + m, 25) for m in ALL]
+    assert got[:-1] == [None] * (len(ALL) - 1)
+    assert got[-1] == expected
+    assert [(c.operation, c.new, c.old) for c in expected.changes] == [
+        ("insert", {"id": "7"}, None),
+        ("update", {"id": "7"}, None),
+        ("update", {"id": "8"}, {"id": "7"}),
+        ("delete", None, {"id": "8"}),
+    ]
+    fast.feed_bytes(BEGIN)
+    cut = b"I" + struct.pack("!I", 16384) + b"N" + struct.pack("!h", 3) + b"t" + struct.pack(
+        "!i", 5
+    ) + b"12"
+    with pytest.raises(WalDecodeError, match="ends early"):
+        fast.feed_bytes(cut)
+    binary = b"I" + struct.pack("!I", 16384) + b"N" + struct.pack("!h", 3) + b"b" + struct.pack(
+        "!i", 1
+    ) + b"7" + b"nn"
+    fast.feed_bytes(binary)
+    assert fast.feed_bytes(COMMIT).changes[0].new == {"id": b"7"}
+
+
 def test_lsn_text_round_trips() -> None:
     assert pgoutput.format_lsn(0x1_0000_0130) == "1/130"
     assert pgoutput.parse_lsn("1/130") == 0x1_0000_0130

@@ -394,6 +394,8 @@ class TransactionAssembler:
         self.masks: Masks = {}
         #: per relation: the column names of a change's row dict (None where not kept)
         self._names: dict[int, list[str | None]] = {}
+        #: per narrowed relation: (relation, wanted names by position, last wanted + 1)
+        self._plans: dict[int, tuple[Relation, tuple[str | None, ...], int]] = {}
 
     @property
     def in_transaction(self) -> bool:
@@ -430,6 +432,32 @@ class TransactionAssembler:
             txn.changes.append(self._change(message))
         return None
 
+    def feed_bytes(self, data: bytes | memoryview, start: int = 0) -> Transaction | None:
+        """``feed(decode(data[start:], self.masks))``, with a fast path for what a backlog is
+        made of: an insert, an update that kept its key, or a delete of a narrowed relation.
+
+        There the row is read straight off the frame up to its last wanted column: no message
+        object, no values past that column. The rest of the message is not walked, so it is
+        not checked either (PostgreSQL frames each message by its length). Anything else, or
+        anything unexpected on the way, takes the general path, which validates everything.
+        """
+        kind = data[start]
+        txn = self._open
+        if kind in _FAST_KINDS and txn is not None and len(data) >= start + 8:
+            relid: int = _UINT32.unpack_from(data, start + 1)[0]
+            plan = self._plans.get(relid)
+            tuple_kind = data[start + 5]
+            if plan is not None and tuple_kind == _FAST_KINDS[kind]:
+                row = _pick(data, start + 6, plan[1], plan[2])
+                if row is not None:
+                    if kind == 0x44:  # D
+                        txn.changes.append(Change("delete", plan[0], None, row))
+                    else:
+                        operation = "insert" if kind == 0x49 else "update"
+                        txn.changes.append(Change(operation, plan[0], row, None))
+                    return None
+        return self.feed(decode(bytes(data[start:]), self.masks))
+
     def feed_all(self, messages: Iterator[Message] | list[Message]) -> Iterator[Transaction]:
         for message in messages:
             txn = self.feed(message)
@@ -442,13 +470,15 @@ class TransactionAssembler:
         keep = None if self._narrow is None else self._narrow(relation)
         if keep is None:
             self.masks.pop(relid, None)
+            self._plans.pop(relid, None)
             self._names[relid] = [c.name for c in relation.columns]
             return
         mask = tuple(c.name in keep for c in relation.columns)
         self.masks[relid] = mask
-        self._names[relid] = [
-            c.name if k else None for c, k in zip(relation.columns, mask, strict=True)
-        ]
+        names = [c.name if k else None for c, k in zip(relation.columns, mask, strict=True)]
+        self._names[relid] = names
+        stop = max((i + 1 for i, k in enumerate(mask) if k), default=0)
+        self._plans[relid] = (relation, tuple(names), stop)
 
     def _relation(self, relid: int) -> Relation:
         relation = self.relations.get(relid)
@@ -465,6 +495,48 @@ class TransactionAssembler:
             old = None if message.old is None else _named(names, message.old)
             return Change("update", relation, _named(names, message.new), old)
         return Change("delete", relation, None, _named(names, message.old))
+
+
+#: the fast path's message kinds (I, U, D) and the tuple kind each must carry (N, N, K)
+_FAST_KINDS = {0x49: 0x4E, 0x55: 0x4E, 0x44: 0x4B}
+
+
+def _pick(
+    data: bytes | memoryview, pos: int, names: tuple[str | None, ...], stop: int
+) -> dict[str, object] | None:
+    """The named values of the TupleData at ``pos``, reading its first ``stop`` columns only
+    (None: not a plain text tuple of ``len(names)`` columns; the caller decodes it in full)."""
+    end = len(data)
+    if pos + 2 > end or _INT16.unpack_from(data, pos)[0] != len(names):
+        return None
+    pos += 2
+    row: dict[str, object] = {}
+    unpack = _INT32.unpack_from
+    for i in range(stop):
+        if pos >= end:
+            return None
+        kind = data[pos]
+        pos += 1
+        name = names[i]
+        if kind == 0x74:  # t
+            if pos + 4 > end:
+                return None
+            length: int = unpack(data, pos)[0]
+            pos += 4
+            if length < 0 or pos + length > end:
+                return None
+            if name is not None:
+                row[name] = str(data[pos : pos + length], "utf-8")
+            pos += length
+        elif kind == 0x6E:  # n
+            if name is not None:
+                row[name] = None
+        elif kind == 0x75:  # u
+            if name is not None:
+                row[name] = UNCHANGED_TOAST
+        else:
+            return None
+    return row
 
 
 def _named(names: list[str | None], values: Tuple) -> dict[str, object]:

@@ -116,6 +116,7 @@ _DOMAIN_COLUMNS = """
 SELECT a.attname FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'd'
 """
+_UNROUTED: list[tuple[CompiledMapping, KeyDeriver]] = []
 _PROGRESS = """
 INSERT INTO dualwrite.wal_progress AS p (slot, lsn, transactions, changes, reader)
 VALUES ($1, $2::pg_lsn, $3, $4, $5)
@@ -149,7 +150,8 @@ class _Batch:
     #: per mapping: literal -> its index (a row inserted then updated in one batch, or updated
     #: twice, is sent to PostgreSQL once)
     rows: dict[str, dict[str, int]] = field(default_factory=lambda: defaultdict(dict))
-    #: (mapping, txn, change, index of the new/old row in rows[mapping] or -1)
+    #: of the mappings that audit statement capture: (mapping, txn, change, index of the
+    #: new/old row in rows[mapping] or -1)
     changes: list[tuple[CompiledMapping, pgoutput.Transaction, pgoutput.Change, int, int]] = (
         field(default_factory=list)
     )
@@ -440,9 +442,7 @@ class WalReader:
                     break
             kind = frame[0]
             if kind == 0x77:  # w: XLogData, one pgoutput message
-                txn = assembler.feed(
-                    pgoutput.decode(bytes(frame[wal_stream.XLOGDATA_PAYLOAD :]), assembler.masks)
-                )
+                txn = assembler.feed_bytes(frame, wal_stream.XLOGDATA_PAYLOAD)
                 if txn is not None:
                     txns.append(txn)
                     changes += len(txn.changes) + len(txn.truncated)
@@ -546,43 +546,58 @@ class WalReader:
         #: (xid, mapping, key) of the outbox rows statement capture wrote, per transaction
         captured: Counter[tuple[int, str, str]] = Counter()
         truncated: Counter[str] = Counter()
+        #: changes per (mapping, operation), counted once per poll (not one metric call per row)
+        decoded: Counter[tuple[str, str]] = Counter()
+        #: per Relation object of this batch (by id: they live as long as txns): its mappings
+        #: with their derivers, or None for the outbox (the loop below runs once per row)
+        routes: dict[int, list[tuple[CompiledMapping, KeyDeriver]] | None] = {}
         for txn in txns:
             for change in txn.changes:
-                relation = (change.relation.schema, change.relation.name)
-                if relation == slot.OUTBOX_TABLE:
+                route = routes.get(id(change.relation), _UNROUTED)
+                if route is _UNROUTED:
+                    relation = (change.relation.schema, change.relation.name)
+                    route = routes[id(change.relation)] = (
+                        None if relation == slot.OUTBOX_TABLE else [
+                            (m, self._derivers[m.name]) for m in self._by_source.get(relation, ())
+                        ]
+                    )
+                if route is None:
                     if change.operation == "insert" and change.new is not None:
                         mark = (txn.xid, str(change.new["mapping"]), str(change.new["key"]))
                         captured[mark] += 1
                     continue
-                for mapping in self._by_source.get(relation, ()):
-                    deriver = self._derivers[mapping.name]
+                for mapping, deriver in route:
                     new_at = batch.add(mapping, deriver, change.new)
                     old_at = batch.add(mapping, deriver, change.old)
-                    batch.changes.append((mapping, txn, change, new_at, old_at))
+                    decoded[(mapping.name, change.operation)] += 1
+                    if mapping.capture.audits_statement_capture:
+                        batch.changes.append((mapping, txn, change, new_at, old_at))
             for gone in txn.truncated:
                 for mapping in self._by_source.get((gone.schema, gone.name), ()):
                     truncated[mapping.name] += 1
+        changes = sum(decoded.values())
         keys = {
             name: await self._derivers[name].keys(conn, list(rows))
             for name, rows in batch.rows.items()
         }
         queue: dict[str, set[str]] = defaultdict(set)
-        #: changes per (mapping, operation), counted once per poll (not one metric call per row)
-        decoded: Counter[tuple[str, str]] = Counter()
+        # every row of a mapping that does not audit statement capture is queued: its keys
+        # are the batch's keys, whatever change each came from
+        for name, mine in keys.items():
+            if not self._by_name[name].capture.audits_statement_capture:
+                queue[name].update(mine)
         uncaptured: list[tuple[str, int, datetime, int, str, str]] = []
-        for mapping, txn, change, new_at, old_at in batch.changes:
+        for mapping, txn, change, new_at, old_at in batch.changes:  # audited mappings only
             mine = keys[mapping.name]
             changed = [mine[i] for i in (new_at, old_at) if i >= 0]
-            decoded[(mapping.name, change.operation)] += 1
-            if mapping.capture.audits_statement_capture:
-                mark = (txn.xid, mapping.name, changed[0])
-                if captured[mark] > 0:
-                    captured[mark] -= 1
-                    continue
-                uncaptured.append(
-                    (mapping.name, txn.xid, txn.commit_time, txn.commit_lsn, change.operation,
-                     changed[0])
-                )
+            mark = (txn.xid, mapping.name, changed[0])
+            if captured[mark] > 0:
+                captured[mark] -= 1
+                continue
+            uncaptured.append(
+                (mapping.name, txn.xid, txn.commit_time, txn.commit_lsn, change.operation,
+                 changed[0])
+            )
             queue[mapping.name].update(changed)
         async with conn.transaction():
             applied = {
@@ -599,13 +614,12 @@ class WalReader:
             for name, events in truncated.items():
                 await slot.mark_resync(conn, [name], "TRUNCATE of the source", events)
             await conn.execute(
-                _PROGRESS, self.config.slot_name, covered, len(txns),
-                len(batch.changes), self.reader_id,
+                _PROGRESS, self.config.slot_name, covered, len(txns), changes, self.reader_id,
             )
         for (name, operation), count in decoded.items():
             metrics.WAL_CHANGES.labels(mapping=name, operation=operation).inc(count)
         result.transactions = len(txns)
-        result.changes = len(batch.changes)
+        result.changes = changes
         result.keys_queued = {m: len(ks) for m, ks in queued.items()}
         result.keys_applied = {m: len(ks) for m, ks in queue.items() if applied[m]}
         for name, count in result.keys_queued.items():
