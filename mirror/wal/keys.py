@@ -10,7 +10,10 @@ writes, so the two can be compared as strings.
 
 A column the WAL did not carry (an unchanged TOASTed value, a column outside a DELETE's
 replica identity, a column added since) is NULL in the record: validation requires every column
-the key is computed from to be in the replica identity, so keys never depend on those.
+the key is computed from to be in the replica identity, so keys never depend on those. The
+reader leaves out every column the keys do not mention (``KeyDeriver.needs``) the same way, so
+it never decodes them; a domain-typed column is the exception (the reader decodes it), since
+its domain may refuse a NULL.
 """
 
 from __future__ import annotations
