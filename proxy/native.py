@@ -16,9 +16,10 @@ next frame boundary where it qualifies again.
 
 A session qualifies for the loop only when nothing must be seen per statement: no TLS either
 way, no statement logging (``relay.native`` in the config; ``off`` keeps every session on the
-Python path, which stays the reference). With shadow reads on, the loop also stops at any text
-naming a relation the shadow replays (every text in the ``dsn`` mode), so the tap samples it in
-Python; the rest of the session's traffic stays in the loop. Traffic recording is done in batches:
+Python path, which stays the reference). With shadow reads on, the loop also stops at a Parse
+naming a relation the shadow replays (every text in the ``dsn`` mode), and at such a simple
+Query when its own draw at the sample rate says yes (the tap then takes it without drawing
+again); the rest of the session's traffic stays in the loop. Traffic recording is done in batches:
 the loop notes each Query and Parse text it relays, and hands the notes to the recorder when
 they pass 64 KiB, at every hand-back, and at least twice per ``traffic.flush_interval_seconds``.
 """
@@ -123,10 +124,12 @@ class NativeRelay:
             session.server.config.limits.max_message_bytes,
             MAX_WHOLE,
             relay.frontend.traffic is not None,
-            # with shadow reads, a text naming a relation they replay stops the loop too:
-            # Python's tap samples it (and remembers an eligible prepared read, which keeps
-            # the session on the Python path while it exists, so its executions are sampled)
+            # with shadow reads, a Parse naming a relation they replay stops the loop (the
+            # tap remembers the prepared read, which keeps the session on the Python path
+            # while it exists, so that its executions are sampled at Bind), and so does such a
+            # simple Query when the loop's own draw at the shadow's sample rate says yes
             None if relay.frontend.shadow is None else relay.frontend.shadow.tap.needles,
+            1.0 if relay.frontend.shadow is None else relay.frontend.shadow.rate,
         )
         self.running = False
         #: the loop saw an EOF or a socket error: it does not run for this session again
@@ -300,6 +303,9 @@ class NativeRelay:
         tracker.unexpected += unexpected
         if unnamed_parse:
             relay.frontend.unnamed_statement = True
+        if self.loop.shadow_sampled() and relay.frontend.shadow is not None:
+            # the loop stopped at a Query its own sample took: the tap must not draw again
+            relay.frontend.shadow.sampled = True
         relay.client_scan._stream_left = client_stream
         relay.server_scan._stream_left = server_stream
         client = session.client.transport

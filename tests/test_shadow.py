@@ -633,3 +633,29 @@ def test_with_shadow_on_the_native_loop_relays_what_the_shadow_does_not_replay(
     assert total(shapes, "match") == 3, shapes
     statements = [shape["statement"] for shape in shapes.values()]
     assert statements == ["SELECT name FROM users WHERE id = $1"]
+
+
+def test_the_native_loop_samples_simple_queries_once_at_the_configured_rate(
+    app_db: Database, sidecar
+) -> None:
+    """The loop draws for a simple Query the shadow may replay and Python does not draw again:
+    at sample_rate 0.5, about half the reads are taken (a second draw would take a quarter)."""
+    handle = start(sidecar, relay={"native": "on"}, sample_rate=0.5)
+
+    def taken() -> int:
+        return judged() + int(metrics.HOT.shadow_statements["dropped"])
+
+    before = taken()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for _ in range(400):
+            # (prepare=False: psycopg would prepare it after five runs, and a prepared read
+            # keeps the session on the Python path, where the tap samples its executions)
+            row = app.execute("SELECT name FROM users WHERE id = 1", prepare=False).fetchone()
+            assert row == ("user 1",)
+        (session,) = list(handle.sidecar.proxy.sessions)
+        assert session.native is not None
+        # it stopped for each sampled read and came back
+        assert session.native.entered >= 100, session.native.reasons
+    wait_until(lambda: taken() - before >= 140, timeout=60, what="about half the reads")
+    # binomial(400, 0.5): 200 ± 10; rate 0.25 (a double draw) would give 100 ± 9
+    assert 140 <= taken() - before <= 260

@@ -112,7 +112,7 @@ class ShadowTap:
 class ConnectionTap:
     """One client connection's tap (its prepared statements live here)."""
 
-    __slots__ = ("codec", "prepared", "rate", "tap")
+    __slots__ = ("codec", "prepared", "rate", "sampled", "tap")
 
     def __init__(self, tap: ShadowTap) -> None:
         self.tap = tap
@@ -120,6 +120,8 @@ class ConnectionTap:
         self.codec = "utf-8"
         #: statement name -> (text, declared parameter types), for eligible-looking statements
         self.prepared: dict[bytes, tuple[bytes, tuple[int, ...]]] = {}
+        #: the native relay loop already sampled the next simple Query (do not draw again)
+        self.sampled = False
 
     def query(self, sql: bytes) -> None:
         """A simple Query (relay path)."""
@@ -127,7 +129,9 @@ class ConnectionTap:
             # a simple Query destroys the unnamed prepared statement (protocol docs, Parse);
             # forgetting it lets the session return to the native loop
             self.prepared.pop(b"", None)
-        if random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
+        if self.sampled:
+            self.sampled = False
+        elif random.random() >= self.rate:  # noqa: S311 - a sample, not a secret
             return
         tap = self.tap
         if tap.candidate(sql) and not tap.full():

@@ -13,9 +13,11 @@
  *     transaction status of the last ReadyForQuery, unsynced;
  *   - the mapped-name pre-filter (Rewriter.candidate): a Query's or Parse's text that is
  *     not one plain read and contains "u&" or a needle (lower-cased ASCII) is a hit;
- *   - with shadow reads on (reads=(names...)), the shadow's pre-filter: a Query's or Parse's
- *     text that contains one of the relation names the shadow replays is a hit too (Python
- *     samples it; an empty name, the dsn mode, makes every text a hit);
+ *   - with shadow reads on (reads=(names...), sample_rate=r), the shadow's pre-filter: a
+ *     Parse whose text contains one of the relation names the shadow replays is a hit (Python
+ *     remembers the statement to sample its executions); such a Query is a hit only when the
+ *     loop's own sample (probability r) says yes, and then shadow_sampled() tells Python it
+ *     must not sample again. An empty name (the dsn mode) matches every text;
  *   - statement kinds (classify.statement_kind) counted per Query/Parse;
  *   - with traffic=True, each such text noted (kind, statement name, text) for the traffic
  *     recorder: run() returns the notes, and stops to hand them over once they pass 64 KiB.
@@ -109,6 +111,10 @@ typedef struct {
     Py_ssize_t nneedles; /* all of them: [0, nmapped) mapped names, the rest the shadow's */
     Py_ssize_t nmapped;
     int shadow;          /* reads= was given: the shadow's pre-filter applies */
+    uint64_t sample_below; /* a Query hit is sampled when the next random draw is below this */
+    int sample_all;        /* sample_rate 1.0: every hit is sampled */
+    uint64_t rng;          /* xorshift64 state (a sample, not a secret) */
+    int sampled;           /* the loop stopped at a Query its sample took */
     char *lower;
     size_t lower_alloc;
 } LoopObject;
@@ -287,6 +293,24 @@ shadow_candidate(LoopObject *self, const unsigned char *sql, size_t n)
     return any_needle(self, self->nmapped, self->nneedles, n);
 }
 
+/* a simple Query the shadow may replay: stop for it only when the sample says yes, so an
+ * unsampled read costs a draw, not a hand-back to Python */
+static int
+shadow_sample(LoopObject *self, const unsigned char *sql, size_t n)
+{
+    if (!self->shadow || (self->sample_below == 0 && !self->sample_all))
+        return 0;
+    uint64_t x = self->rng;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    self->rng = x;
+    if ((x >= self->sample_below && !self->sample_all) || !shadow_candidate(self, sql, n))
+        return 0;
+    self->sampled = 1;
+    return 1;
+}
+
 static void
 count_kind(LoopObject *self, int kind)
 {
@@ -462,7 +486,7 @@ scan_client(LoopObject *self)
             int is_with;
             int kind = statement_kind(sql, sqllen, &is_with);
             if (candidate(self, sql, sqllen, kind, is_with) ||
-                shadow_candidate(self, sql, sqllen)) {
+                shadow_sample(self, sql, sqllen)) {
                 d->halted = 1;
                 return 0;
             }
@@ -877,6 +901,14 @@ Loop_notes_pending(LoopObject *self, PyObject *Py_UNUSED(ignored))
 }
 
 static PyObject *
+Loop_shadow_sampled(LoopObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int sampled = self->sampled;
+    self->sampled = 0;
+    return PyBool_FromLong(sampled);
+}
+
+static PyObject *
 Loop_status(LoopObject *self, PyObject *Py_UNUSED(ignored))
 {
     return PyLong_FromLong(__atomic_load_n(&self->status, __ATOMIC_RELAXED));
@@ -922,14 +954,23 @@ static int
 Loop_init(LoopObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"client_fd", "server_fd", "needles", "rewriting", "max_message",
-                             "max_whole", "traffic", "reads", NULL};
+                             "max_whole", "traffic", "reads", "sample_rate", NULL};
     int cfd, sfd, rewriting, traffic = 0;
     PyObject *needles, *reads = NULL;
     long long max_message, max_whole = 1 << 20;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO!pL|LpO", kwlist, &cfd, &sfd, &PyTuple_Type,
+    double rate = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiO!pL|LpOd", kwlist, &cfd, &sfd, &PyTuple_Type,
                                      &needles, &rewriting, &max_message, &max_whole, &traffic,
-                                     &reads))
+                                     &reads, &rate))
         return -1;
+    if (!(rate >= 0.0 && rate <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "sample_rate must be between 0 and 1");
+        return -1;
+    }
+    /* a draw below rate * 2^64 is a yes; 1.0 takes every draw (sample_all) */
+    self->sample_all = rate >= 1.0;
+    self->sample_below = rate >= 1.0 ? UINT64_MAX : (uint64_t)(rate * 18446744073709551616.0);
+    self->rng = ((uint64_t)(uintptr_t)self ^ (uint64_t)getpid() << 32) | 1;
     if (reads == Py_None)
         reads = NULL;
     if (reads != NULL && !PyTuple_Check(reads)) {
@@ -1026,6 +1067,8 @@ static PyMethodDef Loop_methods[] = {
      "(bytes client->server, bytes server->client, reads, writes, others), live."},
     {"notes_pending", (PyCFunction)Loop_notes_pending, METH_NOARGS,
      "Traffic notes taken since the last run() returned (live)."},
+    {"shadow_sampled", (PyCFunction)Loop_shadow_sampled, METH_NOARGS,
+     "True (once) when the loop stopped at a Query its shadow sample took (call after run())."},
     {"status", (PyCFunction)Loop_status, METH_NOARGS,
      "The transaction status byte of the last ReadyForQuery (live while run() runs)."},
     {"close", (PyCFunction)Loop_close, METH_NOARGS, "Close the duplicated sockets."},
