@@ -102,10 +102,15 @@ class RelayConfig(Strict):
     """How client connections are relayed once they are authenticated."""
 
     #: the native relay loop (proxy/native.py): ``auto`` uses it when the C extension is built
-    #: and the connection qualifies (no TLS, no traffic recording, no shadow reads, no
-    #: statement logging); ``on`` is the same but a sidecar without the extension refuses to
+    #: and the connection qualifies (no TLS, no statement logging, no shadow reads unless
+    #: ``native_shadow``); ``on`` is the same but a sidecar without the extension refuses to
     #: start; ``off`` relays everything in Python
     native: Literal["auto", "on", "off"] = "auto"
+    #: with shadow reads on, relay sessions in the native loop too: it samples the eligible
+    #: simple Queries itself and hands Python only the sampled ones. Off by default: each
+    #: hand-back costs more than the Python path's read, so it pays only where eligible
+    #: reads are a small share of the traffic (README, *Shadow reads* benchmark)
+    native_shadow: bool = False
 
     @field_validator("native", mode="before")
     @classmethod

@@ -16,7 +16,8 @@ next frame boundary where it qualifies again.
 
 A session qualifies for the loop only when nothing must be seen per statement: no TLS either
 way, no statement logging (``relay.native`` in the config; ``off`` keeps every session on the
-Python path, which stays the reference). With shadow reads on, the loop also stops at a Parse
+Python path, which stays the reference). Shadow-read sessions stay on the Python path unless
+``relay.native_shadow``; with it, the loop also stops at a Parse
 naming a relation the shadow replays (every text in the ``dsn`` mode), and at such a simple
 Query when its own draw at the sample rate says yes (the tap then takes it without drawing
 again); the rest of the session's traffic stays in the loop. Traffic recording is done in batches:
@@ -87,6 +88,8 @@ def qualifies(session: Session) -> bool:
     relay = session.relay
     frontend = relay.frontend
     if relay.upstream_tls:
+        return False
+    if frontend.shadow is not None and not session.server.config.relay.native_shadow:
         return False
     if frontend.statement_log is not None:
         return False

@@ -607,7 +607,7 @@ def test_with_shadow_on_the_native_loop_relays_what_the_shadow_does_not_replay(
     """The native relay loop stops only at texts naming a relation the shadow replays: those
     are sampled and replayed as on the Python path; other reads never leave the loop."""
     app_db.sql("CREATE TABLE other (a int); INSERT INTO other VALUES (1)")
-    handle = start(sidecar, relay={"native": "on"})
+    handle = start(sidecar, relay={"native": "on", "native_shadow": True})
     before = judged()
     with psycopg.connect(handle.dsn(), autocommit=True) as app:
         for _ in range(20):
@@ -640,7 +640,7 @@ def test_the_native_loop_samples_simple_queries_once_at_the_configured_rate(
 ) -> None:
     """The loop draws for a simple Query the shadow may replay and Python does not draw again:
     at sample_rate 0.5, about half the reads are taken (a second draw would take a quarter)."""
-    handle = start(sidecar, relay={"native": "on"}, sample_rate=0.5)
+    handle = start(sidecar, relay={"native": "on", "native_shadow": True}, sample_rate=0.5)
 
     def taken() -> int:
         return judged() + int(metrics.HOT.shadow_statements["dropped"])
@@ -659,3 +659,17 @@ def test_the_native_loop_samples_simple_queries_once_at_the_configured_rate(
     wait_until(lambda: taken() - before >= 140, timeout=60, what="about half the reads")
     # binomial(400, 0.5): 200 ± 10; rate 0.25 (a double draw) would give 100 ± 9
     assert 140 <= taken() - before <= 260
+
+
+def test_by_default_a_shadow_session_stays_on_the_python_path(app_db: Database, sidecar) -> None:
+    """Without relay.native_shadow the loop never takes a shadow-read session (a hand-back per
+    sampled read costs more than relaying it in Python), and every read is still sampled."""
+    handle = start(sidecar, relay={"native": "on"})
+    before = judged()
+    with psycopg.connect(handle.dsn(), autocommit=True) as app:
+        for _ in range(3):
+            app.execute("SELECT name FROM users WHERE id = 2", prepare=False)
+        (session,) = list(handle.sidecar.proxy.sessions)
+        assert session.native is None
+    shapes = settle(handle, before, 3)
+    assert total(shapes, "match") == 3, shapes
