@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "lint": "bench.lint",
     "wal": "bench.wal",
     "shadow": "bench.shadow",
+    "upsert": "bench.upsert",
 }
 
 
